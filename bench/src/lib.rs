@@ -1,0 +1,1 @@
+//! Benchmarks and measurement tools for understudy. The criterion benchmarks live in `benches/`.

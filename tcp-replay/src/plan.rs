@@ -1,0 +1,337 @@
+//! The restore plan: everything `TCP_REPAIR` needs to rebuild the server end of a
+//! connection in another kernel, and the comparison of a tracker-derived plan with
+//! the one the kernel itself reports (`repair::checkpoint`).
+//!
+//! The plan describes the *server* socket (the side that accepted the SYN). Field
+//! names follow the kernel's (`struct tcp_sock`, `struct tcp_repair_window`).
+
+use crate::seq::Seq;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddrV4;
+
+/// Linux TCP states, as `TCP_INFO` reports them (include/net/tcp_states.h).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TcpState {
+    Established,
+    SynSent,
+    SynRecv,
+    FinWait1,
+    FinWait2,
+    TimeWait,
+    Close,
+    CloseWait,
+    LastAck,
+    Listen,
+    Closing,
+}
+
+impl TcpState {
+    /// Maps the kernel's numeric state (`tcpi_state`).
+    pub fn from_linux(v: u8) -> Option<TcpState> {
+        use TcpState::*;
+        Some(match v {
+            1 => Established,
+            2 => SynSent,
+            3 => SynRecv,
+            4 => FinWait1,
+            5 => FinWait2,
+            6 => TimeWait,
+            7 => Close,
+            8 => CloseWait,
+            9 => LastAck,
+            10 => Listen,
+            11 => Closing,
+            _ => return None,
+        })
+    }
+}
+
+/// Mirror of the kernel's `struct tcp_repair_window` (values already scaled).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RepairWindow {
+    /// Sequence number of the peer segment that last updated `snd_wnd`.
+    pub snd_wl1: Seq,
+    /// Peer's receive window, scaled.
+    pub snd_wnd: u32,
+    /// Largest window the peer has advertised, scaled.
+    pub max_window: u32,
+    /// Our last advertised receive window, scaled.
+    pub rcv_wnd: u32,
+    /// `rcv_nxt` when our window was last advertised.
+    pub rcv_wup: Seq,
+}
+
+/// Negotiated TCP options of the connection (RFC 7323, RFC 2018, RFC 9293 MSS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct PlanOptions {
+    /// MSS the peer advertised in its SYN (the kernel's `mss_clamp`).
+    pub mss: u16,
+    /// Window scale shifts: `snd` applies to windows the peer advertises, `rcv` to ours.
+    /// `None` when window scaling was not negotiated.
+    pub wscale: Option<(u8, u8)>,
+    pub sack: bool,
+    pub timestamps: bool,
+}
+
+/// Everything needed to recreate the server end of an established connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestorePlan {
+    /// The server's address: the restored socket binds here.
+    pub local: SocketAddrV4,
+    /// The client's address: the restored socket "connects" here (no handshake).
+    pub remote: SocketAddrV4,
+    /// State the restored socket must be in.
+    pub state: TcpState,
+    pub options: PlanOptions,
+    /// Oldest server byte the client has not acknowledged.
+    pub snd_una: Seq,
+    /// Server bytes from `snd_una` on, already sent (or logged) and not acknowledged.
+    /// They go into the send queue in repair mode and count as in flight.
+    #[serde(with = "hex_bytes")]
+    pub send_queue: Vec<u8>,
+    /// Bytes the server application wrote that were never transmitted. They are
+    /// written normally after repair mode ends. Always empty in a tracker's plan.
+    #[serde(default, with = "hex_bytes")]
+    pub unsent: Vec<u8>,
+    /// Next client sequence number the server expects (after `recv_queue`, before a FIN).
+    pub rcv_nxt: Seq,
+    /// Client bytes the server acknowledged but its application has not consumed.
+    #[serde(with = "hex_bytes")]
+    pub recv_queue: Vec<u8>,
+    /// The server has sent a FIN after `send_queue`.
+    pub fin_sent: bool,
+    /// The client's FIN (at `rcv_nxt`) was received and acknowledged.
+    pub fin_received: bool,
+    pub window: RepairWindow,
+    /// Server timestamp clock (`TCP_TIMESTAMP`, ms) to continue from, if negotiated.
+    pub tsval: Option<u32>,
+    /// Latest timestamp the client sent (what the server echoes next).
+    pub ts_recent: Option<u32>,
+}
+
+impl RestorePlan {
+    /// `snd_nxt` after the send queue (and our FIN, if sent).
+    pub fn snd_nxt(&self) -> Seq {
+        self.snd_una + self.send_queue.len() as u32 + self.fin_sent as u32
+    }
+
+    /// First client sequence number of the receive queue.
+    pub fn recv_queue_seq(&self) -> Seq {
+        self.rcv_nxt - self.recv_queue.len() as u32
+    }
+}
+
+/// One difference between a tracker-derived plan and the kernel's own state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mismatch {
+    pub field: &'static str,
+    pub tracker: String,
+    pub kernel: String,
+}
+
+/// Fields that cannot be known from packets, and how `compare` treats them.
+///
+/// * `recv_queue`: how much the application has read is invisible on the wire. The
+///   kernel's unread bytes must be a suffix of the tracker's retained client bytes.
+/// * `rcv_nxt`: the kernel may hold client bytes it has not acknowledged yet
+///   (delayed ACK); the tracker only trusts what the server acknowledged. The
+///   kernel's value may be ahead by at most the client bytes seen beyond the ACK.
+/// * `window.rcv_wnd`, `window.rcv_wup`: the kernel's internal receive-window
+///   bookkeeping; the tracker knows only the last advertised window.
+/// * `window.snd_wl1`: the kernel updates it on segments the tracker may not rank
+///   the same way (it is compared for being within the window, not for equality).
+/// * `tsval`: the clock keeps running; the kernel's value must not be behind the
+///   tracker's by more than the tolerance, and the tracker's must not be behind
+///   the last value the server sent.
+/// * `ts_recent`: the kernel updates it only for in-order segments; not compared.
+/// * `options.mss`: the kernel reports its current MSS, not the peer's clamp.
+pub const NOT_FROM_PACKETS: &[&str] = &[
+    "recv_queue",
+    "rcv_nxt (delayed ACK)",
+    "window.rcv_wnd",
+    "window.rcv_wup",
+    "window.snd_wl1",
+    "tsval (clock runs)",
+    "ts_recent",
+    "options.mss",
+];
+
+/// Compares the plan a tracker derived (`tracker`) with the kernel's checkpoint of
+/// the same socket (`kernel`). `client_ahead` is how many client bytes the tracker
+/// saw beyond the server's last ACK; `ts_tolerance_ms` bounds clock drift between
+/// the two readings. Returns every field that differs beyond what packets can know.
+pub fn compare(tracker: &RestorePlan, kernel: &RestorePlan, client_ahead: u32, ts_tolerance_ms: u32) -> Vec<Mismatch> {
+    let mut out = Vec::new();
+    let mut check = |field: &'static str, ok: bool, t: String, k: String| {
+        if !ok {
+            out.push(Mismatch { field, tracker: t, kernel: k });
+        }
+    };
+    check("local", tracker.local == kernel.local, tracker.local.to_string(), kernel.local.to_string());
+    check("remote", tracker.remote == kernel.remote, tracker.remote.to_string(), kernel.remote.to_string());
+    check("state", tracker.state == kernel.state, format!("{:?}", tracker.state), format!("{:?}", kernel.state));
+    check(
+        "options.wscale",
+        tracker.options.wscale == kernel.options.wscale,
+        format!("{:?}", tracker.options.wscale),
+        format!("{:?}", kernel.options.wscale),
+    );
+    check("options.sack", tracker.options.sack == kernel.options.sack, tracker.options.sack.to_string(), kernel.options.sack.to_string());
+    check(
+        "options.timestamps",
+        tracker.options.timestamps == kernel.options.timestamps,
+        tracker.options.timestamps.to_string(),
+        kernel.options.timestamps.to_string(),
+    );
+    check("snd_una", tracker.snd_una == kernel.snd_una, tracker.snd_una.to_string(), kernel.snd_una.to_string());
+    check("snd_nxt", tracker.snd_nxt() == kernel.snd_nxt(), tracker.snd_nxt().to_string(), kernel.snd_nxt().to_string());
+    check(
+        "send_queue",
+        tracker.send_queue == kernel.send_queue,
+        format!("{} bytes", tracker.send_queue.len()),
+        format!("{} bytes{}", kernel.send_queue.len(), first_difference(&tracker.send_queue, &kernel.send_queue)),
+    );
+    let ahead = kernel.rcv_nxt.diff(tracker.rcv_nxt);
+    check(
+        "rcv_nxt",
+        ahead >= 0 && ahead as u32 <= client_ahead,
+        tracker.rcv_nxt.to_string(),
+        kernel.rcv_nxt.to_string(),
+    );
+    // Unread bytes in the kernel that the tracker acknowledged must match the tracker's copy.
+    let k_start = kernel.recv_queue_seq();
+    let t_start = tracker.recv_queue_seq();
+    let recv_ok = if k_start.diff(t_start) >= 0 {
+        let skip = k_start.diff(t_start) as usize;
+        let common = tracker.recv_queue.len().saturating_sub(skip).min(kernel.recv_queue.len());
+        skip <= tracker.recv_queue.len() && tracker.recv_queue[skip..skip + common] == kernel.recv_queue[..common]
+    } else {
+        false
+    };
+    check(
+        "recv_queue",
+        recv_ok,
+        format!("{} bytes from {}", tracker.recv_queue.len(), t_start),
+        format!("{} bytes from {}", kernel.recv_queue.len(), k_start),
+    );
+    check("fin_sent", tracker.fin_sent == kernel.fin_sent, tracker.fin_sent.to_string(), kernel.fin_sent.to_string());
+    check(
+        "fin_received",
+        tracker.fin_received == kernel.fin_received,
+        tracker.fin_received.to_string(),
+        kernel.fin_received.to_string(),
+    );
+    check(
+        "window.snd_wnd",
+        tracker.window.snd_wnd == kernel.window.snd_wnd,
+        tracker.window.snd_wnd.to_string(),
+        kernel.window.snd_wnd.to_string(),
+    );
+    check(
+        "window.max_window",
+        tracker.window.max_window == kernel.window.max_window,
+        tracker.window.max_window.to_string(),
+        kernel.window.max_window.to_string(),
+    );
+    match (tracker.tsval, kernel.tsval) {
+        (Some(t), Some(k)) => {
+            let d = k.wrapping_sub(t) as i32;
+            check("tsval", d.unsigned_abs() <= ts_tolerance_ms, t.to_string(), k.to_string());
+        }
+        (None, None) => {}
+        (t, k) => check("tsval", false, format!("{t:?}"), format!("{k:?}")),
+    }
+    out
+}
+
+fn first_difference(a: &[u8], b: &[u8]) -> String {
+    match a.iter().zip(b).position(|(x, y)| x != y) {
+        Some(i) => format!(", first difference at byte {i}"),
+        None => String::new(),
+    }
+}
+
+/// Serde helper: byte vectors as hex strings in JSON.
+pub mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        hex::decode(s.as_bytes()).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan() -> RestorePlan {
+        RestorePlan {
+            local: "10.0.0.2:80".parse().unwrap(),
+            remote: "10.0.0.1:40000".parse().unwrap(),
+            state: TcpState::Established,
+            options: PlanOptions { mss: 1460, wscale: Some((7, 7)), sack: true, timestamps: true },
+            snd_una: Seq(u32::MAX - 2),
+            send_queue: b"hello".to_vec(),
+            unsent: Vec::new(),
+            rcv_nxt: Seq(1000),
+            recv_queue: b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+            fin_sent: false,
+            fin_received: false,
+            window: RepairWindow { snd_wl1: Seq(990), snd_wnd: 65536, max_window: 65536, rcv_wnd: 65536, rcv_wup: Seq(1000) },
+            tsval: Some(5000),
+            ts_recent: Some(77),
+        }
+    }
+
+    #[test]
+    fn plan_round_trips_through_json() {
+        let p = plan();
+        let json = serde_json::to_string(&p).unwrap();
+        assert!(json.contains("\"send_queue\":\"68656c6c6f\""));
+        let back: RestorePlan = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, p);
+        assert_eq!(p.snd_nxt(), Seq(2));
+        assert_eq!(p.recv_queue_seq(), Seq(1000 - 18));
+    }
+
+    #[test]
+    fn identical_plans_compare_clean() {
+        assert!(compare(&plan(), &plan(), 0, 0).is_empty());
+    }
+
+    #[test]
+    fn kernel_having_read_part_of_the_request_is_not_a_mismatch() {
+        let mut k = plan();
+        k.recv_queue.drain(..4);
+        assert!(compare(&plan(), &k, 0, 0).is_empty());
+    }
+
+    #[test]
+    fn differing_sequence_numbers_and_bytes_are_reported() {
+        let mut k = plan();
+        k.snd_una = k.snd_una + 1;
+        k.send_queue = b"ello".to_vec();
+        k.rcv_nxt = Seq(1010);
+        let fields: Vec<_> = compare(&plan(), &k, 5, 0).into_iter().map(|m| m.field).collect();
+        assert!(fields.contains(&"snd_una"));
+        assert!(fields.contains(&"send_queue"));
+        assert!(fields.contains(&"rcv_nxt"));
+        assert!(compare(&plan(), &{ let mut k = plan(); k.rcv_nxt = Seq(1003); k }, 5, 0)
+            .iter()
+            .all(|m| m.field != "rcv_nxt"));
+    }
+
+    #[test]
+    fn timestamp_drift_beyond_tolerance_is_reported() {
+        let mut k = plan();
+        k.tsval = Some(5100);
+        assert!(compare(&plan(), &k, 0, 200).is_empty());
+        assert_eq!(compare(&plan(), &k, 0, 50)[0].field, "tsval");
+    }
+}

@@ -1,0 +1,294 @@
+//! Exactly-once reassembly of one direction of a TCP byte stream.
+//!
+//! Offsets are 64-bit stream positions (0 = first byte after the SYN), so the
+//! 32-bit sequence wrap never reaches this layer. The first copy of a byte wins:
+//! retransmissions and overlaps never deliver a byte twice. Bytes that a peer's
+//! ACK proves were sent but that were never seen (a capture that dropped them)
+//! become a zero-filled, recorded gap, so the stream can move on.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::ops::Range;
+
+/// One direction's reassembled bytes, retained from `start()` on.
+#[derive(Debug, Default, Clone)]
+pub struct Stream {
+    /// Offset of `data[0]`.
+    start: u64,
+    /// Contiguous bytes `[start, start + data.len())`.
+    data: VecDeque<u8>,
+    /// Non-overlapping out-of-order pieces beyond the contiguous end, by offset.
+    pending: BTreeMap<u64, Vec<u8>>,
+    pending_bytes: usize,
+    /// Ranges that were never seen and are zero-filled in `data`.
+    gaps: Vec<Range<u64>>,
+}
+
+impl Stream {
+    pub fn new() -> Stream {
+        Stream::default()
+    }
+
+    /// Oldest offset still retained.
+    pub fn start(&self) -> u64 {
+        self.start
+    }
+
+    /// End of the contiguous bytes: everything below it is known (or a recorded gap).
+    pub fn contiguous_end(&self) -> u64 {
+        self.start + self.data.len() as u64
+    }
+
+    /// End of the highest byte seen, including out-of-order pieces.
+    pub fn highest_end(&self) -> u64 {
+        match self.pending.last_key_value() {
+            Some((off, piece)) => off + piece.len() as u64,
+            None => self.contiguous_end(),
+        }
+    }
+
+    /// Bytes held out of order, waiting for a hole to fill.
+    pub fn pending_bytes(&self) -> usize {
+        self.pending_bytes
+    }
+
+    /// Bytes held in memory in all.
+    pub fn retained_bytes(&self) -> usize {
+        self.data.len() + self.pending_bytes
+    }
+
+    /// Ranges skipped because they were never seen (zero-filled in the data).
+    pub fn gaps(&self) -> &[Range<u64>] {
+        &self.gaps
+    }
+
+    /// Inserts `bytes` at stream offset `offset`. Bytes already known are ignored.
+    /// Returns how far the contiguous end advanced.
+    pub fn insert(&mut self, offset: u64, bytes: &[u8]) -> u64 {
+        let end_before = self.contiguous_end();
+        let end = offset + bytes.len() as u64;
+        if end <= end_before || bytes.is_empty() {
+            return 0;
+        }
+        let (mut offset, mut bytes) = (offset, bytes);
+        if offset < end_before {
+            bytes = &bytes[(end_before - offset) as usize..];
+            offset = end_before;
+        }
+        if offset == end_before && self.pending.is_empty() {
+            self.data.extend(bytes);
+            return bytes.len() as u64;
+        }
+        self.insert_pending(offset, bytes);
+        self.drain_pending();
+        self.contiguous_end() - end_before
+    }
+
+    /// Stores the parts of `[offset, offset+len)` not already pending.
+    fn insert_pending(&mut self, offset: u64, bytes: &[u8]) {
+        let end = offset + bytes.len() as u64;
+        let mut cursor = offset;
+        // Pieces that could overlap: the one starting at or before `offset`, and all up to `end`.
+        let first = self.pending.range(..=offset).next_back().map(|(k, _)| *k).unwrap_or(offset);
+        let covered: Vec<(u64, u64)> =
+            self.pending.range(first..end).map(|(k, v)| (*k, *k + v.len() as u64)).collect();
+        for (s, e) in covered {
+            if e <= cursor {
+                continue;
+            }
+            if s > cursor {
+                self.add_piece(cursor, &bytes[(cursor - offset) as usize..(s - offset) as usize]);
+            }
+            cursor = cursor.max(e);
+            if cursor >= end {
+                break;
+            }
+        }
+        if cursor < end {
+            self.add_piece(cursor, &bytes[(cursor - offset) as usize..]);
+        }
+    }
+
+    fn add_piece(&mut self, offset: u64, bytes: &[u8]) {
+        if !bytes.is_empty() {
+            self.pending_bytes += bytes.len();
+            self.pending.insert(offset, bytes.to_vec());
+        }
+    }
+
+    fn drain_pending(&mut self) {
+        loop {
+            let end = self.contiguous_end();
+            let Some(entry) = self.pending.first_entry() else { break };
+            if *entry.key() > end {
+                break;
+            }
+            let off = *entry.key();
+            let piece = entry.remove();
+            self.pending_bytes -= piece.len();
+            let skip = (end - off) as usize;
+            if skip < piece.len() {
+                self.data.extend(&piece[skip..]);
+            }
+        }
+    }
+
+    /// Declares that everything below `offset` was sent although not all of it was
+    /// seen: holes below `offset` become zero-filled gaps. Returns the bytes skipped.
+    pub fn skip_to(&mut self, offset: u64) -> u64 {
+        let mut skipped = 0;
+        while self.contiguous_end() < offset {
+            let end = self.contiguous_end();
+            let next = self.pending.first_key_value().map(|(k, _)| *k).unwrap_or(offset).min(offset);
+            let hole = next - end;
+            self.gaps.push(end..next);
+            self.data.extend(std::iter::repeat_n(0u8, hole as usize));
+            skipped += hole;
+            self.drain_pending();
+        }
+        skipped
+    }
+
+    /// Drops retained bytes below `offset` (they are no longer needed). Gaps below it are forgotten.
+    pub fn trim(&mut self, offset: u64) {
+        if offset <= self.start {
+            return;
+        }
+        let end = self.contiguous_end();
+        if offset >= end {
+            self.data.clear();
+            self.start = offset;
+            // Pending pieces entirely below `offset` go too; one straddling it is cut.
+            while let Some(entry) = self.pending.first_entry() {
+                let k = *entry.key();
+                if k >= offset {
+                    break;
+                }
+                let piece = entry.remove();
+                self.pending_bytes -= piece.len();
+                let piece_end = k + piece.len() as u64;
+                if piece_end > offset {
+                    let rest = piece[(offset - k) as usize..].to_vec();
+                    self.pending_bytes += rest.len();
+                    self.pending.insert(offset, rest);
+                }
+            }
+            self.drain_pending();
+        } else {
+            self.data.drain(..(offset - self.start) as usize);
+            self.start = offset;
+        }
+        self.gaps.retain(|g| g.end > offset);
+    }
+
+    /// Copies the retained contiguous bytes in `range` (clamped to what is held).
+    pub fn copy_range(&self, range: Range<u64>) -> Vec<u8> {
+        let (a, b) = self.slices(range);
+        let mut v = Vec::with_capacity(a.len() + b.len());
+        v.extend_from_slice(a);
+        v.extend_from_slice(b);
+        v
+    }
+
+    /// The retained contiguous bytes in `range` as (at most) two slices.
+    pub fn slices(&self, range: Range<u64>) -> (&[u8], &[u8]) {
+        let from = range.start.clamp(self.start, self.contiguous_end());
+        let to = range.end.clamp(from, self.contiguous_end());
+        let (a, b) = self.data.as_slices();
+        let (lo, hi) = ((from - self.start) as usize, (to - self.start) as usize);
+        if hi <= a.len() {
+            (&a[lo..hi], &[])
+        } else if lo >= a.len() {
+            (&b[lo - a.len()..hi - a.len()], &[])
+        } else {
+            (&a[lo..], &b[..hi - a.len()])
+        }
+    }
+
+    /// Whether any byte in `range` lies in a recorded gap.
+    pub fn has_gap_in(&self, range: Range<u64>) -> bool {
+        self.gaps.iter().any(|g| g.start < range.end && range.start < g.end)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_order_bytes_are_contiguous() {
+        let mut s = Stream::new();
+        assert_eq!(s.insert(0, b"hello "), 6);
+        assert_eq!(s.insert(6, b"world"), 5);
+        assert_eq!(s.copy_range(0..11), b"hello world");
+    }
+
+    #[test]
+    fn retransmitted_bytes_are_not_delivered_twice() {
+        let mut s = Stream::new();
+        s.insert(0, b"abcdef");
+        assert_eq!(s.insert(2, b"XYZ"), 0);
+        assert_eq!(s.insert(4, b"XXgh"), 2);
+        assert_eq!(s.copy_range(0..8), b"abcdefgh");
+    }
+
+    #[test]
+    fn out_of_order_pieces_fill_in_when_the_hole_closes() {
+        let mut s = Stream::new();
+        assert_eq!(s.insert(6, b"ghi"), 0);
+        assert_eq!(s.insert(3, b"def"), 0);
+        assert_eq!(s.highest_end(), 9);
+        assert_eq!(s.pending_bytes(), 6);
+        assert_eq!(s.insert(0, b"abc"), 9);
+        assert_eq!(s.copy_range(0..9), b"abcdefghi");
+        assert_eq!(s.pending_bytes(), 0);
+    }
+
+    #[test]
+    fn overlapping_out_of_order_pieces_keep_the_first_copy() {
+        let mut s = Stream::new();
+        s.insert(4, b"EFGH");
+        s.insert(2, b"cdxxxxij"); // overlaps EFGH; its x's must not replace them
+        s.insert(0, b"ab");
+        assert_eq!(s.copy_range(0..10), b"abcdEFGHij");
+    }
+
+    #[test]
+    fn trimming_releases_memory_and_keeps_later_bytes() {
+        let mut s = Stream::new();
+        s.insert(0, b"0123456789");
+        s.trim(4);
+        assert_eq!(s.start(), 4);
+        assert_eq!(s.copy_range(0..10), b"456789");
+        s.insert(12, b"cd");
+        s.trim(11); // beyond the contiguous end: the hole at 10..11 is forgotten
+        assert_eq!(s.contiguous_end(), 11);
+        s.insert(11, b"b");
+        assert_eq!(s.copy_range(11..14), b"bcd");
+    }
+
+    #[test]
+    fn skipping_a_lost_range_records_a_gap() {
+        let mut s = Stream::new();
+        s.insert(0, b"ab");
+        s.insert(5, b"fg");
+        assert_eq!(s.skip_to(7), 3);
+        assert_eq!(s.gaps(), &[2..5]);
+        assert_eq!(s.copy_range(0..7), b"ab\0\0\0fg");
+        assert!(s.has_gap_in(4..6));
+        assert!(!s.has_gap_in(5..7));
+        s.trim(5);
+        assert!(s.gaps().is_empty());
+    }
+
+    #[test]
+    fn slices_span_the_ring_buffer_seam() {
+        let mut s = Stream::new();
+        s.insert(0, &[1u8; 10]);
+        s.trim(8);
+        s.insert(10, &[2u8; 20]);
+        let v = s.copy_range(9..25);
+        assert_eq!(v.len(), 16);
+        assert_eq!(v[0], 1);
+        assert!(v[1..].iter().all(|b| *b == 2));
+    }
+}
