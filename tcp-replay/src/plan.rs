@@ -84,7 +84,8 @@ pub struct RestorePlan {
     /// State the restored socket must be in.
     pub state: TcpState,
     pub options: PlanOptions,
-    /// Oldest server byte the client has not acknowledged.
+    /// Oldest server sequence number the client has not acknowledged (past our FIN
+    /// once that FIN is acknowledged, as in the kernel).
     pub snd_una: Seq,
     /// Server bytes from `snd_una` on, already sent (or logged) and not acknowledged.
     /// They go into the send queue in repair mode and count as in flight.
@@ -99,7 +100,7 @@ pub struct RestorePlan {
     /// Client bytes the server acknowledged but its application has not consumed.
     #[serde(with = "hex_bytes")]
     pub recv_queue: Vec<u8>,
-    /// The server has sent a FIN after `send_queue`.
+    /// The server has sent a FIN after `send_queue` (acknowledged or not: see `state`).
     pub fin_sent: bool,
     /// The client's FIN (at `rcv_nxt`) was received and acknowledged.
     pub fin_received: bool,
@@ -111,9 +112,15 @@ pub struct RestorePlan {
 }
 
 impl RestorePlan {
-    /// `snd_nxt` after the send queue (and our FIN, if sent).
+    /// Whether our FIN was sent and the client has not acknowledged it yet.
+    pub fn fin_in_flight(&self) -> bool {
+        self.fin_sent && matches!(self.state, TcpState::FinWait1 | TcpState::Closing | TcpState::LastAck)
+    }
+
+    /// `snd_nxt`: after the send queue, and after our FIN if it is in flight. (Once
+    /// the client acknowledged our FIN, `snd_una` is already past it.)
     pub fn snd_nxt(&self) -> Seq {
-        self.snd_una + self.send_queue.len() as u32 + self.fin_sent as u32
+        self.snd_una + self.send_queue.len() as u32 + self.fin_in_flight() as u32
     }
 
     /// First client sequence number of the receive queue.
@@ -177,7 +184,12 @@ pub fn compare(tracker: &RestorePlan, kernel: &RestorePlan, client_ahead: u32, t
         format!("{:?}", tracker.options.wscale),
         format!("{:?}", kernel.options.wscale),
     );
-    check("options.sack", tracker.options.sack == kernel.options.sack, tracker.options.sack.to_string(), kernel.options.sack.to_string());
+    check(
+        "options.sack",
+        tracker.options.sack == kernel.options.sack,
+        tracker.options.sack.to_string(),
+        kernel.options.sack.to_string(),
+    );
     check(
         "options.timestamps",
         tracker.options.timestamps == kernel.options.timestamps,
@@ -185,7 +197,12 @@ pub fn compare(tracker: &RestorePlan, kernel: &RestorePlan, client_ahead: u32, t
         kernel.options.timestamps.to_string(),
     );
     check("snd_una", tracker.snd_una == kernel.snd_una, tracker.snd_una.to_string(), kernel.snd_una.to_string());
-    check("snd_nxt", tracker.snd_nxt() == kernel.snd_nxt(), tracker.snd_nxt().to_string(), kernel.snd_nxt().to_string());
+    check(
+        "snd_nxt",
+        tracker.snd_nxt() == kernel.snd_nxt(),
+        tracker.snd_nxt().to_string(),
+        kernel.snd_nxt().to_string(),
+    );
     check(
         "send_queue",
         tracker.send_queue == kernel.send_queue,
@@ -283,7 +300,13 @@ mod tests {
             recv_queue: b"GET / HTTP/1.1\r\n\r\n".to_vec(),
             fin_sent: false,
             fin_received: false,
-            window: RepairWindow { snd_wl1: Seq(990), snd_wnd: 65536, max_window: 65536, rcv_wnd: 65536, rcv_wup: Seq(1000) },
+            window: RepairWindow {
+                snd_wl1: Seq(990),
+                snd_wnd: 65536,
+                max_window: 65536,
+                rcv_wnd: 65536,
+                rcv_wup: Seq(1000),
+            },
             tsval: Some(5000),
             ts_recent: Some(77),
         }
@@ -322,9 +345,20 @@ mod tests {
         assert!(fields.contains(&"snd_una"));
         assert!(fields.contains(&"send_queue"));
         assert!(fields.contains(&"rcv_nxt"));
-        assert!(compare(&plan(), &{ let mut k = plan(); k.rcv_nxt = Seq(1003); k }, 5, 0)
+        assert!(
+            compare(
+                &plan(),
+                &{
+                    let mut k = plan();
+                    k.rcv_nxt = Seq(1003);
+                    k
+                },
+                5,
+                0
+            )
             .iter()
-            .all(|m| m.field != "rcv_nxt"));
+            .all(|m| m.field != "rcv_nxt")
+        );
     }
 
     #[test]

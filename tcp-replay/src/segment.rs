@@ -445,10 +445,7 @@ mod tests {
         ));
         let mut bytes = sample().build(b"x");
         bytes[2..4].copy_from_slice(&4000u16.to_be_bytes());
-        assert!(matches!(
-            Segment::parse_ipv4(&bytes, Checksums::Skip),
-            Err(ParseError::Truncated { need: 4000, .. })
-        ));
+        assert!(matches!(Segment::parse_ipv4(&bytes, Checksums::Skip), Err(ParseError::Truncated { need: 4000, .. })));
     }
 
     #[test]

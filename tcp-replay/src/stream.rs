@@ -89,8 +89,7 @@ impl Stream {
         let mut cursor = offset;
         // Pieces that could overlap: the one starting at or before `offset`, and all up to `end`.
         let first = self.pending.range(..=offset).next_back().map(|(k, _)| *k).unwrap_or(offset);
-        let covered: Vec<(u64, u64)> =
-            self.pending.range(first..end).map(|(k, v)| (*k, *k + v.len() as u64)).collect();
+        let covered: Vec<(u64, u64)> = self.pending.range(first..end).map(|(k, v)| (*k, *k + v.len() as u64)).collect();
         for (s, e) in covered {
             if e <= cursor {
                 continue;
@@ -118,7 +117,9 @@ impl Stream {
     fn drain_pending(&mut self) {
         loop {
             let end = self.contiguous_end();
-            let Some(entry) = self.pending.first_entry() else { break };
+            let Some(entry) = self.pending.first_entry() else {
+                break;
+            };
             if *entry.key() > end {
                 break;
             }
