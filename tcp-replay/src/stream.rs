@@ -134,9 +134,20 @@ impl Stream {
     }
 
     /// Declares that everything below `offset` was sent although not all of it was
-    /// seen: holes below `offset` become zero-filled gaps. Returns the bytes skipped.
+    /// seen: holes below `offset` become recorded gaps, zero-filled when bytes before
+    /// them are still retained (else the start just moves on). Returns the bytes skipped.
     pub fn skip_to(&mut self, offset: u64) -> u64 {
         let mut skipped = 0;
+        if self.data.is_empty() {
+            // Nothing retained before the hole: move on without zero-filling it.
+            let next = self.pending.first_key_value().map(|(k, _)| *k).unwrap_or(offset).min(offset);
+            if next > self.start {
+                self.gaps.push(self.start..next);
+                skipped += next - self.start;
+                self.start = next;
+                self.drain_pending();
+            }
+        }
         while self.contiguous_end() < offset {
             let end = self.contiguous_end();
             let next = self.pending.first_key_value().map(|(k, _)| *k).unwrap_or(offset).min(offset);
@@ -279,6 +290,18 @@ mod tests {
         assert!(!s.has_gap_in(5..7));
         s.trim(5);
         assert!(s.gaps().is_empty());
+    }
+
+    #[test]
+    fn skipping_with_nothing_retained_allocates_nothing() {
+        let mut s = Stream::new();
+        s.insert(0, b"ab");
+        s.trim(2);
+        s.insert(1 << 40, b"z");
+        assert_eq!(s.skip_to((1 << 40) + 1), (1 << 40) - 2);
+        assert_eq!(s.gaps(), &[2..(1 << 40)]);
+        assert_eq!(s.copy_range(0..u64::MAX), b"z");
+        assert_eq!(s.start(), 1 << 40);
     }
 
     #[test]

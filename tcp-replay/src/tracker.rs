@@ -27,6 +27,20 @@ use crate::stream::Stream;
 use std::net::SocketAddrV4;
 use std::time::Duration;
 
+/// How strictly segments are checked against the windows seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Validation {
+    /// Refuse what the receiving kernel would drop, judged by the windows and
+    /// sequence numbers seen. For a complete view of the traffic (the backup's).
+    #[default]
+    Kernel,
+    /// For captures that may have missed packets (tcpdump drops, a capture started
+    /// late): a missed window update must not make everything after it look out of
+    /// window. Only segments absurdly far (2^30) from the stream are refused. What
+    /// the server acknowledged still decides what it received.
+    Observer,
+}
+
 /// Direction of a segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Dir {
@@ -218,6 +232,7 @@ pub struct Tracker {
     established: bool,
     rst: bool,
     trim_on_ack: bool,
+    validation: Validation,
 }
 
 impl Default for Tracker {
@@ -235,7 +250,20 @@ const UNKNOWN_WINDOW: u32 = 1 << 30;
 
 impl Tracker {
     pub fn new() -> Tracker {
-        Tracker { client: None, server: None, handshake_seen: false, established: false, rst: false, trim_on_ack: true }
+        Tracker::with_validation(Validation::Kernel)
+    }
+
+    /// A tracker with the given segment validation.
+    pub fn with_validation(validation: Validation) -> Tracker {
+        Tracker {
+            client: None,
+            server: None,
+            handshake_seen: false,
+            established: false,
+            rst: false,
+            trim_on_ack: true,
+            validation,
+        }
     }
 
     /// Whether server bytes are released once the client acknowledges them (default
@@ -251,11 +279,23 @@ impl Tracker {
 
     /// The endpoint that sends in `dir`. Panics only if no segment was handled yet.
     pub fn sender(&self, dir: Dir) -> &Endpoint {
-        let e = match dir {
-            Dir::ToServer => &self.client,
-            Dir::ToClient => &self.server,
-        };
-        e.as_ref().expect("sender() called before any segment was handled")
+        self.endpoint(dir).expect("sender() called before any segment was handled")
+    }
+
+    /// The endpoint that sends in `dir`, once a segment was handled.
+    pub fn endpoint(&self, dir: Dir) -> Option<&Endpoint> {
+        match dir {
+            Dir::ToServer => self.client.as_ref(),
+            Dir::ToClient => self.server.as_ref(),
+        }
+    }
+
+    /// Offset in `dir`'s stream up to which the receiver has acknowledged (data only, a FIN excluded).
+    pub fn acked_offset(&self, dir: Dir) -> Option<u64> {
+        let sender = self.endpoint(dir)?;
+        let acked = self.endpoint(dir.reverse())?.acked?;
+        let off = sender.offset(acked).max(0) as u64;
+        Some(sender.data_end_offset().map_or(off, |end| off.min(end)))
     }
 
     /// The reassembled bytes sent in `dir` (offset 0 is the byte after the SYN).
@@ -491,7 +531,12 @@ impl Tracker {
         let Some(rcv_nxt) = r.acked else {
             return Ok(());
         };
-        let window = if r.wl.is_some() { r.max_window.max(r.syn_window) } else { UNKNOWN_WINDOW };
+        // Without the handshake the window scale is unknown, so windows mean nothing.
+        let window = if r.wl.is_some() && self.handshake_seen && self.validation == Validation::Kernel {
+            r.max_window.max(r.syn_window)
+        } else {
+            UNKNOWN_WINDOW
+        };
         let right = rcv_nxt + window.max(1) + WINDOW_SLACK;
         if seg.flags.rst() {
             // RFC 5961 §3.2: a RST must fall in the window; exactly rcv_nxt resets at
@@ -510,6 +555,7 @@ impl Tracker {
 
     fn handle_ack(&mut self, dir: Dir, seg: &Segment) -> Result<(), TrackError> {
         let trim_on_ack = self.trim_on_ack;
+        let windows_known = self.handshake_seen && self.validation == Validation::Kernel;
         let (s, r) = match dir {
             Dir::ToServer => (self.client.as_mut(), self.server.as_mut()),
             Dir::ToClient => (self.server.as_mut(), self.client.as_mut()),
@@ -526,7 +572,7 @@ impl Tracker {
         let next = r.high.0;
         if ack.diff(next) > 0 {
             let allowed = match s.acked {
-                Some(prev) if s.wl.is_some() => prev + s.max_window.max(s.syn_window).max(1),
+                Some(prev) if s.wl.is_some() && windows_known => prev + s.max_window.max(s.syn_window).max(1),
                 _ => next + UNKNOWN_WINDOW,
             };
             if ack.diff(allowed) > 0 {
@@ -682,8 +728,7 @@ impl Tracker {
         let una_off = s.offset(snd_una).max(0) as u64;
         let data_end = s.data_end_offset().unwrap_or(s.high.1);
         let una_off = una_off.min(data_end);
-        if s.stream.contiguous_end() < data_end || s.stream.has_gap_in(una_off..data_end) || s.stream.start() > una_off
-        {
+        if s.stream.contiguous_end() < data_end || s.stream.has_gap_in(0..data_end) || s.stream.start() > una_off {
             let from = una_off.max(s.stream.start().min(una_off));
             return Err(PlanError::MissingBytes { dir: Dir::ToClient, from, to: data_end });
         }
@@ -700,7 +745,7 @@ impl Tracker {
         if rcv_start > rcv_end {
             return Err(PlanError::TrimmedPastAck { trimmed: rcv_start, acked: rcv_end });
         }
-        if c.stream.contiguous_end() < rcv_end || c.stream.has_gap_in(rcv_start..rcv_end) {
+        if c.stream.contiguous_end() < rcv_end || c.stream.has_gap_in(0..rcv_end) {
             return Err(PlanError::MissingBytes { dir: Dir::ToServer, from: rcv_start, to: rcv_end });
         }
         let recv_queue = c.stream.copy_range(rcv_start..rcv_end);
@@ -1091,5 +1136,70 @@ mod tests {
             Err(TrackError::UnexpectedSyn(Dir::ToClient))
         );
         assert_eq!(c.t.state(), TcpState::Established);
+    }
+}
+
+#[cfg(test)]
+mod validation_tests {
+    use super::*;
+    use crate::segment::{Checksums, SegmentBuilder, TcpFlags, TcpOptions};
+
+    fn feed(
+        t: &mut Tracker,
+        dir: Dir,
+        flags: u8,
+        seq: u32,
+        ack: u32,
+        window: u16,
+        opts: TcpOptions,
+        payload: &[u8],
+    ) -> Result<(), TrackError> {
+        let (c, s) = ("10.0.0.1:40000".parse().unwrap(), "10.0.0.2:80".parse().unwrap());
+        let (src, dst) = if dir == Dir::ToServer { (c, s) } else { (s, c) };
+        let mut b = SegmentBuilder::new(src, dst);
+        b.flags = flags;
+        b.seq = Seq(seq);
+        b.ack = Seq(ack);
+        b.window = window;
+        b.options = opts;
+        let bytes = b.build(payload);
+        t.handle_segment(Duration::ZERO, dir, &Segment::parse_ipv4(&bytes, Checksums::Verify).unwrap())
+    }
+
+    fn handshake(t: &mut Tracker) {
+        let mut o = TcpOptions::default();
+        o.wscale = Some(7);
+        feed(t, Dir::ToServer, TcpFlags::SYN, 0, 0, 100, o, b"").unwrap();
+        feed(t, Dir::ToClient, TcpFlags::SYN | TcpFlags::ACK, 0, 1, 100, o, b"").unwrap();
+        feed(t, Dir::ToServer, TcpFlags::ACK, 1, 1, 1, TcpOptions::default(), b"").unwrap();
+    }
+
+    #[test]
+    fn observer_accepts_data_beyond_a_window_update_the_capture_missed() {
+        let far = 1 + 200 * 128; // beyond the 100-byte SYN-ACK window
+        let mut strict = Tracker::new();
+        handshake(&mut strict);
+        let err = feed(&mut strict, Dir::ToServer, TcpFlags::ACK, far, 1, 1, TcpOptions::default(), b"x");
+        assert!(matches!(err, Err(TrackError::OutOfWindow { .. })));
+        let mut observer = Tracker::with_validation(Validation::Observer);
+        handshake(&mut observer);
+        feed(&mut observer, Dir::ToServer, TcpFlags::ACK, far, 1, 1, TcpOptions::default(), b"x").unwrap();
+        // The server's ACK covering bytes the capture missed is taken too.
+        feed(&mut observer, Dir::ToClient, TcpFlags::ACK, 1, far as u32 + 1, 1, TcpOptions::default(), b"").unwrap();
+        assert_eq!(observer.acked_offset(Dir::ToServer), Some(far as u64));
+        assert_eq!(observer.sender(Dir::ToServer).missing_bytes, far as u64 - 1);
+        // Absurd positions are still refused.
+        let err = feed(&mut observer, Dir::ToServer, TcpFlags::ACK, 1 << 31, 1, 1, TcpOptions::default(), b"y");
+        assert!(matches!(err, Err(TrackError::OutOfWindow { .. })));
+    }
+
+    #[test]
+    fn mid_stream_windows_are_not_enforced_since_their_scale_is_unknown() {
+        let mut t = Tracker::new();
+        // The server advertises a raw window of 64: with an unknown scale it could mean 8 KiB.
+        feed(&mut t, Dir::ToClient, TcpFlags::ACK, 500, 1000, 64, TcpOptions::default(), b"").unwrap();
+        feed(&mut t, Dir::ToServer, TcpFlags::ACK, 1000, 500, 64, TcpOptions::default(), &[1u8; 1000]).unwrap();
+        feed(&mut t, Dir::ToServer, TcpFlags::ACK, 2000, 500, 64, TcpOptions::default(), &[2u8; 1000]).unwrap();
+        assert_eq!(t.sender(Dir::ToServer).payload_bytes, 2000);
     }
 }
