@@ -464,10 +464,10 @@ impl Tracker {
         }
         if dir == Dir::ToClient {
             // A SYN-ACK must acknowledge the client's SYN, when we saw it.
-            if let Some(isn) = self.client.as_ref().and_then(|c| c.isn) {
-                if seg.ack != isn + 1 {
-                    return Err(TrackError::UnexpectedSyn(dir));
-                }
+            if let Some(isn) = self.client.as_ref().and_then(|c| c.isn)
+                && seg.ack != isn + 1
+            {
+                return Err(TrackError::UnexpectedSyn(dir));
             }
         }
         let e = self.sender_mut(dir);
@@ -562,10 +562,8 @@ impl Tracker {
         };
         let (s, r) = (s.expect("endpoints exist"), r.expect("endpoints exist"));
         let ack = seg.ack;
-        if let Some(prev) = s.acked {
-            if ack.diff(prev) <= 0 {
-                return Ok(()); // Old or duplicate ACK.
-            }
+        if s.acked.is_some_and(|prev| ack.diff(prev) <= 0) {
+            return Ok(()); // Old or duplicate ACK.
         }
         // The ACK may cover bytes the capture missed, but never more than the
         // acknowledging side ever allowed the other to send.
@@ -797,6 +795,7 @@ impl Tracker {
 }
 
 #[cfg(test)]
+#[allow(clippy::too_many_arguments, clippy::single_range_in_vec_init)]
 mod tests {
     use super::*;
     use crate::segment::{Checksums, SegmentBuilder, TcpFlags, TcpOptions, Timestamps};
@@ -1140,6 +1139,7 @@ mod tests {
 }
 
 #[cfg(test)]
+#[allow(clippy::too_many_arguments)]
 mod validation_tests {
     use super::*;
     use crate::segment::{Checksums, SegmentBuilder, TcpFlags, TcpOptions};
@@ -1185,7 +1185,7 @@ mod validation_tests {
         handshake(&mut observer);
         feed(&mut observer, Dir::ToServer, TcpFlags::ACK, far, 1, 1, TcpOptions::default(), b"x").unwrap();
         // The server's ACK covering bytes the capture missed is taken too.
-        feed(&mut observer, Dir::ToClient, TcpFlags::ACK, 1, far as u32 + 1, 1, TcpOptions::default(), b"").unwrap();
+        feed(&mut observer, Dir::ToClient, TcpFlags::ACK, 1, far + 1, 1, TcpOptions::default(), b"").unwrap();
         assert_eq!(observer.acked_offset(Dir::ToServer), Some(far as u64));
         assert_eq!(observer.sender(Dir::ToServer).missing_bytes, far as u64 - 1);
         // Absurd positions are still refused.

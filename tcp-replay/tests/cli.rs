@@ -671,7 +671,7 @@ fn plan_prints_the_restore_plan_and_honours_consumed_and_now() {
 }
 
 #[test]
-fn plan_refuses_unknown_or_ambiguous_connections_and_impossible_consumed() {
+fn plan_refuses_unknown_or_ambiguous_connections_and_clamps_consumed_to_the_ack() {
     let dir = TempDir::new("plan-bad");
     let mut pkts = established().pkts;
     let mut other = full_connection("10.0.0.3:40001", "10.0.0.2:80");
@@ -682,10 +682,12 @@ fn plan_refuses_unknown_or_ambiguous_connections_and_impossible_consumed() {
     assert_bad_input(&tcp_replay(&["plan", f, "--now", "1700000001"]), "choose one with --client");
     assert_bad_input(&tcp_replay(&["plan", f, "--client", "10.9.9.9:1", "--now", "1"]), "no connection from client");
     assert_bad_input(&tcp_replay(&["plan", f, "--client", "10.0.0.3:40001"]), "nothing to restore");
-    assert_bad_input(
-        &tcp_replay(&["plan", f, "--client", "10.0.0.1:40000", "--consumed", "1000"]),
-        "--consumed 1000 is beyond",
-    );
+    // Reading beyond the server's last ACK is legitimate after a cut: a plan with a
+    // warning that the client will retransmit those bytes.
+    let o = tcp_replay(&["plan", f, "--client", "10.0.0.1:40000", "--consumed", "1000", "--now", "1700000001"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("beyond the server's last ACK"));
+    assert_eq!(serde_json::from_slice::<Value>(&o.stdout).expect("plan is JSON")["recv_queue"], "");
     assert_bad_input(&tcp_replay(&["plan", f, "--now", "yesterday"]), "not a number");
     assert_bad_input(&tcp_replay(&["plan", f, "--client", "nonsense"]), "--client");
 }

@@ -1,1 +1,10 @@
-//! End-to-end test support.
+//! End-to-end test support: the `us-testapp` application (protocol, record,
+//! resume), deterministic payloads, and the namespace harness of the kernel
+//! takeover tests (`tests/takeover.rs`).
+
+pub mod app;
+pub mod derive;
+pub mod harness;
+pub mod pattern;
+#[cfg(target_os = "linux")]
+pub mod takeover;

@@ -108,7 +108,8 @@ enum Command {
         /// Client bytes the server application had already read, counted from the
         /// first byte after the SYN. The rest of what the server acknowledged goes
         /// into the receive queue. Default: everything acknowledged was read (an
-        /// empty receive queue).
+        /// empty receive queue). A count beyond the server's last ACK is allowed (the
+        /// application read bytes whose ACK never left): the client retransmits those.
         #[arg(long, value_name = "N")]
         consumed: Option<u64>,
         /// The time of the restore, in UNIX seconds (fractions allowed); the server's
@@ -480,9 +481,12 @@ fn plan(
     let capture = read_capture(file, &mut flows, |flows, id, _| {
         // Release client bytes the application is taken to have read, as they come.
         let Some(c) = flows.get_mut(id) else { return Ok(()) };
-        let keep_from = match consumed {
-            Some(n) => Some(n),
-            None => server_ack_offset(c),
+        // Never past the server's ACK: bytes beyond it stay with the client, which retransmits them.
+        let acked = server_ack_offset(c);
+        let keep_from = match (consumed, acked) {
+            (Some(n), Some(a)) => Some(n.min(a)),
+            (Some(n), None) => Some(n),
+            (None, a) => a,
         };
         let t = c.tracker_mut();
         let end = t.stream(Dir::ToServer).contiguous_end();
@@ -522,10 +526,12 @@ fn plan(
     if let (Some(n), Some(acked)) = (consumed, server_ack_offset(conn))
         && n > acked
     {
-        return Err(bad(format!(
-            "--consumed {n} is beyond the {acked} client bytes the server acknowledged for {}",
-            conn.client()
-        )));
+        // Legitimate after a cut: the application read bytes whose ACK never left.
+        eprintln!(
+            "tcp-replay: the application read {} client bytes beyond the server's last ACK (offset {acked}); \
+             the client will retransmit them, so the restored application must skip them",
+            n - acked
+        );
     }
     let plan = conn.tracker().restore_plan(now).map_err(|e| match (e, consumed) {
         (PlanError::TrimmedPastAck { acked, .. }, Some(n)) => bad(format!(
