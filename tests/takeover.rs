@@ -17,8 +17,9 @@ const APP: &str = env!("CARGO_BIN_EXE_us-testapp");
 const MB: u64 = 1_000_000;
 
 fn check(scenario: Scenario) {
-    if let Err(e) = run(&scenario, APP) {
-        panic!("{e:?}");
+    match run(&scenario, APP) {
+        Ok(outcome) => println!("{}: passed\n{}", scenario.name, outcome.report),
+        Err(e) => panic!("{e:?}"),
     }
 }
 

@@ -103,25 +103,44 @@ fn path_str(p: &Path) -> Result<&str> {
     p.to_str().with_context(|| format!("{} is not UTF-8", p.display()))
 }
 
+/// What a passing scenario measured (printed by tests and the demo, never asserted).
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// Human-readable timeline and figures.
+    pub report: String,
+    /// Bytes the client transferred in its main exchange.
+    pub bytes: u64,
+    /// Time `restore()` took on the spare.
+    pub restore: Duration,
+    /// From the server's cut to the restored socket on the spare.
+    pub cut_to_restored: Duration,
+    /// The client's longest wait in one read or write (its visible stall).
+    pub client_stall: Duration,
+    /// sha256 of what the client received or sent, as checked against the original.
+    pub sha256: Vec<String>,
+    /// Bytes in the restored send and receive queues.
+    pub send_queue: usize,
+    pub recv_queue: usize,
+}
+
 /// Runs `scenario` with the `us-testapp` binary at `app_bin`; returns an error
 /// describing every failed expectation.
-pub fn run(scenario: &Scenario, app_bin: &str) -> Result<()> {
+pub fn run(scenario: &Scenario, app_bin: &str) -> Result<Outcome> {
     let evidence = evidence_dir(scenario.name);
     let _ = fs::remove_dir_all(&evidence);
     fs::create_dir_all(&evidence).with_context(|| format!("creating {}", evidence.display()))?;
     match run_in(scenario, app_bin, &evidence) {
-        Ok(report) => {
-            println!("{}: passed\n{report}", scenario.name);
+        Ok(outcome) => {
             if std::env::var_os(KEEP_EVIDENCE).is_none() {
                 let _ = fs::remove_dir_all(&evidence);
             }
-            Ok(())
+            Ok(outcome)
         }
         Err(e) => Err(e.context(format!("{} failed; evidence kept in {}", scenario.name, evidence.display()))),
     }
 }
 
-fn run_in(sc: &Scenario, app_bin: &str, ev: &Path) -> Result<String> {
+fn run_in(sc: &Scenario, app_bin: &str, ev: &Path) -> Result<Outcome> {
     let mut t = Timeline::default();
     t.mark("start");
     let id = unique_id(sc.tag);
@@ -328,7 +347,21 @@ fn run_in(sc: &Scenario, app_bin: &str, ev: &Path) -> Result<String> {
     if strangers != 0 {
         failures.push(format!("{strangers} packets of another connection on port {}:\n{stranger_lines}", sc.port));
     }
-    if failures.is_empty() { Ok(report) } else { bail!("{}\n{report}", failures.join("\n")) }
+    if !failures.is_empty() {
+        bail!("{}\n{report}", failures.join("\n"));
+    }
+    let mark = |what: &str| t.marks.iter().find(|(w, _)| *w == what).map(|(_, at)| *at).unwrap_or_default();
+    Ok(Outcome {
+        bytes: total,
+        restore: Duration::from_micros(restored.restore_us),
+        cut_to_restored: mark("connection restored on the spare, hold released")
+            .saturating_sub(mark("server eth0 down")),
+        client_stall: Duration::from_millis(res.as_ref().map_or(0, |r| r.max_wait_ms)),
+        sha256: expected_sha,
+        send_queue: derived.plan.send_queue.len(),
+        recv_queue: derived.plan.recv_queue.len(),
+        report,
+    })
 }
 
 /// Checkpoints the frozen server socket and compares it with the tracker's plan,
