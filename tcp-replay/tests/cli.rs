@@ -161,6 +161,10 @@ fn full_connection_conns_json(client: &str, server: &str) -> Value {
         "s2c_retransmitted_bytes": 6,
         "c2s_gap_bytes": 0,
         "s2c_gap_bytes": 0,
+        "client_fin": true,
+        "server_fin": true,
+        "client_rst": false,
+        "server_rst": false,
         "segments": 15,
         "refused_segments": 0,
     })
