@@ -203,7 +203,13 @@ fn sys(step: &'static str) -> impl FnOnce(io::Error) -> RepairError {
 // ---------------------------------------------------------------------------
 // Thin wrappers over the raw calls.
 
-fn setsockopt<T>(fd: BorrowedFd<'_>, level: c_int, name: c_int, val: &T, step: &'static str) -> Result<(), RepairError> {
+fn setsockopt<T>(
+    fd: BorrowedFd<'_>,
+    level: c_int,
+    name: c_int,
+    val: &T,
+    step: &'static str,
+) -> Result<(), RepairError> {
     // SAFETY: `val` points to a live `T` of the size passed.
     let r = unsafe {
         libc::setsockopt(fd.as_raw_fd(), level, name, val as *const T as *const c_void, size_of::<T>() as socklen_t)
@@ -211,7 +217,13 @@ fn setsockopt<T>(fd: BorrowedFd<'_>, level: c_int, name: c_int, val: &T, step: &
     if r == 0 { Ok(()) } else { Err(sys(step)(io::Error::last_os_error())) }
 }
 
-fn setsockopt_slice<T>(fd: BorrowedFd<'_>, level: c_int, name: c_int, val: &[T], step: &'static str) -> Result<(), RepairError> {
+fn setsockopt_slice<T>(
+    fd: BorrowedFd<'_>,
+    level: c_int,
+    name: c_int,
+    val: &[T],
+    step: &'static str,
+) -> Result<(), RepairError> {
     // SAFETY: the slice is live and its byte length is passed.
     let r = unsafe {
         libc::setsockopt(fd.as_raw_fd(), level, name, val.as_ptr() as *const c_void, size_of_val(val) as socklen_t)
@@ -220,7 +232,12 @@ fn setsockopt_slice<T>(fd: BorrowedFd<'_>, level: c_int, name: c_int, val: &[T],
 }
 
 /// Reads a plain-old-data option. Only used with `#[repr(C)]` integer structs.
-fn getsockopt<T: Copy + Default>(fd: BorrowedFd<'_>, level: c_int, name: c_int, step: &'static str) -> Result<T, RepairError> {
+fn getsockopt<T: Copy + Default>(
+    fd: BorrowedFd<'_>,
+    level: c_int,
+    name: c_int,
+    step: &'static str,
+) -> Result<T, RepairError> {
     let mut val = T::default();
     let mut len = size_of::<T>() as socklen_t;
     // SAFETY: `val` is a writable `T`; the kernel writes at most `len` bytes.
@@ -313,7 +330,12 @@ fn send_all(fd: BorrowedFd<'_>, mut data: &[u8], step: &'static str) -> Result<(
     while !data.is_empty() {
         // SAFETY: `data` is a live slice.
         let n = unsafe {
-            libc::send(fd.as_raw_fd(), data.as_ptr() as *const c_void, data.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+            libc::send(
+                fd.as_raw_fd(),
+                data.as_ptr() as *const c_void,
+                data.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
         };
         if n < 0 {
             let e = io::Error::last_os_error();
@@ -349,11 +371,13 @@ pub fn checkpoint(sock: &impl AsFd) -> Result<RestorePlan, RepairError> {
     Ok(plan)
 }
 
-/// Like [`checkpoint`], but leaves `sock` in repair mode: the connection is
-/// frozen, and closing the socket afterwards sends neither FIN nor RST, so the
+/// Like [`checkpoint`], but leaves `sock` in repair mode: the application can
+/// no longer read or write it, and closing it sends neither FIN nor RST, so the
 /// peer sees nothing. This is "take this socket's state, then make it vanish":
-/// follow it with [`vanish`] to free the four-tuple at once. [`resume`] brings
-/// the socket back instead. On error the socket is resumed.
+/// follow it with [`vanish`] (or close it) promptly, since repair mode stops
+/// neither the socket's retransmission timers nor its processing of arriving
+/// segments. [`resume`] brings the socket back instead. On error the socket is
+/// resumed.
 pub fn checkpoint_and_hold(sock: &impl AsFd) -> Result<RestorePlan, RepairError> {
     let fd = sock.as_fd();
     pause(fd)?;
@@ -376,6 +400,10 @@ pub fn checkpoint_and_hold(sock: &impl AsFd) -> Result<RestorePlan, RepairError>
 /// reset by mistake.
 pub fn vanish(sock: &impl AsFd) -> Result<(), RepairError> {
     let fd = sock.as_fd();
+    let state = state_of(&tcp_info(fd)?)?;
+    if state == TcpState::Listen {
+        return Err(RepairError::UnsupportedState { state, action: "vanish", reason: "a listener has no peer" });
+    }
     repair_mode(fd, TCP_REPAIR_ON)?;
     // SAFETY: a zeroed sockaddr is a valid AF_UNSPEC address.
     let mut unspec: libc::sockaddr = unsafe { std::mem::zeroed() };
@@ -422,6 +450,7 @@ struct Counters {
     outq: u32,
     notsent: u32,
     inq: u32,
+    window: tcp_repair_window,
 }
 
 fn counters(fd: BorrowedFd<'_>) -> Result<Counters, RepairError> {
@@ -437,6 +466,7 @@ fn counters(fd: BorrowedFd<'_>) -> Result<Counters, RepairError> {
         outq: ioctl_int(fd, libc::TIOCOUTQ, "SIOCOUTQ")?,
         notsent: ioctl_int(fd, libc::SIOCOUTQNSD, "SIOCOUTQNSD")?,
         inq: ioctl_int(fd, libc::FIONREAD, "SIOCINQ")?,
+        window: getsockopt(fd, libc::SOL_TCP, libc::TCP_REPAIR_WINDOW, "TCP_REPAIR_WINDOW")?,
     })
 }
 
@@ -471,7 +501,12 @@ fn v4(addr: SockAddr) -> Result<SocketAddrV4, RepairError> {
 }
 
 /// One reading of everything; `None` when a queue did not match its counter.
-fn read_once(fd: BorrowedFd<'_>, c: &Counters, local: SocketAddrV4, remote: SocketAddrV4) -> Result<Option<RestorePlan>, RepairError> {
+fn read_once(
+    fd: BorrowedFd<'_>,
+    c: &Counters,
+    local: SocketAddrV4,
+    remote: SocketAddrV4,
+) -> Result<Option<RestorePlan>, RepairError> {
     use TcpState::*;
     if c.options & TCPI_OPT_USEC_TS != 0 {
         return Err(RepairError::Unsupported("microsecond TCP timestamps cannot be restored"));
@@ -515,7 +550,7 @@ fn read_once(fd: BorrowedFd<'_>, c: &Counters, local: SocketAddrV4, remote: Sock
     } else {
         None
     };
-    let w: tcp_repair_window = getsockopt(fd, libc::SOL_TCP, libc::TCP_REPAIR_WINDOW, "TCP_REPAIR_WINDOW")?;
+    let w = c.window;
     let mut window = RepairWindow {
         snd_wl1: Seq(w.snd_wl1),
         snd_wnd: w.snd_wnd,
@@ -620,9 +655,15 @@ fn shape(plan: &RestorePlan) -> Result<Shape, RepairError> {
         Closing => OurFin::Now,
         _ => OurFin::AfterUnsent,
     };
-    if let Some((snd, rcv)) = plan.options.wscale {
-        if snd > TCP_MAX_WSCALE || rcv > TCP_MAX_WSCALE {
-            return Err(invalid(format!("window scale ({snd}, {rcv}) above {TCP_MAX_WSCALE}")));
+    if let Some((snd, rcv)) = plan.options.wscale
+        && (snd > TCP_MAX_WSCALE || rcv > TCP_MAX_WSCALE)
+    {
+        return Err(invalid(format!("window scale ({snd}, {rcv}) above {TCP_MAX_WSCALE}")));
+    }
+    for (what, a) in [("local", plan.local), ("remote", plan.remote)] {
+        // Port 0 would bind an ephemeral port: a different connection.
+        if a.port() == 0 || a.ip().is_unspecified() {
+            return Err(invalid(format!("{what} address {a} is not a connection endpoint")));
         }
     }
     if plan.options.mss == 0 {
@@ -641,13 +682,15 @@ fn shape(plan: &RestorePlan) -> Result<Shape, RepairError> {
 const INJECT_DEADLINE: Duration = Duration::from_secs(2);
 
 /// Rebuilds the server end of the connection described by `plan` in this kernel
-/// and returns it as a connected, blocking stream. No handshake happens and the
-/// peer sees, at most, the window probe that ends repair mode (which prompts it
-/// to acknowledge, and so to resynchronise the window) and the ACK of a
-/// replayed FIN.
+/// and returns it as a connected, blocking stream. No handshake happens. The
+/// peer sees the window probe that ends repair mode (which prompts it to
+/// acknowledge, and so resynchronises the window), the ACK of a replayed FIN,
+/// the plan's `unsent` bytes and a FIN that had not left yet; bytes in flight
+/// are retransmitted on the restored socket's timers (its RTO starts at 1 s: it
+/// has no RTT sample).
 ///
-/// `plan.local` must be an address of this host (the socket is bound in repair
-/// mode, which overrides `SO_REUSEADDR` conflicts but not a missing address), and
+/// `plan.local` must be an address of this host (bound in repair mode, which
+/// ignores port conflicts, even with a listener, but not a missing address), and
 /// no other socket may hold the same four-tuple. The peer's segments should be
 /// held back until this returns: one arriving before the socket exists is
 /// answered with a RST by the kernel.
@@ -659,13 +702,17 @@ pub fn restore(plan: &RestorePlan) -> Result<TcpStream, RepairError> {
     let shape = shape(plan)?;
     let sock = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).map_err(sys("socket"))?;
     let fd = sock.as_fd();
+    // Repair mode forces address reuse (SK_FORCE_REUSE: even next to a listener
+    // on the same port). SO_REUSEADDR would downgrade that, so it is not set.
     repair_mode(fd, TCP_REPAIR_ON)?;
-    sock.set_reuse_address(true).map_err(sys("SO_REUSEADDR"))?;
     let unlock = size_buffers(&sock, plan)?;
-    if plan.options.wscale.is_none() && false {
+    if plan.options.wscale.is_none() {
         // Keeps the receive scale the kernel picks at connect() at 0.
         tcp_opt(fd, libc::TCP_WINDOW_CLAMP, u16::MAX as c_int, "TCP_WINDOW_CLAMP")?;
     }
+    // connect() computes the segment size from mss_clamp, which TCP_REPAIR_OPTIONS
+    // sets only afterwards: without this the restored socket sends 536-byte segments.
+    tcp_opt(fd, libc::TCP_MAXSEG, plan.options.mss as c_int, "TCP_MAXSEG")?;
     sock.bind(&SockAddr::from(plan.local)).map_err(|source| RepairError::Bind { addr: plan.local, source })?;
 
     // In FIN_WAIT2 snd_una counts our acknowledged FIN.
@@ -806,7 +853,12 @@ fn repair_window(plan: &RestorePlan) -> tcp_repair_window {
     }
 }
 
-fn replay_peer_fin(fd: BorrowedFd<'_>, plan: &RestorePlan, injector: &mut Option<Socket>, expect: TcpState) -> Result<(), RepairError> {
+fn replay_peer_fin(
+    fd: BorrowedFd<'_>,
+    plan: &RestorePlan,
+    injector: &mut Option<Socket>,
+    expect: TcpState,
+) -> Result<(), RepairError> {
     let mut fin = SegmentBuilder::new(plan.remote, plan.local);
     fin.flags = TcpFlags::FIN | TcpFlags::ACK;
     fin.seq = plan.rcv_nxt;
@@ -889,7 +941,13 @@ mod tests {
             recv_queue: b"GET / HTTP/1.1\r\n\r\n".to_vec(),
             fin_sent: false,
             fin_received: false,
-            window: RepairWindow { snd_wl1: Seq(990), snd_wnd: 65536, max_window: 65536, rcv_wnd: 65536, rcv_wup: Seq(1000) },
+            window: RepairWindow {
+                snd_wl1: Seq(990),
+                snd_wnd: 65536,
+                max_window: 65536,
+                rcv_wnd: 65536,
+                rcv_wup: Seq(1000),
+            },
             tsval: Some(5000),
             ts_recent: None,
         }
@@ -964,6 +1022,10 @@ mod tests {
         p.fin_sent = true;
         p.unsent = b"x".to_vec();
         assert!(matches!(shape(&p), Err(RepairError::InvalidPlan(_))));
+
+        let mut p = plan(TcpState::Established);
+        p.local.set_port(0);
+        assert!(matches!(shape(&p), Err(RepairError::InvalidPlan(_))), "port 0 binds an ephemeral port");
     }
 
     #[test]

@@ -237,14 +237,34 @@ fn run_in(sc: &Scenario, app_bin: &str, ev: &Path) -> Result<Outcome> {
     t.mark("oracle checkpointed the frozen socket");
 
     // Takeover on the spare: hold VIP segments (no RST from a socketless kernel),
-    // claim the VIP, restore, release.
+    // claim the VIP, restore, release. Segments that find a socket (the restored
+    // connection, once it exists) pass at once, so the client's answer to the
+    // restored socket's first window probe is not lost to the hold; so do the
+    // segments restore() injects itself (a replayed FIN), marked INJECT_MARK.
     let port = sc.port.to_string();
-    // Segments restore() injects itself (a replayed FIN) carry INJECT_MARK and pass.
     let mark = format!("{:#x}", tcp_replay::repair::INJECT_MARK);
-    let hold = [
-        "iptables", "-w", "-I", "INPUT", "-p", "tcp", "-d", VIP, "--dport", &port, "-m", "mark", "!", "--mark", &mark,
-        "-j", "DROP",
+    let pass = [
+        "iptables",
+        "-w",
+        "-I",
+        "INPUT",
+        "-p",
+        "tcp",
+        "-d",
+        VIP,
+        "--dport",
+        &port,
+        "-m",
+        "socket",
+        "--nowildcard",
+        "-j",
+        "ACCEPT",
     ];
+    let hold = [
+        "iptables", "-w", "-I", "INPUT", "2", "-p", "tcp", "-d", VIP, "--dport", &port, "-m", "mark", "!", "--mark",
+        &mark, "-j", "DROP",
+    ];
+    tb.exec("spare", &pass)?;
     tb.exec("spare", &hold)?;
     tb.vip("spare")?;
     t.mark("spare holds, VIP moved to spare");
@@ -267,8 +287,9 @@ fn run_in(sc: &Scenario, app_bin: &str, ev: &Path) -> Result<Outcome> {
         exited_early(&mut resume)?;
         Ok(app::read_json(&rec_dir.join(app::files::RESTORED)).ok())
     })?;
-    let mut release = hold;
+    let mut release: Vec<&str> = hold.to_vec();
     release[2] = "-D";
+    release.remove(4); // the rule position
     tb.exec("spare", &release)?;
     t.mark("connection restored on the spare, hold released");
     if idle {
