@@ -100,7 +100,9 @@ pub struct RestorePlan {
     /// Client bytes the server acknowledged but its application has not consumed.
     #[serde(with = "hex_bytes")]
     pub recv_queue: Vec<u8>,
-    /// The server has sent a FIN after `send_queue` (acknowledged or not: see `state`).
+    /// The server's FIN was transmitted after `send_queue` (acknowledged or not:
+    /// see `state`). In FIN_WAIT1, CLOSING or LAST_ACK without it, the application
+    /// has shut down but the FIN still waits behind `unsent` (kernel plans only).
     pub fin_sent: bool,
     /// The client's FIN (at `rcv_nxt`) was received and acknowledged.
     pub fin_received: bool,

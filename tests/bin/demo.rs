@@ -105,7 +105,9 @@ fn main() -> Result<()> {
         results.len()
     );
     println!(
-        "\"client stall\" is the longest a client waited in one read or write; most of it is the address moving (gratuitous ARP) and the client's retransmission timer."
+        "\"cut→restored\" includes the harness's own steps (freezing the old server, stopping its capture, deriving \
+         the plan, the checkpoint cross-check, starting the new server); \"client stall\" is the longest a client \
+         waited in one read or write: that time plus, for uploads, the client's own retransmission timer."
     );
     for (name, r) in &results {
         if let Ok(o) = r {
