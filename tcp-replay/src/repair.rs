@@ -929,28 +929,7 @@ mod tests {
     use super::*;
 
     fn plan(state: TcpState) -> RestorePlan {
-        RestorePlan {
-            local: "10.0.0.2:80".parse().unwrap(),
-            remote: "10.0.0.1:40000".parse().unwrap(),
-            state,
-            options: PlanOptions { mss: 1460, wscale: Some((7, 7)), sack: true, timestamps: true },
-            snd_una: Seq(u32::MAX - 2),
-            send_queue: b"hello".to_vec(),
-            unsent: Vec::new(),
-            rcv_nxt: Seq(1000),
-            recv_queue: b"GET / HTTP/1.1\r\n\r\n".to_vec(),
-            fin_sent: false,
-            fin_received: false,
-            window: RepairWindow {
-                snd_wl1: Seq(990),
-                snd_wnd: 65536,
-                max_window: 65536,
-                rcv_wnd: 65536,
-                rcv_wup: Seq(1000),
-            },
-            tsval: Some(5000),
-            ts_recent: None,
-        }
+        RestorePlan { state, ts_recent: None, ..crate::plan::sample_plan() }
     }
 
     #[test]

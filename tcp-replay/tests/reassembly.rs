@@ -26,7 +26,7 @@ fn delivery() -> impl Strategy<Value = (Vec<u8>, Vec<(usize, usize)>)> {
                 pieces.push((off, len.min(n - off)));
             }
             // Duplicate some pieces, then shuffle deterministically from the seed.
-            let dups: Vec<_> = pieces.iter().copied().filter(|(o, _)| (o ^ seed as usize) % 3 == 0).collect();
+            let dups: Vec<_> = pieces.iter().copied().filter(|(o, _)| (o ^ seed as usize).is_multiple_of(3)).collect();
             pieces.extend(dups);
             let mut state = seed | 1;
             for i in (1..pieces.len()).rev() {
