@@ -42,7 +42,7 @@ pub enum Validation {
 }
 
 /// Direction of a segment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Dir {
     /// Sent by the client (the side that sent the SYN).
     ToServer,
