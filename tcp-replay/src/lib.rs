@@ -25,4 +25,4 @@ pub mod tracker;
 pub use plan::{RestorePlan, TcpState};
 pub use segment::{Checksums, ParseError, Segment, TcpFlags, TcpOptions};
 pub use seq::Seq;
-pub use tracker::{Dir, TrackError, Tracker, Validation};
+pub use tracker::{Dir, ServerAcks, TrackError, Tracker, Validation};

@@ -41,6 +41,22 @@ pub enum Validation {
     Observer,
 }
 
+/// How the tracker learns which client bytes the server's kernel received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ServerAcks {
+    /// From the server's ACKs seen on the wire (a capture of both directions).
+    #[default]
+    Seen,
+    /// The server's pure ACKs are not observed: the primary mirrors only its
+    /// SYN-ACK, FIN and RST. Every inbound segment the tracker is fed was admitted
+    /// into the server's kernel, so the contiguous client bytes count as received.
+    /// That may run ahead of what the kernel really took (say, a segment beyond its
+    /// window), which is safe: the restored socket then holds bytes the client still
+    /// has unacknowledged, and the client's retransmission of them is a duplicate.
+    /// It must never lag behind, so client data is not held to any window here.
+    Inferred,
+}
+
 /// Direction of a segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Dir {
@@ -233,6 +249,7 @@ pub struct Tracker {
     rst: bool,
     trim_on_ack: bool,
     validation: Validation,
+    server_acks: ServerAcks,
 }
 
 impl Default for Tracker {
@@ -263,6 +280,7 @@ impl Tracker {
             rst: false,
             trim_on_ack: true,
             validation,
+            server_acks: ServerAcks::Seen,
         }
     }
 
@@ -270,6 +288,11 @@ impl Tracker {
     /// on: that is what bounds memory). Off keeps every byte until `trim`.
     pub fn set_trim_on_ack(&mut self, on: bool) {
         self.trim_on_ack = on;
+    }
+
+    /// How the server's reception of client bytes is learnt (default [`ServerAcks::Seen`]).
+    pub fn set_server_acks(&mut self, server_acks: ServerAcks) {
+        self.server_acks = server_acks;
     }
 
     /// Whether the connection was followed from its handshake.
@@ -410,7 +433,25 @@ impl Tracker {
             s.fin_seen = true;
             s.advance_high(fin + 1);
         }
+        if dir == Dir::ToServer && self.server_acks == ServerAcks::Inferred {
+            self.infer_server_ack();
+        }
         Ok(())
+    }
+
+    /// [`ServerAcks::Inferred`]: the server has received the contiguous client bytes
+    /// (and the client's FIN right after them).
+    fn infer_server_ack(&mut self) {
+        let (Some(c), Some(s)) = (self.client.as_ref(), self.server.as_mut()) else { return };
+        let Some(seq0) = c.seq0 else { return };
+        let end = c.stream.contiguous_end();
+        let mut ack = seq0 + end as u32;
+        if c.data_end_offset() == Some(end) {
+            ack = ack + 1;
+        }
+        if s.acked.is_none_or(|prev| ack.diff(prev) > 0) {
+            s.acked = Some(ack);
+        }
     }
 
     /// Feeds server bytes at stream offset `offset` (the primary's reply log).
@@ -532,11 +573,10 @@ impl Tracker {
             return Ok(());
         };
         // Without the handshake the window scale is unknown, so windows mean nothing.
-        let window = if r.wl.is_some() && self.handshake_seen && self.validation == Validation::Kernel {
-            r.max_window.max(r.syn_window)
-        } else {
-            UNKNOWN_WINDOW
-        };
+        let windows_known = self.handshake_seen
+            && self.validation == Validation::Kernel
+            && !(dir == Dir::ToServer && self.server_acks == ServerAcks::Inferred);
+        let window = if r.wl.is_some() && windows_known { r.max_window.max(r.syn_window) } else { UNKNOWN_WINDOW };
         let right = rcv_nxt + window.max(1) + WINDOW_SLACK;
         if seg.flags.rst() {
             // RFC 5961 §3.2: a RST must fall in the window; exactly rcv_nxt resets at
@@ -1141,6 +1181,24 @@ mod tests {
 #[cfg(test)]
 #[allow(clippy::too_many_arguments)]
 mod validation_tests {
+    #[test]
+    fn inferred_server_acks_count_contiguous_client_bytes_as_received() {
+        let mut t = Tracker::new();
+        t.set_server_acks(ServerAcks::Inferred);
+        handshake(&mut t);
+        // No server ACK is ever seen; a segment far beyond the SYN-ACK's 100-byte window is kept.
+        feed(&mut t, Dir::ToServer, TcpFlags::ACK, 1 + 5000, 1, 1, TcpOptions::default(), &[2u8; 1000]).unwrap();
+        feed(&mut t, Dir::ToServer, TcpFlags::ACK, 1, 1, 1, TcpOptions::default(), &[1u8; 5000]).unwrap();
+        assert_eq!(t.acked_offset(Dir::ToServer), Some(6000));
+        let p = t.restore_plan(Duration::ZERO).unwrap();
+        assert_eq!(p.rcv_nxt, Seq(6001));
+        assert_eq!(p.recv_queue.len(), 6000);
+        // The client's FIN right after its data counts as received too.
+        feed(&mut t, Dir::ToServer, TcpFlags::ACK | TcpFlags::FIN, 6001, 1, 1, TcpOptions::default(), b"").unwrap();
+        assert_eq!(t.state(), TcpState::CloseWait);
+        assert_eq!(t.restore_plan(Duration::ZERO).unwrap().rcv_nxt, Seq(6001));
+    }
+
     use super::*;
     use crate::segment::{Checksums, SegmentBuilder, TcpFlags, TcpOptions};
 
