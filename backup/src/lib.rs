@@ -1,1 +1,4 @@
-//! The standby role: replica maintenance, failure detector, fencing, takeover, resume. Not built yet.
+//! The standby role: replica maintenance, the failure detector, fencing, takeover
+//! and resume. See ARCHITECTURE.md "Takeover (backup)".
+
+pub mod detector;

@@ -73,7 +73,7 @@ pub const DEFAULT_MAX_FRAME_BYTES: u32 = 4 * 1024 * 1024;
 /// Smallest `replication.max_frame_bytes`: a frame must carry a whole 64 KiB IPv4 datagram plus its record.
 pub const MIN_MAX_FRAME_BYTES: u32 = 128 * 1024;
 /// Largest `replication.max_frame_bytes`: bounds what one corrupt length prefix can make a node allocate.
-pub const MAX_MAX_FRAME_BYTES: u32 = 256 * 1024 * 1024;
+pub const MAX_MAX_FRAME_BYTES: u32 = crate::frame::MAX_FRAME_LIMIT as u32;
 /// Records the backup may take in before it must send a cumulative ack.
 pub const DEFAULT_ACK_MAX_RECORDS: u32 = 64;
 /// Extra time the backup may wait to batch acks (zero: ack as soon as its input is drained).
@@ -524,9 +524,10 @@ impl RetryPolicy {
 ///
 /// The defaults, 20 ms × 5 = 100 ms, detect a dead primary well within the promised 200 ms and leave room
 /// for fencing (3 ARP probes × 15 ms) inside it. They do not fail over on a healthy but busy pair because
-/// heartbeats ride their own TCP link and are sent by a dedicated task, never queued behind proxy work or
-/// replication records: a busy proxy does not delay them, and five in a row must go missing, which on a
-/// live host takes a stall of 100 ms (longer than a scheduler hiccup on a loaded 2-core machine).
+/// heartbeats are sent by the link's own task, never queued behind proxy work, and any frame from the
+/// primary (records included) counts as life: a busy stream never looks dead, and five heartbeat intervals
+/// must pass in silence, which on a live host takes a stall of 100 ms (longer than a scheduler hiccup on a
+/// loaded 2-core machine).
 ///
 /// The primary holds a lease that the backup's acks and heartbeats renew. It is slightly longer than the
 /// detection time and shorter than detection plus fencing: a primary stalled long enough for the backup to

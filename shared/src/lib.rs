@@ -5,9 +5,11 @@
 //! Invariant: the replica table is a deterministic function of the replication
 //! stream; the same code runs on both nodes.
 
+pub mod admin;
 pub mod codec;
 pub mod config;
 pub mod frame;
+pub mod lease;
 pub mod link;
 pub mod protocol;
 pub mod replica;

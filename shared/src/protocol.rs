@@ -2,8 +2,9 @@
 //!
 //! The primary sends one ordered stream of [`Record`]s, each numbered by `seq`;
 //! the backup acknowledges cumulatively ([`ToPrimary::Ack`]). Heartbeats travel
-//! both ways outside the numbering. The connection opens with [`Hello`] from each
-//! side and a [`Welcome`] from the side that accepted the connection.
+//! both ways outside the numbering, on the same connection. The connection opens
+//! with a [`Hello`] from the joining side (the backup) and a [`Welcome`] from the
+//! side that accepted it (the primary).
 //!
 //! Everything the backup knows comes from this stream, so the replica table is a
 //! deterministic function of it (invariant 2). Every record carries the sender's
@@ -76,15 +77,31 @@ pub enum Message {
     /// A segment for VIP:port seen by the primary: an inbound client segment
     /// admitted by the gate, or the primary's own SYN-ACK, FIN or RST (`ToClient`).
     /// `datagram` is the whole IPv4 datagram.
-    Segment { at_us: u64, dir: Dir, datagram: Vec<u8> },
+    Segment {
+        at_us: u64,
+        dir: Dir,
+        #[serde(with = "crate::codec::bytes")]
+        datagram: Vec<u8>,
+    },
     /// Reply bytes for the client, at their offset in the server's byte stream
     /// (0 = first byte after the SYN-ACK). Written to the client only once acknowledged.
-    Reply { conn: ConnKey, offset: u64, bytes: Vec<u8> },
+    Reply {
+        conn: ConnKey,
+        offset: u64,
+        #[serde(with = "crate::codec::bytes")]
+        bytes: Vec<u8>,
+    },
     /// A request's head was read and an exchange begins.
     ExchangeStart(ExchangeStart),
     /// Bytes of the upstream's response (head and body as received), at their
     /// offset within that response, logged as they arrive.
-    Upstream { conn: ConnKey, exchange: u64, offset: u64, bytes: Vec<u8> },
+    Upstream {
+        conn: ConnKey,
+        exchange: u64,
+        offset: u64,
+        #[serde(with = "crate::codec::bytes")]
+        bytes: Vec<u8>,
+    },
     /// The exchange's response was fully handed to the client's socket.
     ExchangeEnd { conn: ConnKey, exchange: u64, status: u16 },
     /// The connection is gone on the primary; its replica can be dropped.
@@ -92,7 +109,11 @@ pub enum Message {
     /// A joining spare's snapshot starts; `connections` entries follow.
     SnapshotBegin { connections: u64 },
     /// One connection's replica state, encoded by the replica module.
-    SnapshotConn { conn: ConnKey, state: Vec<u8> },
+    SnapshotConn {
+        conn: ConnKey,
+        #[serde(with = "crate::codec::bytes")]
+        state: Vec<u8>,
+    },
     /// The snapshot is complete; the stream continues from the next record.
     SnapshotEnd,
 }

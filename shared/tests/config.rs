@@ -453,7 +453,7 @@ fn limits_queues_and_replication_are_validated() {
     check("[queues]\ninbound = 5\noutbound = 5\n", "queues.inbound", "queues.outbound");
     check("[queues]\ninbound = 65536\n", "queues.inbound", "u16");
     check("[replication]\nmax_frame_bytes = 65536\n", "replication.max_frame_bytes", "64 KiB");
-    check("[replication]\nmax_frame_bytes = 4294967295\n", "replication.max_frame_bytes", "268435456");
+    check("[replication]\nmax_frame_bytes = 4294967295\n", "replication.max_frame_bytes", "67108864");
     check("[replication]\nack_max_records = 0\n", "replication.ack_max_records", "at least 1");
     check("[replication]\nack_max_delay = \"20ms\"\n", "replication.ack_max_delay", "heartbeat");
 }
