@@ -28,7 +28,7 @@ use std::net::SocketAddrV4;
 use std::time::Duration;
 
 /// How strictly segments are checked against the windows seen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum Validation {
     /// Refuse what the receiving kernel would drop, judged by the windows and
     /// sequence numbers seen. For a complete view of the traffic (the backup's).
@@ -42,7 +42,7 @@ pub enum Validation {
 }
 
 /// How the tracker learns which client bytes the server's kernel received.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum ServerAcks {
     /// From the server's ACKs seen on the wire (a capture of both directions).
     #[default]
@@ -124,7 +124,7 @@ pub enum PlanError {
 }
 
 /// What the tracker knows about one endpoint.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Endpoint {
     pub addr: SocketAddrV4,
     /// Initial sequence number, when the SYN (or SYN-ACK) was seen.
@@ -239,7 +239,7 @@ impl Endpoint {
 }
 
 /// One TCP connection, followed from its packets.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Tracker {
     client: Option<Endpoint>,
     server: Option<Endpoint>,
@@ -1149,6 +1149,24 @@ mod tests {
         assert!(matches!(c.t.restore_plan(ms(1)), Err(PlanError::MissingBytes { dir: Dir::ToServer, .. })));
         c.t.trim(Dir::ToServer, 10);
         assert!(c.t.restore_plan(ms(1)).is_ok());
+    }
+
+    #[test]
+    fn a_serialised_tracker_continues_exactly_like_the_original() {
+        // What a joining spare's snapshot relies on.
+        let mut c = Conn::open(u32::MAX - 3, 7, true);
+        c.data(Dir::ToServer, b"GET / HTTP/1.1\r\n\r\n");
+        c.data(Dir::ToClient, b"HTTP/1.1 200 OK\r\n");
+        let json = serde_json::to_string(&c.t).unwrap();
+        let copy: Tracker = serde_json::from_str(&json).unwrap();
+        assert_eq!(copy, c.t);
+        let mut d = Conn { t: copy, cseq: c.cseq, sseq: c.sseq, now: c.now, ts: true };
+        for conn in [&mut c, &mut d] {
+            conn.ack(Dir::ToServer, 502);
+            conn.data(Dir::ToClient, b"body");
+        }
+        assert_eq!(c.t, d.t);
+        assert_eq!(c.t.restore_plan(ms(9)), d.t.restore_plan(ms(9)));
     }
 
     #[test]
