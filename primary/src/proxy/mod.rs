@@ -1,1 +1,286 @@
-//! (being written)
+//! The HTTP/1.1 proxy and the built-in static file server, on hyper 1.
+//!
+//! Layer: the primary's serving path (ARCHITECTURE.md "Data path"). A connection handed to
+//! [`Proxy::serve_connection`] is any `AsyncRead + AsyncWrite`; [`Proxy::run`] accepts from a
+//! listener and wraps each socket in a [`LoggedIo`] whose [`ReplyLog`] the
+//! [`ConnectionHooks`] choose, so every reply byte is logged before the client can see it
+//! (invariant 1). [`Unprotected`] is the mode without a backup.
+//!
+//! Protocol: RFC 9110 (semantics) and RFC 9112 (HTTP/1.1 framing); header rules in
+//! [`headers`], file serving rules in [`static_files`]. Keep-alive, pipelining (answered in
+//! order, one at a time), content-length and chunked bodies both ways, streamed with
+//! back-pressure, `Expect: 100-continue`. Malformed requests get hyper's automatic 400 / 414 /
+//! 431 and only that connection closes.
+//!
+//! Limits ([`Limits`]): head size and header count (431), a header read timeout that starts
+//! at the first byte of a request head (slowloris: the connection is closed, logged as 408),
+//! an idle keep-alive timeout, a send timeout (client stopped reading), upstream connect
+//! (502/504) and response timeouts (504).
+//! hyper's own header timer is not used: it also runs while a keep-alive connection idles, so
+//! it cannot tell a slow head from a quiet client.
+//!
+//! Not supported: HTTP/2, `Upgrade` (WebSocket; the header is hop-by-hop and is removed),
+//! `CONNECT` (501), TLS to the upstream.
+
+pub mod headers;
+pub mod hooks;
+pub mod httpdate;
+pub mod logged_io;
+pub mod request_log;
+pub mod static_files;
+
+mod body;
+mod server;
+mod upstream;
+
+pub use body::{BoxError, RequestBody, ResponseBody};
+pub use hooks::{ConnectionHooks, ExchangeInfo, ExchangeObserver, ExchangeOutcome, NoObserver, Unprotected};
+pub use logged_io::{LoggedIo, NoLog, ReplyLog};
+pub use request_log::{RequestLog, RequestLogEntry, RequestLogError};
+pub use server::{ConnectionEnd, ConnectionSummary, ShutdownSignal, ShutdownTrigger};
+pub use static_files::{StaticFiles, StaticRootError};
+
+use serde::Serialize;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// What the proxy serves from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// Forward to an origin: `http://host:port` (no path, no TLS).
+    Upstream(http::Uri),
+    /// Serve files below this directory.
+    Root(PathBuf),
+}
+
+/// Protocol limits and timeouts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest request head (request line and headers), bytes; beyond it: 431.
+    pub max_header_bytes: usize,
+    /// Most header fields in a request; beyond it: 431.
+    pub max_headers: usize,
+    /// From the first byte of a request head to its end; beyond it the connection is closed.
+    pub header_timeout: Duration,
+    /// How long a keep-alive connection may wait for its next request.
+    pub idle_timeout: Duration,
+    /// How long writes to the client may make no progress before the connection is dropped.
+    pub send_timeout: Duration,
+    /// TCP connect to the upstream; beyond it: 504 (a refused connect is 502).
+    pub upstream_connect_timeout: Duration,
+    /// From the request's last body byte (or its head) to the upstream's response head, and
+    /// between two upstream body frames. Beyond it: 504, or a response ended short.
+    pub upstream_timeout: Duration,
+    /// How long an idle pooled upstream connection is kept.
+    pub pool_idle_timeout: Duration,
+    /// Most idle pooled connections to the upstream.
+    pub pool_max_idle: usize,
+    /// On shutdown, how long in-flight exchanges may take before connections are dropped.
+    pub drain_timeout: Duration,
+    /// Bytes a connection may have appended to its reply log but not yet written.
+    pub reply_window: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_bytes: 32 * 1024,
+            max_headers: 100,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(60),
+            upstream_connect_timeout: Duration::from_secs(5),
+            upstream_timeout: Duration::from_secs(60),
+            pool_idle_timeout: Duration::from_secs(30),
+            pool_max_idle: 128,
+            drain_timeout: Duration::from_secs(10),
+            reply_window: logged_io::DEFAULT_WINDOW,
+        }
+    }
+}
+
+/// The proxy's configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyConfig {
+    /// This node's name: in `Via`, and in the request log.
+    pub node: String,
+    pub backend: Backend,
+    /// Where to append the JSON-lines request log, if anywhere.
+    pub request_log: Option<PathBuf>,
+    pub limits: Limits,
+}
+
+/// Why a [`Proxy`] could not be built from its configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The node name is empty or not an HTTP token (it goes into `Via`).
+    #[error("node name {0:?} must be a non-empty HTTP token (letters, digits, -._~ and the like)")]
+    InvalidNode(String),
+    /// The upstream URI is not `http://host:port` (with an optional trailing `/`).
+    #[error("upstream {uri}: {reason}")]
+    InvalidUpstream { uri: String, reason: &'static str },
+    /// A limit is out of its range.
+    #[error("limit {name}: {reason}")]
+    InvalidLimit { name: &'static str, reason: &'static str },
+    /// The static root cannot be served.
+    #[error(transparent)]
+    Root(#[from] StaticRootError),
+    /// The request log cannot be opened.
+    #[error(transparent)]
+    RequestLog(#[from] RequestLogError),
+}
+
+/// Counters for `/status` and `/metrics`.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    connections_open: AtomicU64,
+    connections_total: AtomicU64,
+    exchanges_total: AtomicU64,
+    exchanges_incomplete: AtomicU64,
+    responses_5xx: AtomicU64,
+    upstream_errors: AtomicU64,
+    upstream_timeouts: AtomicU64,
+    keys_generated: AtomicU64,
+    bad_requests: AtomicU64,
+    header_timeouts: AtomicU64,
+    idle_timeouts: AtomicU64,
+    send_timeouts: AtomicU64,
+}
+
+/// A snapshot of the proxy's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct StatsSnapshot {
+    /// Client connections being served now.
+    pub connections_open: u64,
+    pub connections_total: u64,
+    /// Exchanges ended (response sent or abandoned).
+    pub exchanges_total: u64,
+    /// Exchanges whose response did not reach its end.
+    pub exchanges_incomplete: u64,
+    /// Responses with a 5xx status (the origin's own included).
+    pub responses_5xx: u64,
+    /// Upstream failures answered 502.
+    pub upstream_errors: u64,
+    /// Upstream timeouts answered 504.
+    pub upstream_timeouts: u64,
+    /// `Idempotency-Key`s the proxy generated.
+    pub keys_generated: u64,
+    /// Connections ended by a malformed or oversized request (400, 414, 431).
+    pub bad_requests: u64,
+    pub header_timeouts: u64,
+    pub idle_timeouts: u64,
+    pub send_timeouts: u64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Stats {
+    pub(crate) fn exchange_ended(&self, status: Option<u16>, complete: bool) {
+        bump(&self.exchanges_total);
+        if !complete {
+            bump(&self.exchanges_incomplete);
+        }
+        if status.is_some_and(|s| s >= 500) {
+            bump(&self.responses_5xx);
+        }
+    }
+
+    fn snapshot(&self) -> StatsSnapshot {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StatsSnapshot {
+            connections_open: g(&self.connections_open),
+            connections_total: g(&self.connections_total),
+            exchanges_total: g(&self.exchanges_total),
+            exchanges_incomplete: g(&self.exchanges_incomplete),
+            responses_5xx: g(&self.responses_5xx),
+            upstream_errors: g(&self.upstream_errors),
+            upstream_timeouts: g(&self.upstream_timeouts),
+            keys_generated: g(&self.keys_generated),
+            bad_requests: g(&self.bad_requests),
+            header_timeouts: g(&self.header_timeouts),
+            idle_timeouts: g(&self.idle_timeouts),
+            send_timeouts: g(&self.send_timeouts),
+        }
+    }
+}
+
+pub(crate) enum BackendImpl {
+    Upstream(upstream::Upstream),
+    Static(Arc<StaticFiles>),
+}
+
+pub(crate) struct Inner {
+    pub(crate) node: String,
+    pub(crate) limits: Limits,
+    pub(crate) backend: BackendImpl,
+    pub(crate) request_log: Option<RequestLog>,
+    pub(crate) stats: Stats,
+}
+
+/// The proxy: shared state of every connection it serves. Cheap to clone.
+#[derive(Clone)]
+pub struct Proxy {
+    inner: Arc<Inner>,
+}
+
+/// RFC 9110 §5.6.2 `token`.
+fn is_token(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+impl Proxy {
+    /// Checks `config`, opens the static root and the request log, and builds the upstream
+    /// client. Needs no runtime; serving does.
+    pub fn new(config: ProxyConfig) -> Result<Proxy, ProxyError> {
+        if !is_token(&config.node) {
+            return Err(ProxyError::InvalidNode(config.node));
+        }
+        let l = &config.limits;
+        let limit = |ok: bool, name, reason| if ok { Ok(()) } else { Err(ProxyError::InvalidLimit { name, reason }) };
+        limit(l.max_header_bytes >= 1024, "max_header_bytes", "must be at least 1024")?;
+        limit(l.max_header_bytes <= 1 << 20, "max_header_bytes", "must be at most 1 MiB")?;
+        limit(l.max_headers >= 8, "max_headers", "must be at least 8")?;
+        for (name, d) in [
+            ("header_timeout", l.header_timeout),
+            ("idle_timeout", l.idle_timeout),
+            ("send_timeout", l.send_timeout),
+            ("upstream_connect_timeout", l.upstream_connect_timeout),
+            ("upstream_timeout", l.upstream_timeout),
+            ("pool_idle_timeout", l.pool_idle_timeout),
+        ] {
+            limit(!d.is_zero(), name, "must be positive")?;
+        }
+        limit(l.reply_window >= 4096, "reply_window", "must be at least 4096")?;
+        let backend = match &config.backend {
+            Backend::Upstream(uri) => BackendImpl::Upstream(upstream::Upstream::new(uri, &config.limits)?),
+            Backend::Root(root) => BackendImpl::Static(Arc::new(StaticFiles::new(root)?)),
+        };
+        let request_log = config.request_log.as_deref().map(RequestLog::open).transpose()?;
+        Ok(Proxy {
+            inner: Arc::new(Inner {
+                node: config.node,
+                limits: config.limits,
+                backend,
+                request_log,
+                stats: Stats::default(),
+            }),
+        })
+    }
+
+    /// The proxy's counters now.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.inner.stats.snapshot()
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    pub fn node(&self) -> &str {
+        &self.inner.node
+    }
+}

@@ -1,0 +1,530 @@
+//! Serving connections: hyper's HTTP/1.1 server per connection, a watchdog for the header and
+//! idle timeouts, and the accept loop with graceful shutdown.
+//!
+//! hyper answers pipelined requests one at a time in order (RFC 9112 §9.3.2), sends
+//! `100 Continue` when a request body is first read (RFC 9110 §10.1.1), and answers a
+//! malformed or oversized head itself (400, 414, 431) before closing that connection.
+//!
+//! Timeouts: a connection is "idle" while no exchange is in progress. The header timeout runs
+//! from the first byte read while idle (the start of the next head) until hyper hands over the
+//! parsed request; the idle timeout runs from the end of the last exchange; the send timeout
+//! runs while writes to the client make no progress (a client that stopped reading, or a
+//! reply log that stopped accepting). Any of them expiring drops the connection (the socket
+//! closes; nothing is sent, as nginx does on `client_header_timeout`, because hyper may still
+//! hold unflushed bytes of the previous response and a 408 after them would corrupt it).
+
+use super::body::{BodyKind, Exchange, ResponseBody, now_rfc3339};
+use super::hooks::{ConnectionHooks, ExchangeObserver};
+use super::logged_io::LoggedIo;
+use super::request_log::RequestLogEntry;
+use super::{BackendImpl, Inner, Limits, Proxy};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioIo;
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+/// Tells connections to finish their exchange in progress and close.
+#[derive(Debug)]
+pub struct ShutdownTrigger(watch::Sender<bool>);
+
+/// The receiving side of a [`ShutdownTrigger`]. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ShutdownSignal(Option<watch::Receiver<bool>>);
+
+impl ShutdownTrigger {
+    pub fn new() -> (ShutdownTrigger, ShutdownSignal) {
+        let (tx, rx) = watch::channel(false);
+        (ShutdownTrigger(tx), ShutdownSignal(Some(rx)))
+    }
+
+    pub fn trigger(&self) {
+        self.0.send_replace(true);
+    }
+}
+
+impl ShutdownSignal {
+    /// A signal that never fires.
+    pub fn never() -> Self {
+        ShutdownSignal(None)
+    }
+
+    pub fn is_triggered(&self) -> bool {
+        self.0.as_ref().is_some_and(|rx| *rx.borrow())
+    }
+
+    /// Resolves once triggered; never if the trigger was dropped untriggered.
+    pub async fn wait(&mut self) {
+        if let Some(rx) = self.0.as_mut()
+            && rx.wait_for(|fired| *fired).await.is_ok()
+        {
+            return;
+        }
+        std::future::pending::<()>().await
+    }
+}
+
+/// How a client connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectionEnd {
+    /// The client closed, or the connection ended after `Connection: close`.
+    Closed,
+    /// A malformed or oversized request: hyper answered `status` (400, 414, 431) and closed.
+    BadRequest { status: u16, reason: String },
+    /// A request head took longer than the header timeout.
+    HeaderTimeout,
+    /// No request within the idle timeout.
+    IdleTimeout,
+    /// The client read nothing of a response for the send timeout.
+    SendTimeout,
+    /// Closed after a shutdown signal.
+    Shutdown,
+    /// The client went away mid-request or the socket failed.
+    Aborted(String),
+}
+
+/// What happened on one client connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionSummary {
+    /// Exchanges begun (requests handed to the proxy).
+    pub exchanges: u64,
+    pub end: ConnectionEnd,
+}
+
+/// Which timeout a connection is under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Timeout {
+    Header,
+    Idle,
+    Send,
+}
+
+#[derive(Debug)]
+struct ActivityState {
+    /// Exchanges begun and not yet ended.
+    active: u32,
+    /// When the connection last became idle.
+    idle_since: Instant,
+    /// First byte read since it became idle: a request head is under way.
+    head_started: Option<Instant>,
+    /// Since when writes to the client have made no progress.
+    write_blocked: Option<Instant>,
+    /// Last write progress: the tail of a response may still be flushing after its exchange
+    /// ended, and a slow reader taking it in is not idle.
+    last_write: Instant,
+}
+
+/// Shared between the service, the IO wrapper and the watchdog of one connection.
+#[derive(Debug)]
+pub(crate) struct Activity {
+    state: Mutex<ActivityState>,
+    notify: Notify,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            state: Mutex::new(ActivityState {
+                active: 0,
+                idle_since: Instant::now(),
+                head_started: None,
+                write_blocked: None,
+                last_write: Instant::now(),
+            }),
+            notify: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ActivityState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn exchange_started(&self) {
+        let mut s = self.lock();
+        s.active += 1;
+        s.head_started = None;
+    }
+
+    pub(crate) fn exchange_ended(&self) {
+        let mut s = self.lock();
+        s.active = s.active.saturating_sub(1);
+        if s.active == 0 {
+            s.idle_since = Instant::now();
+            s.head_started = None;
+            drop(s);
+            // The watchdog was waiting without a deadline.
+            self.notify.notify_one();
+        }
+    }
+
+    fn bytes_read(&self) {
+        let mut s = self.lock();
+        if s.active == 0 && s.head_started.is_none() {
+            s.head_started = Some(Instant::now());
+            drop(s);
+            self.notify.notify_one();
+        }
+    }
+
+    /// A write or flush returned `Pending` (`blocked`), or completed having moved `wrote` bytes.
+    /// (A flush with nothing to flush completes at once: that is not progress for the idle
+    /// timer, or every poll of the idle connection would postpone it.)
+    fn write_polled(&self, blocked: bool, wrote: usize) {
+        let mut s = self.lock();
+        if blocked {
+            if s.write_blocked.is_none() {
+                s.write_blocked = Some(Instant::now());
+                drop(s);
+                self.notify.notify_one();
+            }
+            return;
+        }
+        s.write_blocked = None;
+        if wrote > 0 {
+            s.last_write = Instant::now();
+        }
+    }
+
+    /// The earliest deadline the connection is under now, if any.
+    fn deadline(&self, limits: &Limits) -> Option<(Instant, Timeout)> {
+        let s = self.lock();
+        let send = s.write_blocked.map(|t| (t + limits.send_timeout, Timeout::Send));
+        let wait = match (s.active, s.head_started) {
+            (0, Some(t)) => Some((t + limits.header_timeout, Timeout::Header)),
+            (0, None) => Some((s.idle_since.max(s.last_write) + limits.idle_timeout, Timeout::Idle)),
+            _ => None,
+        };
+        match (send, wait) {
+            (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// What the exchanges of one connection share.
+pub(crate) struct ConnShared {
+    pub(crate) inner: Arc<Inner>,
+    pub(crate) peer: SocketAddr,
+    pub(crate) observer: Arc<dyn ExchangeObserver>,
+    pub(crate) activity: Activity,
+}
+
+/// The client socket as hyper sees it: reads note activity for the header timeout.
+struct Watched<I> {
+    io: I,
+    conn: Arc<ConnShared>,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Watched<I> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.conn.activity.bytes_read();
+        }
+        polled
+    }
+}
+
+impl<I> Watched<I> {
+    /// Notes whether a write made progress, for the send and idle timeouts.
+    fn watch_write(&self, polled: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        let wrote = match &polled {
+            Poll::Ready(Ok(n)) => *n,
+            _ => 0,
+        };
+        self.conn.activity.write_polled(polled.is_pending(), wrote);
+        polled
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.watch_write(polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.watch_write(polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.io).poll_flush(cx);
+        self.conn.activity.write_polled(polled.is_pending(), 0);
+        polled
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// The hyper service of one connection: numbers the exchanges in request order.
+#[derive(Clone)]
+struct ConnService {
+    conn: Arc<ConnShared>,
+    next: Arc<AtomicU64>,
+}
+
+impl hyper::service::Service<Request<Incoming>> for ConnService {
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Infallible>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let conn = Arc::clone(&self.conn);
+        Box::pin(async move { Ok(handle(conn, id, req).await) })
+    }
+}
+
+async fn handle(conn: Arc<ConnShared>, id: u64, req: Request<Incoming>) -> Response<ResponseBody> {
+    let mut ex = Exchange::new(Arc::clone(&conn), id, req.method().clone(), req.uri().to_string());
+    match &conn.inner.backend {
+        BackendImpl::Static(files) => {
+            ex.start(None, None, false);
+            let uri = req.uri();
+            let response = files.serve(req.method(), uri.path(), uri.query(), req.headers()).await;
+            ex.respond(response.map(BodyKind::Static))
+        }
+        BackendImpl::Upstream(upstream) => upstream.forward(req, ex).await,
+    }
+}
+
+/// The status hyper sent for a parse error, if it sent one (hyper's `Server::on_error`).
+fn parse_error_status(e: &hyper::Error) -> Option<u16> {
+    let text = e.to_string();
+    if e.is_parse_too_large() {
+        Some(if text.contains("URI too long") { 414 } else { 431 })
+    } else if e.is_parse() && !text.contains("HTTP2") && !text.contains("internal") {
+        Some(400)
+    } else {
+        None
+    }
+}
+
+impl Proxy {
+    /// Serves HTTP/1.1 on one client connection until it ends.
+    ///
+    /// `io` is the client socket, usually a [`LoggedIo`]; `peer` the client's address (for
+    /// logs and `X-Forwarded-For`); `observer` hears of every exchange. On `shutdown` the
+    /// exchange in progress finishes and the connection closes.
+    pub async fn serve_connection<I>(
+        &self,
+        io: I,
+        peer: SocketAddr,
+        observer: Arc<dyn ExchangeObserver>,
+        mut shutdown: ShutdownSignal,
+    ) -> ConnectionSummary
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let inner = &self.inner;
+        let limits = &inner.limits;
+        inner.stats.connections_open.fetch_add(1, Ordering::Relaxed);
+        inner.stats.connections_total.fetch_add(1, Ordering::Relaxed);
+        let conn = Arc::new(ConnShared { inner: Arc::clone(inner), peer, observer, activity: Activity::new() });
+        let next = Arc::new(AtomicU64::new(0));
+        let service = ConnService { conn: Arc::clone(&conn), next: Arc::clone(&next) };
+
+        let mut builder = http1::Builder::new();
+        builder
+            .keep_alive(true)
+            // A client that shuts down its sending side after a pipelined burst still gets
+            // every response.
+            .half_close(true)
+            .max_headers(limits.max_headers)
+            .max_header_size(limits.max_header_bytes)
+            .max_buf_size((limits.max_header_bytes + 8192).max(400 * 1024))
+            .header_read_timeout(None);
+        // Boxed so that it can be dropped, closing the socket, before this function returns.
+        let mut connection =
+            Box::pin(builder.serve_connection(TokioIo::new(Watched { io, conn: Arc::clone(&conn) }), service));
+
+        let mut draining = false;
+        let end = loop {
+            let deadline = conn.activity.deadline(limits);
+            let notified = conn.activity.notify.notified();
+            let sleep_until = deadline.map_or_else(Instant::now, |(at, _)| at);
+            tokio::select! {
+                biased;
+                result = connection.as_mut() => break match result {
+                    Ok(()) if draining => ConnectionEnd::Shutdown,
+                    Ok(()) => ConnectionEnd::Closed,
+                    Err(e) => match parse_error_status(&e) {
+                        Some(status) => ConnectionEnd::BadRequest { status, reason: e.to_string() },
+                        None if e.is_incomplete_message() => ConnectionEnd::Aborted(e.to_string()),
+                        None => {
+                            let mut text = e.to_string();
+                            if let Some(source) = std::error::Error::source(&e) {
+                                text = format!("{text}: {source}");
+                            }
+                            ConnectionEnd::Aborted(text)
+                        }
+                    },
+                },
+                _ = shutdown.wait(), if !draining => {
+                    draining = true;
+                    connection.as_mut().graceful_shutdown();
+                }
+                _ = notified => {}
+                _ = tokio::time::sleep_until(sleep_until.into()), if deadline.is_some() => {
+                    if let Some((at, which)) = conn.activity.deadline(limits)
+                        && at <= Instant::now()
+                    {
+                        break match which {
+                            Timeout::Header => ConnectionEnd::HeaderTimeout,
+                            Timeout::Idle => ConnectionEnd::IdleTimeout,
+                            Timeout::Send => ConnectionEnd::SendTimeout,
+                        };
+                    }
+                }
+            }
+        };
+        // Counted and logged before the socket closes, so whoever sees the close sees the count.
+        let exchanges = next.load(Ordering::Relaxed);
+        self.log_connection_end(&conn, exchanges, &end);
+        inner.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
+        // Dropping hyper's connection closes the socket (on a timeout, mid-head or idle).
+        drop(connection);
+        ConnectionSummary { exchanges, end }
+    }
+
+    fn log_connection_end(&self, conn: &ConnShared, exchanges: u64, end: &ConnectionEnd) {
+        let inner = &self.inner;
+        let (status, sent, error) = match end {
+            ConnectionEnd::BadRequest { status, reason } => {
+                inner.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(conn = %conn.peer, status, %reason, "bad request; connection closed");
+                (Some(*status), true, reason.clone())
+            }
+            ConnectionEnd::HeaderTimeout => {
+                inner.stats.header_timeouts.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(conn = %conn.peer, timeout = ?inner.limits.header_timeout, "request head timed out; connection closed");
+                (Some(408), false, format!("request head not complete within {:?}", inner.limits.header_timeout))
+            }
+            ConnectionEnd::SendTimeout => {
+                inner.stats.send_timeouts.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(conn = %conn.peer, timeout = ?inner.limits.send_timeout, "client stopped reading; connection closed");
+                return;
+            }
+            ConnectionEnd::IdleTimeout => {
+                inner.stats.idle_timeouts.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(conn = %conn.peer, exchanges, "idle keep-alive connection closed");
+                return;
+            }
+            ConnectionEnd::Aborted(reason) => {
+                tracing::debug!(conn = %conn.peer, exchanges, %reason, "connection aborted");
+                return;
+            }
+            ConnectionEnd::Closed | ConnectionEnd::Shutdown => {
+                tracing::debug!(conn = %conn.peer, exchanges, ?end, "connection closed");
+                return;
+            }
+        };
+        if let Some(log) = &inner.request_log {
+            log.write(&RequestLogEntry {
+                time: now_rfc3339(),
+                node: inner.node.clone(),
+                connection: conn.peer.to_string(),
+                exchange: None,
+                method: None,
+                target: None,
+                status,
+                sent,
+                bytes_in: 0,
+                bytes_out: 0,
+                complete: false,
+                duration_ms: 0.0,
+                upstream: None,
+                idempotency_key: None,
+                key_generated: false,
+                error: Some(error),
+                resume: None,
+            });
+        }
+    }
+
+    /// Accepts connections from `listener` until `shutdown` resolves, serving each through a
+    /// [`LoggedIo`] with the reply log and observer `hooks` choose. Then stops accepting, lets
+    /// exchanges in progress finish for up to `drain_timeout`, and drops what remains.
+    pub async fn run<H: ConnectionHooks>(&self, listener: TcpListener, hooks: H, shutdown: impl Future<Output = ()>) {
+        let (trigger, signal) = ShutdownTrigger::new();
+        let mut tasks = JoinSet::new();
+        let window = self.inner.limits.reply_window;
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        // Replies are already batched by hyper; Nagle would only add latency.
+                        let _ = stream.set_nodelay(true);
+                        let local = match stream.local_addr() {
+                            Ok(local) => local,
+                            Err(e) => {
+                                tracing::debug!(conn = %peer, error = %e, "accepted connection already gone");
+                                continue;
+                            }
+                        };
+                        let (log, observer) = hooks.open(peer, local);
+                        let io = LoggedIo::new(stream, log).with_window(window);
+                        let (proxy, signal) = (self.clone(), signal.clone());
+                        let span = tracing::info_span!("conn", conn = %peer, node = %self.inner.node);
+                        tasks.spawn(
+                            async move { proxy.serve_connection(io, peer, Arc::new(observer), signal).await }
+                                .instrument(span),
+                        );
+                    }
+                    Err(e) => {
+                        // EMFILE and friends: back off rather than spin; the listener stays.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                    if let Err(e) = joined && e.is_panic() {
+                        tracing::error!(error = %e, "connection task panicked");
+                    }
+                }
+            }
+        }
+        drop(listener);
+        trigger.trigger();
+        let deadline = tokio::time::Instant::now() + self.inner.limits.drain_timeout;
+        let open = tasks.len();
+        tracing::info!(connections = open, drain = ?self.inner.limits.drain_timeout, "shutting down");
+        while !tasks.is_empty() {
+            tokio::select! {
+                _ = tasks.join_next() => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!(connections = tasks.len(), "drain timeout; dropping connections");
+                    tasks.abort_all();
+                    while tasks.join_next().await.is_some() {}
+                }
+            }
+        }
+    }
+}
