@@ -573,10 +573,20 @@ impl Tracker {
             return Ok(());
         };
         // Without the handshake the window scale is unknown, so windows mean nothing.
-        let windows_known = self.handshake_seen
-            && self.validation == Validation::Kernel
-            && !(dir == Dir::ToServer && self.server_acks == ServerAcks::Inferred);
-        let window = if r.wl.is_some() && windows_known { r.max_window.max(r.syn_window) } else { UNKNOWN_WINDOW };
+        let inferred = dir == Dir::ToServer && self.server_acks == ServerAcks::Inferred;
+        let windows_known = self.handshake_seen && self.validation == Validation::Kernel;
+        let window = if inferred && windows_known {
+            // The server's windows are not seen: hold client data to the largest
+            // window the server could ever advertise, which never lags the real one
+            // but still bounds what a flooding client can make the replica keep.
+            let scaled = self.client.as_ref().is_some_and(|c| c.wscale.is_some()) && r.wscale.is_some();
+            let shift = if scaled { r.wscale.unwrap_or(0).min(14) } else { 0 };
+            ((u16::MAX as u32) << shift).max(r.syn_window)
+        } else if r.wl.is_some() && windows_known {
+            r.max_window.max(r.syn_window)
+        } else {
+            UNKNOWN_WINDOW
+        };
         let right = rcv_nxt + window.max(1) + WINDOW_SLACK;
         if seg.flags.rst() {
             // RFC 5961 §3.2: a RST must fall in the window; exactly rcv_nxt resets at
@@ -1215,6 +1225,10 @@ mod validation_tests {
         feed(&mut t, Dir::ToServer, TcpFlags::ACK | TcpFlags::FIN, 6001, 1, 1, TcpOptions::default(), b"").unwrap();
         assert_eq!(t.state(), TcpState::CloseWait);
         assert_eq!(t.restore_plan(Duration::ZERO).unwrap().rcv_nxt, Seq(6001));
+        // Still bounded: nothing beyond the largest window the server could offer (65535 << 7).
+        let far = 6001 + (65535u32 << 7) + 10;
+        let err = feed(&mut t, Dir::ToServer, TcpFlags::ACK, far, 1, 1, TcpOptions::default(), b"x");
+        assert!(matches!(err, Err(TrackError::OutOfWindow { .. })));
     }
 
     use super::*;
