@@ -96,14 +96,21 @@ pub enum BodyFraming {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ChunkPos {
     /// In a chunk-size line; `line` holds its bytes so far (empty: at a chunk boundary).
-    SizeLine { line: Vec<u8> },
+    SizeLine {
+        #[serde(with = "crate::codec::bytes")]
+        line: Vec<u8>,
+    },
     /// In chunk data, `remaining` bytes to go.
     Data { remaining: u64 },
     /// After chunk data, in its CRLF; `cr` says whether the CR was seen.
     DataEnd { cr: bool },
     /// After the last chunk, in the trailer section: `line` is the field line so far,
     /// `total` the bytes of the section so far.
-    Trailers { line: Vec<u8>, total: usize },
+    Trailers {
+        #[serde(with = "crate::codec::bytes")]
+        line: Vec<u8>,
+        total: usize,
+    },
 }
 
 /// Body progress of the message being read.
@@ -181,7 +188,11 @@ pub enum Event {
 pub enum Phase {
     /// Before or inside a head that starts at `start`; `buf` holds its bytes so far
     /// (empty between messages, or only empty lines).
-    Head { start: u64, buf: Vec<u8> },
+    Head {
+        start: u64,
+        #[serde(with = "crate::codec::bytes")]
+        buf: Vec<u8>,
+    },
     /// Inside message `index`'s body, `body_offset` payload bytes in. `close`: the
     /// side ends with this message.
     Body { index: u64, body: BodyState, body_offset: u64, close: bool },
@@ -927,6 +938,28 @@ mod tests {
         ));
         f.handle_server(at + 31, b"\r\nz\r\n0\r\n\r\n", &mut ev).unwrap();
         assert_eq!(completions(&ev), vec![(0, at + 41)]);
+    }
+
+    #[test]
+    fn a_framer_cut_anywhere_round_trips_through_the_codec_and_continues_identically() {
+        let client = b"POST /u HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n0\r\nX-Sum: 1\r\n\r\nGET /next HTTP/1.1\r\nHost: o\r\n\r\n";
+        let server = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n0123456789abcdef\r\n0\r\nT: v\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nend";
+        // The client side cut anywhere (no response yet), then the server side.
+        let cuts = (0..=client.len()).map(|c| (c, 0)).chain((0..=server.len()).map(|s| (client.len(), s)));
+        for (cut, (c, s)) in cuts.enumerate() {
+            let mut f = ConnFramer::new();
+            feed_all(&mut f, &client[..c], &server[..s]);
+            let mut copy: ConnFramer = crate::codec::decode(&crate::codec::encode(&f).unwrap()).unwrap();
+            assert_eq!(copy, f, "cut at {cut}");
+            let mut rest = [(Vec::new(), Vec::new()), (Vec::new(), Vec::new())];
+            for (f, (ce, se)) in [&mut f, &mut copy].into_iter().zip(&mut rest) {
+                f.handle_client(c as u64, &client[c..], ce).unwrap();
+                f.handle_server(s as u64, &server[s..], se).unwrap();
+            }
+            assert_eq!(rest[0], rest[1], "cut at {cut}");
+            assert_eq!(copy, f, "cut at {cut}");
+            assert_eq!((copy.requests().pos(), copy.responses().pos()), (client.len() as u64, server.len() as u64));
+        }
     }
 
     #[test]

@@ -6,11 +6,9 @@
 //!
 //! * [`http`]: the HTTP/1.1 framer.
 //! * [`table`]: [`ReplicaTable`], fed with [`crate::protocol::Record`]s; snapshots.
-//! * [`image`]: a tracker as plain data, and its exact rebuild (for snapshots).
 //! * [`resume`]: what to do with each connection at takeover.
 
 pub mod http;
-pub mod image;
 pub mod resume;
 pub mod table;
 

@@ -21,12 +21,13 @@
 //! the upstream payload the reply has not yet covered. A connection that cannot be
 //! followed (first seen mid-stream, framing failed) keeps only its reason.
 //!
-//! **Snapshots** carry each connection as JSON (`serde_json`, until `crate::codec`
-//! offers one encoding for everything); the tracker travels as a
-//! [`TrackerImage`] because `Tracker` is not serde-able yet.
+//! **Snapshots** carry each connection whole, encoded with [`crate::codec`]: the
+//! tracker itself (private window bookkeeping, timestamps and statistics counters
+//! included), the framer and the exchange records. A joining spare decodes exactly
+//! the state the primary holds, so both continue identically from the same records.
 
 use super::http::{ConnFramer, Event, FrameError, Framer, Phase, RequestHead, ResponseHead};
-use super::image::{Before, Shadow, TrackerImage};
+use crate::codec::{self, CodecError};
 use crate::protocol::{ConnKey, ExchangeStart, Message, Record};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
@@ -60,8 +61,11 @@ pub enum SnapshotError {
     #[error("snapshot interrupted by another record")]
     Interrupted,
     /// A connection's state does not decode.
-    #[error("snapshot state of {conn:?} does not decode: {reason}")]
-    Decode { conn: ConnKey, reason: String },
+    #[error("snapshot state of {conn:?} does not decode: {source}")]
+    Decode { conn: ConnKey, source: CodecError },
+    /// A connection's state decodes but contradicts itself or its key.
+    #[error("snapshot state of {conn:?} is inconsistent: {reason}")]
+    Inconsistent { conn: ConnKey, reason: &'static str },
     /// `SnapshotEnd` after a different number of connections than announced.
     #[error("snapshot announced {announced} connections and carried {received}")]
     Count { announced: u64, received: u64 },
@@ -109,13 +113,6 @@ pub enum Unprotection {
     /// The primary began an exchange with another method than the request framed.
     #[error("exchange {exchange}: the primary logged {logged}, the request is {framed}")]
     ExchangeMismatch { exchange: u64, logged: String, framed: String },
-    /// The tracker's private window bookkeeping could not be followed (a snapshot
-    /// would be unfaithful).
-    #[error("the tracker's window bookkeeping could not be followed")]
-    ShadowDiverged,
-    /// A snapshot could not reproduce the connection exactly.
-    #[error("snapshot could not reproduce the connection: {0}")]
-    SnapshotUnfaithful(String),
 }
 
 /// What the primary logged when an exchange began ([`ExchangeStart`]).
@@ -152,11 +149,13 @@ pub struct UpstreamLog {
     framer: Framer,
     /// The final response head and its bytes.
     pub head: Option<ResponseHead>,
+    #[serde(with = "crate::codec::bytes")]
     pub head_raw: Vec<u8>,
     /// Decoded payload bytes logged in all.
     pub logged: u64,
     /// Decoded body offset of `payload[0]`.
     pub payload_start: u64,
+    #[serde(with = "deque_bytes")]
     pub payload: VecDeque<u8>,
     /// The whole response was logged.
     pub complete: bool,
@@ -282,10 +281,9 @@ impl Exchange {
 }
 
 /// A connection followed from its handshake.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tracked {
     tracker: Tracker,
-    shadow: Shadow,
     framer: ConnFramer,
     /// Exchanges not yet acknowledged in full by the client, by index, consecutive.
     exchanges: VecDeque<Exchange>,
@@ -299,24 +297,39 @@ struct Lost {
     server_fin: bool,
 }
 
-#[derive(Debug, Clone)]
+/// A connection's state; a snapshot carries it as its [`codec`] encoding.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 enum State {
     Tracked(Box<Tracked>),
     Unprotected(Lost),
 }
 
+impl State {
+    /// Decodes a snapshot's state for `key`, refusing what the table could not follow.
+    fn decode(key: ConnKey, bytes: &[u8]) -> Result<State, SnapshotError> {
+        let state: State = codec::decode(bytes).map_err(|source| SnapshotError::Decode { conn: key, source })?;
+        if let State::Tracked(t) = &state {
+            let inconsistent = |reason| Err(SnapshotError::Inconsistent { conn: key, reason });
+            if t.tracker.addresses().is_some_and(|a| a != (key.client, key.server)) {
+                return inconsistent("the tracker follows another connection");
+            }
+            if t.exchanges.iter().zip(t.exchanges.iter().skip(1)).any(|(a, b)| a.index.checked_add(1) != Some(b.index))
+            {
+                return inconsistent("exchange indexes are not consecutive");
+            }
+            if t.exchanges.iter().any(|ex| ex.request.index != ex.index) {
+                return inconsistent("an exchange holds another exchange's request");
+            }
+        }
+        Ok(state)
+    }
+}
+
 /// One client connection in the table.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Conn {
     key: ConnKey,
     state: State,
-}
-
-/// A connection as a snapshot carries it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-enum ConnSnapshot {
-    Tracked { tracker: Box<TrackerImage>, framer: ConnFramer, exchanges: VecDeque<Exchange> },
-    Unprotected(Lost),
 }
 
 impl Conn {
@@ -355,24 +368,6 @@ impl Conn {
         }
     }
 
-    fn snapshot(&self) -> ConnSnapshot {
-        match &self.state {
-            State::Tracked(t) => match TrackerImage::capture(&t.tracker, &t.shadow) {
-                Ok(tracker) => ConnSnapshot::Tracked {
-                    tracker: Box::new(tracker),
-                    framer: t.framer.clone(),
-                    exchanges: t.exchanges.clone(),
-                },
-                Err(e) => ConnSnapshot::Unprotected(Lost {
-                    reason: Unprotection::SnapshotUnfaithful(e),
-                    client_fin: false,
-                    server_fin: false,
-                }),
-            },
-            State::Unprotected(l) => ConnSnapshot::Unprotected(l.clone()),
-        }
-    }
-
     fn unprotect(&mut self, reason: Unprotection) -> Applied {
         let (client_fin, server_fin) = match &self.state {
             State::Tracked(t) => (fin_seen(&t.tracker, Dir::ToServer), fin_seen(&t.tracker, Dir::ToClient)),
@@ -397,7 +392,7 @@ impl Tracked {
     fn new() -> Tracked {
         let mut tracker = Tracker::new();
         tracker.set_server_acks(ServerAcks::Inferred);
-        Tracked { tracker, shadow: Shadow::default(), framer: ConnFramer::new(), exchanges: VecDeque::new() }
+        Tracked { tracker, framer: ConnFramer::new(), exchanges: VecDeque::new() }
     }
 
     pub fn tracker(&self) -> &Tracker {
@@ -423,12 +418,8 @@ impl Tracked {
     }
 
     fn handle_segment(&mut self, at_us: u64, dir: Dir, seg: &Segment<'_>) -> Result<Applied, Unprotection> {
-        let before = Before::of(&self.tracker, dir);
         if let Err(e) = self.tracker.handle_segment(Duration::from_micros(at_us), dir, seg) {
             return Ok(Applied::Ignored(Ignored::Refused(e)));
-        }
-        if !self.shadow.observe(&self.tracker, before, at_us, dir, seg) {
-            return Err(Unprotection::ShadowDiverged);
         }
         if dir == Dir::ToServer {
             self.frame_client().map_err(Unprotection::Framing)?;
@@ -594,16 +585,17 @@ pub struct ReplicaTable {
     snapshot: Option<(u64, u64)>,
 }
 
-/// Two tables are equal when they hold the same epoch and the same connections in
-/// everything a takeover or a later record depends on: what a snapshot carries. The
-/// trackers' statistics counters are not compared.
+/// Two tables are equal when they hold the same epoch and the same connections,
+/// every field of every tracker included: what a snapshot carries. Where each table
+/// stands in the stream (a primary never applies the snapshot records it numbered
+/// for a spare) is not compared.
 impl PartialEq for ReplicaTable {
     fn eq(&self, other: &ReplicaTable) -> bool {
-        self.epoch == other.epoch
-            && self.conns.len() == other.conns.len()
-            && self.conns.iter().zip(&other.conns).all(|((k, a), (l, b))| k == l && a.snapshot() == b.snapshot())
+        self.epoch == other.epoch && self.conns == other.conns
     }
 }
+
+impl Eq for ReplicaTable {}
 
 impl ReplicaTable {
     pub fn new() -> ReplicaTable {
@@ -699,32 +691,9 @@ impl ReplicaTable {
                     return Err(SnapshotError::NotInSnapshot("SnapshotConn").into());
                 };
                 *received += 1;
-                let snap: ConnSnapshot = serde_json::from_slice(state)
-                    .map_err(|e| SnapshotError::Decode { conn: *conn, reason: e.to_string() })?;
-                let (state, applied) = match snap {
-                    ConnSnapshot::Unprotected(lost) => (State::Unprotected(lost), Applied::Taken),
-                    ConnSnapshot::Tracked { tracker, framer, exchanges } => match tracker.rebuild() {
-                        Ok(t) => {
-                            let shadow = tracker.shadow();
-                            (
-                                State::Tracked(Box::new(Tracked { tracker: t, shadow, framer, exchanges })),
-                                Applied::Taken,
-                            )
-                        }
-                        Err(e) => {
-                            let reason = Unprotection::SnapshotUnfaithful(e);
-                            tracing::warn!(conn = ?conn, %reason, "connection unprotected");
-                            let lost = Lost {
-                                reason: reason.clone(),
-                                client_fin: tracker.c.fin_seen,
-                                server_fin: tracker.s.fin_seen,
-                            };
-                            (State::Unprotected(lost), Applied::Unprotected { conn: *conn, reason })
-                        }
-                    },
-                };
+                let state = State::decode(*conn, state)?;
                 self.conns.insert(*conn, Conn { key: *conn, state });
-                applied
+                Applied::Taken
             }
             Message::SnapshotEnd => {
                 let Some((announced, received)) = self.snapshot.take() else {
@@ -816,12 +785,30 @@ impl ReplicaTable {
         let mut out = Vec::with_capacity(self.conns.len() + 2);
         out.push(Message::SnapshotBegin { connections: self.conns.len() as u64 });
         for (key, conn) in &self.conns {
-            let state = serde_json::to_vec(&conn.snapshot())
-                .expect("replica state is plain data with string-free keys: serde_json cannot fail on it");
+            let state = codec::encode(&conn.state)
+                .expect("replica state has only sized sequences and no custom serialisers: bincode cannot fail on it");
             out.push(Message::SnapshotConn { conn: *key, state });
         }
         out.push(Message::SnapshotEnd);
         out
+    }
+}
+
+/// Serde adapter for `VecDeque<u8>`: the bytes as one slice, which bincode copies
+/// at once instead of one `u8` at a time. Same encoding as serde's default.
+mod deque_bytes {
+    use serde::{Deserializer, Serializer};
+    use std::collections::VecDeque;
+
+    pub fn serialize<S: Serializer>(bytes: &VecDeque<u8>, serializer: S) -> Result<S::Ok, S::Error> {
+        match bytes.as_slices() {
+            (a, []) => serializer.serialize_bytes(a),
+            (a, b) => serializer.serialize_bytes(&[a, b].concat()),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<VecDeque<u8>, D::Error> {
+        crate::codec::bytes::deserialize(deserializer).map(VecDeque::from)
     }
 }
 
@@ -872,6 +859,62 @@ mod tests {
         let mut u = log_with("HEAD");
         u.handle(0, b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n");
         assert!(u.complete && u.logged == 0);
+    }
+
+    #[test]
+    fn exchange_records_round_trip_through_the_codec_with_the_same_encoding_as_plain_serde() {
+        let mut u = log_with("GET");
+        let head = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n";
+        u.handle(0, head);
+        u.handle(head.len() as u64, b"0123456");
+        u.trim(5);
+        u.handle(head.len() as u64 + 7, b"78");
+        // The payload's ring buffer wraps: the adapter must join both halves.
+        assert!(!u.payload.as_slices().1.is_empty(), "{:?}", u.payload.as_slices());
+        let request = RequestHead {
+            index: 4,
+            start: 100,
+            head_end: 140,
+            method: "POST".into(),
+            target: "/o".into(),
+            version: 1,
+            framing: super::super::http::BodyFraming::Length(3),
+            idempotency_key: Some("k".into()),
+            expect_continue: true,
+            range: false,
+            close: false,
+        };
+        let mut ex = Exchange::new(request);
+        ex.request_end = Some(143);
+        ex.meta = Some(ExchangeMeta {
+            idempotency_key: Some("k".into()),
+            key_generated: false,
+            upstream: Some("http://10.2.0.10:8080".into()),
+            request_offset: 100,
+        });
+        ex.reply = ReplyProgress {
+            start: Some(0),
+            interim_sent: true,
+            head: u.head.clone(),
+            body_logged: 5,
+            body_crc: 7,
+            end: None,
+        };
+        ex.upstream = Some(u.clone());
+        ex.ended = Some(200);
+        let bytes = codec::encode(&ex).unwrap();
+        assert_eq!(codec::decode::<Exchange>(&bytes), Ok(ex.clone()));
+        let copy = codec::decode::<Exchange>(&bytes).unwrap().upstream.unwrap();
+        assert_eq!(copy.payload_from(5), b"5678");
+        // Same bytes as serde's default for a deque and a vector of bytes.
+        #[derive(Serialize)]
+        struct Plain<'a>(&'a VecDeque<u8>, &'a Vec<u8>);
+        #[derive(Serialize)]
+        struct Adapted<'a>(
+            #[serde(with = "deque_bytes")] &'a VecDeque<u8>,
+            #[serde(with = "crate::codec::bytes")] &'a Vec<u8>,
+        );
+        assert_eq!(codec::encode(&Plain(&u.payload, &u.head_raw)), codec::encode(&Adapted(&u.payload, &u.head_raw)));
     }
 
     #[test]
