@@ -10,7 +10,10 @@ use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
 
 /// One direction's reassembled bytes, retained from `start()` on.
+///
+/// Deserialising checks the invariants (a snapshot from the network is untrusted).
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "StreamParts")]
 pub struct Stream {
     /// Offset of `data[0]`.
     start: u64,
@@ -21,6 +24,40 @@ pub struct Stream {
     pending_bytes: usize,
     /// Ranges that were never seen and are zero-filled in `data`.
     gaps: Vec<Range<u64>>,
+}
+
+/// The serialised form of a [`Stream`], checked before it becomes one.
+#[derive(serde::Deserialize)]
+struct StreamParts {
+    start: u64,
+    data: VecDeque<u8>,
+    pending: BTreeMap<u64, Vec<u8>>,
+    pending_bytes: usize,
+    gaps: Vec<Range<u64>>,
+}
+
+impl TryFrom<StreamParts> for Stream {
+    type Error = String;
+
+    fn try_from(p: StreamParts) -> Result<Stream, String> {
+        let end = p.start.checked_add(p.data.len() as u64).ok_or("stream end overflows")?;
+        let mut cursor = end;
+        let mut total = 0usize;
+        for (off, piece) in &p.pending {
+            if *off <= cursor || piece.is_empty() {
+                return Err(format!("out-of-order piece at {off} overlaps or touches what precedes it"));
+            }
+            cursor = off.checked_add(piece.len() as u64).ok_or("piece end overflows")?;
+            total += piece.len();
+        }
+        if total != p.pending_bytes {
+            return Err(format!("pending byte count {} does not match the pieces ({total})", p.pending_bytes));
+        }
+        if p.gaps.iter().any(|g| g.start >= g.end) || p.gaps.windows(2).any(|w| w[0].end > w[1].start) {
+            return Err("gaps are empty or out of order".into());
+        }
+        Ok(Stream { start: p.start, data: p.data, pending: p.pending, pending_bytes: p.pending_bytes, gaps: p.gaps })
+    }
 }
 
 impl Stream {
@@ -303,6 +340,19 @@ mod tests {
         assert_eq!(s.gaps(), &[2..(1 << 40)]);
         assert_eq!(s.copy_range(0..u64::MAX), b"z");
         assert_eq!(s.start(), 1 << 40);
+    }
+
+    #[test]
+    fn deserialising_refuses_broken_invariants() {
+        let mut s = Stream::new();
+        s.insert(0, b"ab");
+        s.insert(5, b"fg");
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<Stream>(&json).unwrap(), s);
+        let bad_count = json.replace("\"pending_bytes\":2", "\"pending_bytes\":9");
+        assert!(serde_json::from_str::<Stream>(&bad_count).is_err());
+        let overlapping = json.replace("\"5\":", "\"1\":");
+        assert!(serde_json::from_str::<Stream>(&overlapping).is_err());
     }
 
     #[test]
