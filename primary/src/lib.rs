@@ -5,4 +5,5 @@
 //! FIN or RST — unless the backup already holds what it needs to reproduce it.
 
 pub mod gate;
+pub mod node;
 pub mod proxy;

@@ -445,7 +445,7 @@ fn limits_queues_and_replication_are_validated() {
     };
     check("[limits]\nmax_header_bytes = 4096\n", "limits.max_header_bytes", "RFC 9112");
     check("[limits]\nmax_header_bytes = 2000000\n", "limits.max_header_bytes", "8192..=1048576");
-    check("[limits]\nmax_headers = 0\n", "limits.max_headers", "1..=10000");
+    check("[limits]\nmax_headers = 0\n", "limits.max_headers", "8..=10000");
     check("[limits]\nheader_read_timeout = \"0s\"\n", "limits.header_read_timeout", "zero");
     check("[limits]\nidle_timeout = \"0ms\"\n", "limits.idle_timeout", "zero");
     check("[limits]\nmax_connections = 0\n", "limits.max_connections", "at least 1");
