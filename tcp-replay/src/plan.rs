@@ -148,6 +148,10 @@ pub struct Mismatch {
 ///   kernel's value may be ahead by at most the client bytes seen beyond the ACK.
 /// * `window.rcv_wnd`, `window.rcv_wup`: the kernel's internal receive-window
 ///   bookkeeping; the tracker knows only the last advertised window.
+/// * `snd_nxt`, `send_queue`: segments still in the device queue when the link
+///   went down count as sent for the kernel but never reached the wire (or the
+///   capture). The kernel may be ahead, by bytes that extend the tracker's send
+///   queue; the client never saw them, so a restore without them is correct.
 /// * `window.max_window`: ACKs coalesced in the kernel's socket backlog keep only
 ///   the last window, so the kernel may never see the largest one on the wire: its
 ///   value must lie between its `snd_wnd` and the tracker's.
@@ -159,6 +163,7 @@ pub struct Mismatch {
 /// * `ts_recent`: the kernel updates it only for in-order segments; not compared.
 /// * `options.mss`: the kernel reports its current MSS, not the peer's clamp.
 pub const NOT_FROM_PACKETS: &[&str] = &[
+    "snd_nxt, send_queue (≥, a device queue dropped at link down)",
     "recv_queue",
     "rcv_nxt (delayed ACK)",
     "window.max_window (≤)",
@@ -205,13 +210,15 @@ pub fn compare(tracker: &RestorePlan, kernel: &RestorePlan, client_ahead: u32, t
     check("snd_una", tracker.snd_una == kernel.snd_una, tracker.snd_una.to_string(), kernel.snd_una.to_string());
     check(
         "snd_nxt",
-        tracker.snd_nxt() == kernel.snd_nxt(),
+        kernel.snd_nxt().diff(tracker.snd_nxt()) >= 0
+            && kernel.snd_nxt().diff(tracker.snd_nxt()) as usize
+                == kernel.send_queue.len().saturating_sub(tracker.send_queue.len()),
         tracker.snd_nxt().to_string(),
         kernel.snd_nxt().to_string(),
     );
     check(
         "send_queue",
-        tracker.send_queue == kernel.send_queue,
+        kernel.send_queue.starts_with(&tracker.send_queue),
         format!("{} bytes", tracker.send_queue.len()),
         format!("{} bytes{}", kernel.send_queue.len(), first_difference(&tracker.send_queue, &kernel.send_queue)),
     );
@@ -374,6 +381,20 @@ mod tests {
             .iter()
             .all(|m| m.field != "rcv_nxt")
         );
+    }
+
+    #[test]
+    fn kernel_sent_bytes_the_wire_never_carried_extend_the_send_queue() {
+        let mut k = plan();
+        k.send_queue.extend_from_slice(b" world");
+        assert!(compare(&plan(), &k, 0, 0).is_empty());
+        // But they must extend it: different bytes, or a shorter kernel queue, are mismatches.
+        k.send_queue[0] = b'j';
+        assert!(compare(&plan(), &k, 0, 0).iter().any(|m| m.field == "send_queue"));
+        let mut k = plan();
+        k.send_queue.truncate(2);
+        let fields: Vec<_> = compare(&plan(), &k, 0, 0).into_iter().map(|m| m.field).collect();
+        assert!(fields.contains(&"send_queue") && fields.contains(&"snd_nxt"));
     }
 
     #[test]
