@@ -2,3 +2,4 @@
 //! and resume. See ARCHITECTURE.md "Takeover (backup)".
 
 pub mod detector;
+pub mod replica;

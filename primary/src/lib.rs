@@ -7,3 +7,4 @@
 pub mod gate;
 pub mod node;
 pub mod proxy;
+pub mod replicate;
