@@ -1286,7 +1286,10 @@ impl NodeConfig {
             ));
         }
         if !(8..=10_000).contains(&l.max_headers) {
-            return Err(invalid(Setting::MAX_HEADERS, "must be 8..=10000 (the proxy needs room for the headers every request carries)".into()));
+            return Err(invalid(
+                Setting::MAX_HEADERS,
+                "must be 8..=10000 (the proxy needs room for the headers every request carries)".into(),
+            ));
         }
         if l.header_read_timeout.is_zero() {
             return Err(invalid(Setting::HEADER_READ_TIMEOUT, "must be above zero".into()));

@@ -142,7 +142,10 @@ pub struct ExchangeStart {
 pub enum ToBackup {
     Record(Record),
     /// Liveness; `sent_us` on the primary's monotonic clock.
-    Heartbeat { sent_us: u64, epoch: u64 },
+    Heartbeat {
+        sent_us: u64,
+        epoch: u64,
+    },
 }
 
 /// Frames from the backup to the primary, after the handshake.
