@@ -291,6 +291,7 @@ fn message_kind(msg: &Message) -> &'static str {
         Message::SnapshotBegin { .. } => "SnapshotBegin",
         Message::SnapshotConn { .. } => "SnapshotConn",
         Message::SnapshotEnd => "SnapshotEnd",
+        Message::Ping => "Ping",
     }
 }
 

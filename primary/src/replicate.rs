@@ -1724,13 +1724,11 @@ fn conn_key_of(datagram: &[u8], dir: Dir) -> Option<ConnKey> {
     })
 }
 
-/// A record that changes no replica: `ConnClosed` for a connection that cannot exist (0.0.0.0:0 at
-/// both ends), ignored by every table. Queued when a backup is suspected over a live link, so that a
+/// A record that changes no replica. Queued when a backup is suspected over a live link, so that a
 /// backup that was only slow renews the lease with its ack before the VIP probe decides. (Heartbeat
 /// echoes would do the same if the link reported which heartbeat they answer.)
 pub fn lease_ping() -> Message {
-    let nowhere = SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0);
-    Message::ConnClosed { conn: ConnKey { client: nowhere, server: nowhere } }
+    Message::Ping
 }
 
 /// A record's size on the wire, roughly: its payload plus a small envelope.

@@ -900,7 +900,7 @@ fn encoded_len_bound(msg: &Message) -> usize {
             Message::ConnClosed { .. } => CONN,
             Message::SnapshotBegin { .. } => INT,
             Message::SnapshotConn { state, .. } => CONN + INT + state.len(),
-            Message::SnapshotEnd => 0,
+            Message::SnapshotEnd | Message::Ping => 0,
         }
 }
 

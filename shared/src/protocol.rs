@@ -116,6 +116,9 @@ pub enum Message {
     },
     /// The snapshot is complete; the stream continues from the next record.
     SnapshotEnd,
+    /// Changes nothing; the backup's ack of it renews the primary's lease (sent when
+    /// a backup is suspected over a live link, so a merely slow backup can answer).
+    Ping,
 }
 
 /// An exchange (one request and its response) on a connection.

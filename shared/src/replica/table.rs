@@ -677,6 +677,7 @@ impl ReplicaTable {
                 }
                 Ok(Applied::Taken)
             }),
+            Message::Ping => Applied::Taken,
             Message::ConnClosed { conn } => match self.conns.remove(conn) {
                 Some(_) => Applied::Taken,
                 None => Applied::Ignored(Ignored::UnknownConnection(*conn)),
