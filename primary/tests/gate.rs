@@ -7,6 +7,8 @@
 //! The test process itself stays in the root namespace; work inside a namespace runs on a thread that
 //! entered it (a socket keeps the namespace it was created in, whichever thread uses it later).
 
+mod support;
+
 use anyhow::{Context, Result, bail, ensure};
 use primary::gate::nfqueue::QueueError;
 use primary::gate::rules::Iptables;
@@ -26,6 +28,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc::Receiver;
 use tokio::time::{sleep, timeout};
 
+use support::{base36, in_ns, run};
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 100);
 const PORT: u16 = 8080;
@@ -74,44 +77,6 @@ impl Drop for Net {
     }
 }
 
-fn base36(mut n: u32) -> String {
-    let mut d = Vec::new();
-    loop {
-        d.push(char::from_digit(n % 36, 36).unwrap_or('0'));
-        n /= 36;
-        if n == 0 {
-            break;
-        }
-    }
-    d.iter().rev().collect()
-}
-
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("starting {cmd:?}"))?;
-    ensure!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn enter(ns: &str) -> Result<()> {
-    let f = std::fs::File::open(Path::new("/run/netns").join(ns)).with_context(|| format!("opening netns {ns}"))?;
-    // SAFETY: setns on this thread only, with a namespace descriptor we just opened.
-    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("entering netns {ns}"));
-    }
-    Ok(())
-}
-
-/// Runs `f` on a fresh thread inside namespace `ns`.
-fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    let ns = ns.to_string();
-    std::thread::spawn(move || {
-        enter(&ns)?;
-        f()
-    })
-    .join()
-    .map_err(|p| anyhow::anyhow!("thread in {} panicked: {}", "netns", panic_text(&p)))?
-}
-
 /// Runs the future made by `make` on a current-thread runtime, on a thread inside namespace `ns`.
 fn run_in_ns<F: Future<Output = Result<()>>>(ns: &str, make: impl FnOnce() -> F + Send + 'static) -> Result<()> {
     in_ns(ns, move || {
@@ -122,10 +87,6 @@ fn run_in_ns<F: Future<Output = Result<()>>>(ns: &str, make: impl FnOnce() -> F 
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         rt.block_on(make())
     })
-}
-
-fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
 }
 
 /// A TCP socket of the client namespace, ready to connect from any thread.

@@ -14,6 +14,8 @@
 //! receive timestamps) are made in the client's namespace. Root only. Timings are printed, never
 //! asserted.
 
+mod support;
+
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use backup::replica::{self, Progress, ReplicaConfig};
 use primary::gate::{Gate, GateConfig};
@@ -28,12 +30,13 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use support::{base36, enter, in_ns, run};
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
 const PORT: u16 = 80;
 const REPL: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 1, 0, 2), 7700);
@@ -78,44 +81,6 @@ impl Drop for Bed {
             eprintln!("taking test bed {} down: {e:#}", self.id);
         }
     }
-}
-
-fn base36(mut n: u32) -> String {
-    let mut d = Vec::new();
-    loop {
-        d.push(char::from_digit(n % 36, 36).unwrap_or('0'));
-        n /= 36;
-        if n == 0 {
-            break;
-        }
-    }
-    d.iter().rev().collect()
-}
-
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("starting {cmd:?}"))?;
-    ensure!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn enter(ns: &str) -> Result<()> {
-    let f = std::fs::File::open(Path::new("/run/netns").join(ns)).with_context(|| format!("opening netns {ns}"))?;
-    // SAFETY: setns on this thread only, with a namespace descriptor just opened.
-    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("entering netns {ns}"));
-    }
-    Ok(())
-}
-
-/// Runs `f` on a fresh thread inside namespace `ns`.
-fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    let ns = ns.to_string();
-    std::thread::spawn(move || {
-        enter(&ns)?;
-        f()
-    })
-    .join()
-    .map_err(|_| anyhow!("thread in a namespace panicked"))?
 }
 
 /// A node: a thread inside a namespace running a Tokio runtime until told to stop.
