@@ -830,12 +830,24 @@ mod tests {
         read_json(&dir.join(files::RECORD)).unwrap()
     }
 
+    fn set_rcvbuf(s: &TcpStream, bytes: libc::c_int) {
+        use std::os::fd::AsRawFd;
+        let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        let ptr = &bytes as *const libc::c_int as *const libc::c_void;
+        // SAFETY: a valid socket fd and a c_int option value of the stated length.
+        let rc = unsafe { libc::setsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, ptr, len) };
+        assert_eq!(rc, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+    }
+
     #[test]
     fn download_frozen_midway_is_finished_by_a_resumed_server_from_the_sent_offset() {
         let dir = scratch("resume-get");
         let addr = start_server(&dir, None);
         let mut c1 = TcpStream::connect(addr).unwrap();
-        let len = 2_000_000u64;
+        // The freeze must land mid-response: a small, locked receive buffer keeps the
+        // bytes in flight far below `len` whatever the host's tcp_rmem/tcp_wmem allow.
+        set_rcvbuf(&c1, 128 * 1024);
+        let len = 16_000_000u64;
         c1.write_all(format!("GET {len}\n").as_bytes()).unwrap();
         let mut got = vec![0u8; 300_000];
         c1.read_exact(&mut got).unwrap();
