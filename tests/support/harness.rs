@@ -71,6 +71,17 @@ impl Testbed {
         Ok(Testbed { id: id.to_string(), script })
     }
 
+    /// Builds test bed `id` with the replicated pair's networks (`up ID --pair`): replication link
+    /// 10.1.0.0/24 and origin network 10.2.0.0/24 with host `origin` at 10.2.0.10.
+    pub fn up_pair(id: &str) -> Result<Testbed> {
+        let script = workspace_root().join("scripts/testbed");
+        ensure!(script.exists(), "{} is missing", script.display());
+        let tb = Testbed { id: id.to_string(), script };
+        // Constructed first so that a failed `up` still runs `down` (it is idempotent).
+        run(Command::new(&tb.script).args(["up", id, "--pair"]))?;
+        Ok(tb)
+    }
+
     /// `scripts/testbed exec ID HOST ARGS...` as a command (it execs: the child's PID is the program's).
     pub fn command(&self, host: &str, args: &[&str]) -> Command {
         let mut c = Command::new(&self.script);

@@ -5,6 +5,8 @@
 pub mod app;
 pub mod derive;
 pub mod harness;
+#[cfg(target_os = "linux")]
+pub mod pair;
 pub mod pattern;
 #[cfg(target_os = "linux")]
 pub mod takeover;
