@@ -2,4 +2,7 @@
 //! and resume. See ARCHITECTURE.md "Takeover (backup)".
 
 pub mod detector;
+pub mod node;
 pub mod replica;
+pub mod resume;
+pub mod takeover;

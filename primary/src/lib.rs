@@ -4,6 +4,7 @@
 //! Invariant (output commit): nothing leaves towards a client — ACK, reply byte,
 //! FIN or RST — unless the backup already holds what it needs to reproduce it.
 
+pub mod claim;
 pub mod gate;
 pub mod node;
 pub mod proxy;

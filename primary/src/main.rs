@@ -2,7 +2,8 @@
 //! (`primary::node::run`) until SIGINT or SIGTERM.
 //!
 //! Exit status: 0 after a clean stop; 2 for bad flags or configuration (one line on stderr); 1 when the
-//! node could not start (the VIP is held by another node, an address is in use, ...) or failed.
+//! node could not start (the VIP is held by another node, an address is in use, ...), failed, or stepped
+//! down (another node serves the VIP, or a later epoch exists).
 
 use clap::{CommandFactory, FromArgMatches};
 use shared::config::{NodeConfig, PrimaryArgs};
@@ -12,8 +13,13 @@ use tracing_subscriber::EnvFilter;
 
 /// What `--help` adds about this build.
 const BUILD_NOTE: &str = "\
-This build serves unprotected: it has no replication sender yet. It claims the VIP and serves HTTP on it,
-and refuses every backup that joins on --repl-listen (the backup is told why).";
+Claims the VIP (after checking with ARP that nobody answers for it) and serves HTTP on it. Every segment for
+VIP:port passes an NFQUEUE gate. A backup joins on --repl-listen: it receives a snapshot of every live
+connection, then the stream, and from then on nothing reaches a client before the backup holds it (/status
+peer \"connected\"). Until a backup joins, and after it is lost (its acks stop for the lease and nobody else
+answers for the VIP), the primary serves unprotected (peer \"none\"). If another node answers for the VIP or
+a later epoch exists, it steps down: it gives up the VIP, sends nothing more for its connections, and exits
+with status 1.";
 
 fn main() {
     let args = parse_args();
@@ -59,10 +65,10 @@ fn main() {
 /// `--help` and `--version` print and exit 0.
 fn parse_args() -> PrimaryArgs {
     let command = PrimaryArgs::command()
-        .about("understudy primary: serves HTTP on the VIP (this build serves unprotected: no replication yet)")
+        .about("understudy primary: serves HTTP on the VIP and replicates every client connection to a backup")
         .mut_arg("repl_listen", |a| {
             let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
-            a.help(format!("{help} This build refuses joining backups: it cannot replicate yet."))
+            a.help(format!("{help} One backup at a time; another is refused while one is connected."))
         })
         .before_long_help(BUILD_NOTE);
     let parsed = command.try_get_matches().and_then(|m| PrimaryArgs::from_arg_matches(&m));

@@ -1,66 +1,75 @@
-//! The `primary` node: claims the VIP, serves HTTP on it, and answers on the admin and replication
-//! addresses. The binary's `main` parses flags and loads the [`NodeConfig`]; [`run`] does the rest, and
-//! tests call the same `run`.
+//! The `primary` node: claims the VIP, serves HTTP on it, and replicates every client connection to a
+//! backup that joins on the replication address. The binary's `main` parses flags and loads the
+//! [`NodeConfig`]; [`run`] does the rest, and tests call the same `run`. A backup that took over serves
+//! through the same loop ([`serve_after_takeover`]).
 //!
-//! This build serves **unprotected**: there is no replication sender yet, so the inbound gate is not
-//! installed and every connection is counted as unprotected (`no_backup`), as ARCHITECTURE.md "Who owns
-//! the VIP" describes for a primary whose backup is gone. The replication address is still bound (a
-//! misconfigured address fails at start) and a joining backup gets the real handshake, answered with
-//! `Welcome::Refused` and the reason [`REFUSAL_REASON`] (see [`refuse_join`]).
-//!
-//! Start, in order (each step logged; everything done is undone on any later failure):
+//! Start ([`run`], in order, each step logged; everything done is undone on any later failure):
 //! 1. Bind the admin endpoint and the replication listener (local addresses only: a bad address fails
 //!    before the network is touched).
-//! 2. Probe the VIP on `iface` (RFC 5227 probes, `shared::vip::probe`). An answer, a contesting prober or
-//!    a probe error refuses the start: two nodes answering for the VIP is the worst failure there is.
-//! 3. Claim the VIP (ARCHITECTURE.md "Who owns the VIP"): the arptables rule that keeps the kernel from
-//!    answering ARP for it, the address, the listener on VIP:port, the ARP responder of this process,
-//!    then gratuitous ARP. The listener is bound before the responder answers, so the first client that
-//!    resolves the VIP finds it listening.
-//! 4. Serve until `shutdown` (or until the responder dies: the VIP has gone silent, which is losing it).
+//! 2. Probe the VIP on `iface` ([`probe_vip`], RFC 5227). An answer, a contesting prober or a probe error
+//!    refuses the start: two nodes answering for the VIP is the worst failure there is.
+//! 3. Start the gate ([`Gate::start`]: NFQUEUE rules for VIP:port, fail-closed, tagged with the node
+//!    name so that a restart removes the rules a crashed or stepped-down run left).
+//! 4. Claim the VIP ([`VipClaim`]): the arptables rule and the address, the listener on VIP:port, then
+//!    this process's ARP responder and a gratuitous ARP, so the first client that resolves the VIP
+//!    finds it listening.
+//! 5. Serve: the replication sender ([`Replicator`]) starts at [`INITIAL_EPOCH`] with an empty table,
+//!    reads the gate and accepts one backup at a time on the replication listener; the proxy's reply log
+//!    and observer are the sender's ([`NodeHooks`]). Until a backup joins, and after it is lost, nothing
+//!    waits for it (unprotected, `/status` peer `none`); once one has acknowledged its snapshot, nothing
+//!    reaches a client before the backup holds it (`connected`).
 //!
-//! Stop: the proxy stops accepting and lets exchanges in progress finish (its drain timeout); then the
-//! node waits (as long again, at most) until the closed connections' last bytes and FINs are
-//! acknowledged, because the kernel still holds them in send queues and a removed address would strand
-//! them ([`unflushed`]); the admin and replication listeners close; and the claim is undone in reverse:
-//! address, responder, rule.
+//! Backup loss and step-down (ARCHITECTURE.md "Who owns the VIP", the lease in `replicate`): when the
+//! backup's acks stop, the sender probes the VIP ([`ArpVipCheck`]). Nobody answers: it drops the backup
+//! and serves unprotected. Another node answers, or a later epoch shows up: the sender stops releasing
+//! anything, and this node steps down — the ARP responder stops and the address goes at once, the
+//! gate's rules stay (its queue, no longer read, drops what the kernel still tries to send: no FIN, no
+//! RST), and [`run`] returns [`NodeError::SteppedDown`].
 //!
-//! Kernel behaviour relied on: `ip addr add` sends no gratuitous ARP for IPv4 (hence the announcement);
-//! the kernel answers ARP for an address as soon as it is added unless the arptables OUTPUT rule is
-//! already there; AF_PACKET frames bypass that rule (see `shared::vip`). The `ip` and `arptables`
-//! commands run in the calling thread's network namespace, so a caller that switched namespaces with
-//! `setns` must run this on a current-thread runtime in that thread.
+//! Stop (the shutdown signal): the proxy stops accepting and lets exchanges in progress finish (its
+//! drain timeout; restored connections of a takeover drain with them); then the node waits (as long
+//! again, at most) until the closed connections' last bytes and FINs are acknowledged, because the
+//! kernel still holds them in send queues and a removed address would strand them ([`unflushed`]) —
+//! the sender and the gate keep running meanwhile, since those FINs and the clients' ACKs pass the gate;
+//! then the sender stops (the backup's link closes), the gate's rules are removed, and the claim is
+//! undone: address, responder, rule.
+//!
+//! The `ip`, `arptables` and `iptables` commands, the ARP sockets and the NFQUEUE socket act in the
+//! calling thread's network namespace, so a caller that switched namespaces with `setns` must run this
+//! on a current-thread runtime in that thread.
 
+pub use crate::claim::{ArpVipCheck, VipClaim, probe_vip};
+
+use crate::gate::{Gate, GateConfig, GateError};
 use crate::proxy::{
-    Backend, ConnectionHooks, ExchangeObserver, ExchangeOutcome, Limits, NoLog, Proxy, ProxyConfig, ProxyError,
-    ShutdownSignal, ShutdownTrigger, Unprotected,
+    Backend, ConnectionHooks, ExchangeInfo, ExchangeObserver, ExchangeOutcome, Limits, Proxy, ProxyConfig, ProxyError,
+    ShutdownSignal, ShutdownTrigger,
 };
-use bytes::{Bytes, BytesMut};
-use shared::admin::{self, AdminState, ConnectionGuard, Direction, Protection, UnprotectedReason};
-use shared::codec::{self, CodecError};
-use shared::config::{NodeConfig, format_duration, role_name};
-use shared::frame::{self, DecodeError, EncodeError, HEADER_LEN, Parsed};
-use shared::link::{HANDSHAKE_MAX_FRAME, LinkConfig, LocalIdentity, check_hello};
-use shared::protocol::{Handshake, Role, Welcome};
-use shared::vip::addr::{self, AddrChange, AddrError};
+use crate::replicate::{
+    GateFeed, ReplicaHooks, ReplicaLog, ReplicaObserver, Replicator, ReplyRefused, SenderConfig, SenderStatus,
+    StartError,
+};
+use bytes::Bytes;
+use shared::admin::{self, AdminState, Direction};
+use shared::config::{NodeConfig, role_name};
+use shared::lease::StepDownReason;
+use shared::protocol::Role;
+use shared::replica::ReplicaTable;
+use shared::vip::addr::AddrError;
 use shared::vip::rules::RulesError;
-use shared::vip::{ArpError, KernelArpSilence, Mac, ProbeOutcome, Responder};
+use shared::vip::{ArpError, Mac};
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
-use tokio::task::JoinHandle;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::{JoinError, JoinHandle};
 use tracing::{Instrument, error, info, warn};
 
-/// The epoch a primary starts at. The config has no epoch key: only a takeover raises it, and this build
-/// performs none.
+/// The epoch a primary starts at. The config has no epoch key: only a takeover raises it (the backup
+/// serves at its replica's epoch + 1, [`serve_after_takeover`]).
 pub const INITIAL_EPOCH: u64 = 1;
-
-/// What a joining backup is told. The backup logs it as the primary's reason.
-pub const REFUSAL_REASON: &str = "this primary build cannot replicate yet; it serves unprotected";
 
 /// The startup probe listens at least this long: RFC 5227 asks for seconds at boot, a takeover has
 /// milliseconds; a start can afford a little more than the fencing budget.
@@ -70,9 +79,6 @@ pub const STARTUP_PROBE_TIME: Duration = Duration::from_millis(300);
 /// that missed the first frame updates its cache from a later one.
 pub const ANNOUNCE_REPEATS: u32 = 2;
 pub const ANNOUNCE_INTERVAL: Duration = Duration::from_millis(500);
-
-/// Joining backups handled at once on the replication listener; more are closed on accept.
-pub const MAX_PENDING_JOINS: usize = 16;
 
 /// Why the primary did not start, or stopped other than by its shutdown signal.
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +114,9 @@ pub enum NodeError {
     /// Another node probed the VIP at the same time: neither may take it without a decision elsewhere.
     #[error("{mac} probed {vip} on {iface} at the same time: another node is claiming the VIP; refusing to start")]
     VipContested { vip: Ipv4Addr, iface: String, mac: Mac },
+    /// The gate (NFQUEUE socket and iptables rules) could not start.
+    #[error("cannot start the inbound gate: {0}")]
+    Gate(#[from] GateError),
     /// The arptables rule that keeps the kernel silent for the VIP could not be installed.
     #[error("cannot silence the kernel's ARP replies for {vip} on {iface}: {source}")]
     Silence {
@@ -141,6 +150,12 @@ pub enum NodeError {
         #[source]
         source: ArpError,
     },
+    /// The replication sender refused its settings (lease, link tuning).
+    #[error("cannot start the replication sender: {0}")]
+    Replication(#[from] StartError),
+    /// The replication sender's task ended while serving (a panic): nothing could reach clients any more.
+    #[error("the replication sender stopped while serving: {0}")]
+    SenderStopped(String),
     /// The ARP responder stopped while serving: the VIP went silent, so the node lost it.
     #[error("the ARP responder for {vip} on {iface} stopped, so the VIP is no longer answered: {source}")]
     ResponderStopped {
@@ -149,17 +164,60 @@ pub enum NodeError {
         #[source]
         source: ArpError,
     },
+    /// Another node serves the VIP, or a later epoch exists: this node stopped answering for the VIP,
+    /// removed it, and sent nothing more for its connections (the gate's rules were left in place).
+    #[error("stepped down: {}; the VIP was given up and nothing more was sent for its connections", describe(.reason))]
+    SteppedDown { reason: StepDownReason },
     /// The proxy's task ended abnormally (a panic).
     #[error("the HTTP server task failed: {0}")]
     Serving(String),
-    /// Undoing the VIP claim left something behind; every step was tried. The text lists what failed.
+    /// Undoing the VIP claim or removing the gate's rules left something behind; every step was tried.
+    /// The text lists what failed.
     #[error("releasing the VIP left state behind: {0}")]
     Release(String),
 }
 
+/// Why a node stepped down, in words.
+fn describe(reason: &StepDownReason) -> String {
+    match reason {
+        StepDownReason::Answered { mac } => format!("another node ({mac}) answers for the VIP"),
+        StepDownReason::HigherEpoch { ours, seen } => {
+            format!("a node has seen epoch {seen}, later than this node's {ours} (a takeover happened)")
+        }
+    }
+}
+
+/// What a backup that took over hands to the serving loop ([`serve_after_takeover`]).
+pub struct TakenOver {
+    /// The new epoch (the replica's + 1).
+    pub epoch: u64,
+    /// The backup's replica table (its epoch is below `epoch`).
+    pub table: ReplicaTable,
+    /// The backup's admin state (it keeps its failover records); set to role primary at `epoch` here.
+    pub admin: AdminState,
+    /// Address taken and responder answering.
+    pub claim: VipClaim,
+    /// Bound on VIP:port after the restore.
+    pub listener: TcpListener,
+    /// Started by the caller before it released its hold.
+    pub gate: GateFeed,
+    /// The backup's `--repl-listen` socket, for a spare to join later.
+    pub repl_listener: TcpListener,
+}
+
+/// The serving loop's handles, given to the `restored` callback of [`serve_after_takeover`] once the
+/// replicator runs.
+pub struct Serving {
+    pub proxy: Proxy,
+    /// The hooks the node's proxy uses: open one per restored connection.
+    pub hooks: NodeHooks,
+    /// Fires when the node stops: finish the exchange in progress and close.
+    pub shutdown: ShutdownSignal,
+}
+
 /// Runs the primary until `shutdown` resolves, then drains and releases the VIP. Returns `Ok` after a
-/// clean stop; an error means it did not start, or lost the VIP while serving, or could not undo its
-/// claim (each logged as it happened). Must run inside a tokio runtime with I/O and time enabled.
+/// clean stop; an error means it did not start, stepped down, lost the VIP while serving, or could not
+/// undo its claim (each logged as it happened). Must run inside a tokio runtime with I/O and time enabled.
 pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send) -> Result<(), NodeError> {
     let span = tracing::info_span!("node", role = role_name(Role::Primary), epoch = INITIAL_EPOCH);
     run_in_span(config, shutdown).instrument(span).await
@@ -167,13 +225,10 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send) 
 
 async fn run_in_span(config: NodeConfig, shutdown: impl Future<Output = ()> + Send) -> Result<(), NodeError> {
     info!("starting: {config}");
-    info!("serving unprotected: replication not available in this build");
     let vip = config.vip.addr;
-    let iface = config.iface.clone();
-
     let proxy = Proxy::new(proxy_config(&config))?;
     let admin_state = AdminState::new(&config.node, &config.cluster, Role::Primary, INITIAL_EPOCH, Instant::now());
-    // The listeners and tasks that outlive startup; the late signal stops them after the proxy drained.
+    // The admin endpoint outlives the serving loop; the late signal stops it at the very end.
     let (late_trigger, late_signal) = ShutdownTrigger::new();
     let mut side_tasks = Tasks::default();
 
@@ -184,32 +239,168 @@ async fn run_in_span(config: NodeConfig, shutdown: impl Future<Output = ()> + Se
         side_tasks.spawn(serving.in_current_span());
     }
     let repl_addr = SocketAddr::V4(config.repl_listen);
-    let repl = bind("replication listener", repl_addr).await?;
-    let local = LocalIdentity::new(&config.cluster, &config.node, Role::Primary, INITIAL_EPOCH);
-    info!(addr = %repl_addr, "replication listener bound; joining backups are refused: {REFUSAL_REASON}");
-    side_tasks.spawn(
-        refuse_joins(repl, local, LinkConfig::default().handshake_timeout, wait(late_signal.clone())).in_current_span(),
-    );
+    let repl_listener = bind("replication listener", repl_addr).await?;
+    info!(addr = %repl_addr, "replication listener bound; a backup may join once the VIP is claimed");
 
     // 2. Nobody else may answer for the VIP.
-    probe_vip(&config).await?;
+    let probe_time = config.fencing.arp_time().max(STARTUP_PROBE_TIME);
+    probe_vip(&config.iface, vip, config.fencing.arp_probes, probe_time).await?;
 
-    // 3. Claim it. The guard undoes whatever was done if a later step fails.
-    let mut claim = VipClaim::new(&iface, vip, config.vip.prefix);
-    let started = claim_vip(&mut claim, config.service_addr().into()).await;
-    let listener = match started {
+    // 3. The gate, before the address exists: no VIP segment ever reaches the kernel ungated.
+    let gate_config = gate_config(&config);
+    if config.queues.outbound != config.queues.inbound {
+        info!(
+            queue = gate_config.queue,
+            unused = config.queues.outbound,
+            "the gate carries both directions on the inbound queue (one ordered stream); queues.outbound is unused"
+        );
+    }
+    let (gate, diverted) = Gate::start(gate_config)?;
+    let gate = GateFeed { gate: Arc::new(gate), diverted };
+
+    // 4. Claim the VIP. Whatever was done is undone if a later step fails.
+    let mut claim = VipClaim::new(&config.iface, vip, config.vip.prefix);
+    let listener = match claim_vip(&mut claim, config.service_addr().into()).await {
         Ok(listener) => listener,
         Err(e) => {
             error!(error = %e, "start failed; undoing the VIP claim");
             side_tasks.stop(&late_trigger).await;
-            return match claim.release() {
-                Ok(()) => Err(e),
-                Err(left) => Err(NodeError::Release(format!("{left} (after the start failed: {e})"))),
-            };
+            return Err(abandon(&mut claim, gate.gate, e));
         }
     };
+
+    // 5. Serve.
+    let taken = TakenOver {
+        epoch: INITIAL_EPOCH,
+        table: ReplicaTable::new(),
+        admin: admin_state,
+        claim,
+        listener,
+        gate,
+        repl_listener,
+    };
+    let outcome = serve(&config, proxy, taken, |_| Vec::new(), shutdown).await;
+    side_tasks.stop(&late_trigger).await;
+    outcome
+}
+
+/// Serves as primary after a takeover: starts the replicator with the taken-over table, calls
+/// `restored(&serving)`, which returns the tasks serving the restored connections (they are drained with
+/// the proxy's connections on stop), then serves and stops exactly like [`run`]. The caller keeps its own
+/// admin endpoint running; `taken.admin` is set to role primary at `taken.epoch`.
+pub async fn serve_after_takeover(
+    config: NodeConfig,
+    taken: TakenOver,
+    restored: impl FnOnce(&Serving) -> Vec<JoinHandle<()>> + Send,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), NodeError> {
+    let span = tracing::info_span!("node", role = role_name(Role::Primary), epoch = taken.epoch);
+    async move {
+        taken.admin.set_role(Role::Primary, taken.epoch);
+        let proxy = match Proxy::new(proxy_config(&config)) {
+            Ok(proxy) => proxy,
+            Err(e) => {
+                let e = NodeError::Proxy(e);
+                error!(error = %e, "cannot serve after the takeover; giving up the VIP");
+                let TakenOver { mut claim, gate, .. } = taken;
+                return Err(abandon(&mut claim, gate.gate, e));
+            }
+        };
+        info!(connections = taken.table.len(), "serving as primary after a takeover");
+        serve(&config, proxy, taken, restored, shutdown).await
+    }
+    .instrument(span)
+    .await
+}
+
+/// Rule, address, listener, responder, first announcement. Returns the listener on VIP:port.
+async fn claim_vip(claim: &mut VipClaim, service: SocketAddr) -> Result<TcpListener, NodeError> {
+    claim.take_address()?;
+    let listener = bind("HTTP service", service).await?;
+    info!(addr = %service, "HTTP listener bound on the VIP");
+    claim.answer().await?;
+    Ok(listener)
+}
+
+/// The gate of a node: VIP:port, rules tagged with the node's name (so the next start of the same node
+/// removes rules a crash or a step-down left), queue `queues.inbound` for both directions.
+pub fn gate_config(config: &NodeConfig) -> GateConfig {
+    let mut g = GateConfig::new(config.vip.addr, config.port, config.node.clone());
+    g.queue = config.queues.inbound;
+    g
+}
+
+/// Undoes a claim and the gate after a failed start; the error says what was left behind, if anything.
+fn abandon(claim: &mut VipClaim, gate: Arc<Gate>, e: NodeError) -> NodeError {
+    let mut left = Vec::new();
+    stop_gate(gate, &mut left);
+    if let Err(l) = claim.release() {
+        left.push(l);
+    }
+    if left.is_empty() { e } else { NodeError::Release(format!("{} (after: {e})", left.join("; "))) }
+}
+
+/// Removes the gate's rules and unbinds its queue (the sender, its other holder, has stopped).
+fn stop_gate(gate: Arc<Gate>, left: &mut Vec<String>) {
+    match Arc::try_unwrap(gate) {
+        Ok(gate) => {
+            if let Err(e) = gate.shutdown() {
+                error!(error = %e, "removing the gate's rules failed");
+                left.push(format!("removing the gate's rules: {e}"));
+            }
+        }
+        // Dropping the last handle does the same and logs failures.
+        Err(shared) => {
+            warn!("the gate is still in use elsewhere; its rules go when the last handle does");
+            drop(shared);
+        }
+    }
+}
+
+/// How the serving loop ended.
+enum Stopping {
+    /// The shutdown signal.
+    Requested,
+    /// Lost the VIP or a task: stop like on shutdown, then report this.
+    Failed(NodeError),
+    /// Another node serves the VIP: give it up at once and send nothing more.
+    SteppedDown(StepDownReason),
+}
+
+/// The serving loop shared by [`run`] and [`serve_after_takeover`]: the sender, the joins, the proxy;
+/// then the stop.
+async fn serve(
+    config: &NodeConfig,
+    proxy: Proxy,
+    taken: TakenOver,
+    restored: impl FnOnce(&Serving) -> Vec<JoinHandle<()>>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), NodeError> {
+    let TakenOver { epoch, table, admin, mut claim, listener, gate, repl_listener } = taken;
+    let gate_handle = gate.gate.clone();
+    let check = ArpVipCheck::new(&config.iface, claim.vip(), config.fencing.arp_probes, config.fencing.arp_time());
+    let started =
+        Replicator::start(SenderConfig::from_node(config, epoch), table, Some(gate), admin.clone(), Arc::new(check));
+    let (replicator, sender_task) = match started {
+        Ok(started) => started,
+        Err(e) => {
+            let e = NodeError::Replication(e);
+            error!(error = %e, "start failed; undoing the VIP claim");
+            return Err(abandon(&mut claim, gate_handle, e));
+        }
+    };
+    let repl_addr = repl_listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string());
+    let joins = replicator.serve_joins(repl_listener);
+
+    let hooks = NodeHooks { replica: replicator.hooks(), admin: admin.clone(), upstream: config.upstream.is_some() };
+    let (trigger, signal) = ShutdownTrigger::new();
+    let resumed = restored(&Serving { proxy: proxy.clone(), hooks: hooks.clone(), shutdown: signal.clone() });
+    let serving = {
+        let proxy = proxy.clone();
+        tokio::spawn(async move { proxy.run(listener, hooks, wait(signal)).await }.in_current_span())
+    };
     let reannounce = {
-        let iface = iface.clone();
+        let (iface, vip) = (config.iface.clone(), claim.vip());
         tokio::spawn(
             async move {
                 tokio::time::sleep(ANNOUNCE_INTERVAL).await;
@@ -220,21 +411,186 @@ async fn run_in_span(config: NodeConfig, shutdown: impl Future<Output = ()> + Se
             .in_current_span(),
         )
     };
+    info!(
+        addr = %config.service_addr(), node = %config.node, replication = %repl_addr, restored = resumed.len(),
+        "serving HTTP on the VIP (unprotected until a backup joins)"
+    );
 
-    // 4. Serve.
-    let hooks = CountingHooks { admin: admin_state.clone(), upstream: config.upstream.is_some() };
-    let (trigger, signal) = ShutdownTrigger::new();
-    let serving = {
-        let proxy = proxy.clone();
-        tokio::spawn(async move { proxy.run(listener, hooks, wait(signal)).await }.in_current_span())
-    };
-    info!(addr = %config.service_addr(), node = %config.node, "serving HTTP on the VIP (unprotected)");
-    let outcome = watch(&mut claim, serving, &trigger, shutdown).await;
-
-    // Stop: the exchanges are drained by now. Their last bytes may still sit in the kernel's send
-    // queues: keep the VIP (while it is still answered) until the clients acknowledged them. Then close
-    // the side listeners and undo the claim.
+    let mut handles = Handles { serving, served: false, sender_task, sender_done: false, resumed, joins };
+    let stopping = watch_serving(&mut claim, &mut handles, replicator.status(), shutdown).await;
+    // No more announcements whatever happens next: a node stepping down must not speak as the VIP.
     reannounce.abort();
+
+    match stopping {
+        Stopping::SteppedDown(reason) => Err(step_down(reason, &mut claim, handles, &replicator, gate_handle).await),
+        Stopping::Requested => {
+            stop(config, &proxy, &trigger, &mut claim, handles, &replicator, gate_handle, None).await
+        }
+        Stopping::Failed(e) => {
+            stop(config, &proxy, &trigger, &mut claim, handles, &replicator, gate_handle, Some(e)).await
+        }
+    }
+}
+
+/// The tasks of the serving loop.
+struct Handles {
+    serving: JoinHandle<()>,
+    /// `serving` has been awaited.
+    served: bool,
+    sender_task: JoinHandle<()>,
+    /// `sender_task` has been awaited.
+    sender_done: bool,
+    resumed: Vec<JoinHandle<()>>,
+    joins: JoinHandle<()>,
+}
+
+/// What ended a wait of [`watch_serving`].
+enum Event {
+    Shutdown,
+    /// The responder saw a conflict, or ended (`None`).
+    Conflict(Option<shared::vip::Conflict>),
+    Served(Result<(), JoinError>),
+    SenderEnded(Result<(), JoinError>),
+    SteppedDown(StepDownReason),
+}
+
+/// Serves until `shutdown`, a step-down, or the loss of the responder, the proxy or the sender.
+async fn watch_serving(
+    claim: &mut VipClaim,
+    h: &mut Handles,
+    mut status: watch::Receiver<SenderStatus>,
+    shutdown: impl Future<Output = ()>,
+) -> Stopping {
+    tokio::pin!(shutdown);
+    loop {
+        let event = tokio::select! {
+            () = &mut shutdown => Event::Shutdown,
+            conflict = claim.conflict() => Event::Conflict(conflict),
+            joined = &mut h.serving => Event::Served(joined),
+            joined = &mut h.sender_task, if !h.sender_done => Event::SenderEnded(joined),
+            reason = stepped_down(&mut status) => Event::SteppedDown(reason),
+        };
+        match event {
+            Event::Shutdown => {
+                info!("shutdown requested: no new connections; letting exchanges in progress finish");
+                return Stopping::Requested;
+            }
+            Event::Conflict(Some(c)) => {
+                // The responder logged it too. Who serves is the lease's decision (the sender probes when
+                // the backup's acks stop); until then this is an alarm.
+                error!(vip = %claim.vip(), mac = %c.mac, kind = ?c.kind, "another node speaks as the VIP");
+            }
+            Event::Conflict(None) => {
+                let source = claim.responder_stopped().await;
+                let e = NodeError::ResponderStopped { vip: claim.vip(), iface: claim.iface().to_owned(), source };
+                error!(error = %e, "lost the VIP; stopping");
+                return Stopping::Failed(e);
+            }
+            Event::Served(joined) => {
+                h.served = true;
+                let e = NodeError::Serving(match joined {
+                    Ok(()) => "it returned before shutdown".into(),
+                    Err(e) => e.to_string(),
+                });
+                error!(error = %e, "stopping");
+                return Stopping::Failed(e);
+            }
+            Event::SenderEnded(joined) => {
+                h.sender_done = true;
+                let e = NodeError::SenderStopped(match joined {
+                    Ok(()) => "its task returned".into(),
+                    Err(e) => e.to_string(),
+                });
+                error!(error = %e, "stopping");
+                return Stopping::Failed(e);
+            }
+            Event::SteppedDown(reason) => return Stopping::SteppedDown(reason),
+        }
+    }
+}
+
+/// Resolves when the sender reports that it stepped down; never if it is gone (its task's end is
+/// watched on its own).
+async fn stepped_down(status: &mut watch::Receiver<SenderStatus>) -> StepDownReason {
+    let seen = status.wait_for(|s| s.stepped_down.is_some()).await.ok().and_then(|s| s.stepped_down);
+    match seen {
+        Some(reason) => reason,
+        None => std::future::pending().await,
+    }
+}
+
+/// Gives the VIP up at once and sends nothing more for its connections: the responder and the address
+/// go first, then every connection is dropped without a drain (the sender refuses their reply bytes,
+/// and their FINs and RSTs meet the gate, which releases nothing any more). The gate's rules stay in
+/// place on purpose: until this process exits its queue holds what the kernel still tries to send, and
+/// after it exits the kernel drops it (no reader, no bypass). The next start of this node removes them.
+async fn step_down(
+    reason: StepDownReason,
+    claim: &mut VipClaim,
+    h: Handles,
+    replicator: &Replicator,
+    gate: Arc<Gate>,
+) -> NodeError {
+    let e = NodeError::SteppedDown { reason };
+    error!(error = %e, "stepping down: giving up the VIP; the gate's rules stay until this node's next start");
+    claim.stop_answering();
+    if let Err(left) = claim.release() {
+        error!(left, "giving up the VIP left state behind");
+    }
+    h.serving.abort();
+    for task in &h.resumed {
+        task.abort();
+    }
+    if !h.served {
+        let _ = h.serving.await;
+    }
+    for task in h.resumed {
+        let _ = task.await;
+    }
+    replicator.shutdown().await;
+    if !h.sender_done
+        && let Err(e) = h.sender_task.await
+    {
+        error!(error = %e, "the replication sender task failed");
+    }
+    let _ = h.joins.await;
+    // Deliberately never dropped (see above): dropping the last handle would remove the rules.
+    std::mem::forget(gate);
+    e
+}
+
+/// The clean stop (and the stop after a failure): drain, flush, sender, gate, claim.
+#[allow(clippy::too_many_arguments)]
+async fn stop(
+    config: &NodeConfig,
+    proxy: &Proxy,
+    trigger: &ShutdownTrigger,
+    claim: &mut VipClaim,
+    h: Handles,
+    replicator: &Replicator,
+    gate: Arc<Gate>,
+    failed: Option<NodeError>,
+) -> Result<(), NodeError> {
+    let drain = proxy.limits().drain_timeout;
+    let deadline = tokio::time::Instant::now() + drain;
+    trigger.trigger();
+    if !h.served
+        && let Err(e) = h.serving.await
+    {
+        error!(error = %e, "the HTTP server task failed while draining");
+    }
+    for task in h.resumed {
+        let abort = task.abort_handle();
+        match tokio::time::timeout_at(deadline, task).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if e.is_cancelled() => {}
+            Ok(Err(e)) => error!(error = %e, "a restored connection's task failed"),
+            Err(_) => {
+                warn!("a restored connection outlived the drain timeout; dropping it");
+                abort.abort();
+            }
+        }
+    }
     let stats = proxy.stats();
     info!(
         connections = stats.connections_total,
@@ -242,90 +598,103 @@ async fn run_in_span(config: NodeConfig, shutdown: impl Future<Output = ()> + Se
         incomplete = stats.exchanges_incomplete,
         "HTTP server stopped"
     );
-    if claim.responder.is_some() {
-        flush_sockets(config.service_addr(), proxy.limits().drain_timeout).await;
+    // The last bytes and FINs pass the gate (and the clients' ACKs too): the sender still runs here.
+    if claim.is_answering() {
+        flush_sockets(config.service_addr(), drain).await;
     }
-    side_tasks.stop(&late_trigger).await;
+    replicator.shutdown().await;
+    if !h.sender_done
+        && let Err(e) = h.sender_task.await
+    {
+        error!(error = %e, "the replication sender task failed");
+    }
+    let _ = h.joins.await;
+    let mut left = Vec::new();
+    stop_gate(gate, &mut left);
     info!("releasing the VIP");
-    let released = claim.release();
-    match (outcome, released) {
-        (Ok(()), Ok(())) => {
+    if let Err(l) = claim.release() {
+        left.push(l);
+    }
+    match (failed, left.is_empty()) {
+        (None, true) => {
             info!("stopped cleanly");
             Ok(())
         }
-        (Ok(()), Err(left)) => Err(NodeError::Release(left)),
-        (Err(e), Ok(())) => Err(e),
-        (Err(e), Err(left)) => Err(NodeError::Release(format!("{left} (after stopping on an error: {e})"))),
+        (None, false) => Err(NodeError::Release(left.join("; "))),
+        (Some(e), true) => Err(e),
+        (Some(e), false) => Err(NodeError::Release(format!("{} (after stopping on an error: {e})", left.join("; ")))),
     }
 }
 
-/// What ended a wait of [`watch`].
-enum Event {
-    Shutdown,
-    /// The responder saw a conflict, or ended (`None`).
-    Conflict(Option<shared::vip::Conflict>),
-    Served(Result<(), tokio::task::JoinError>),
+// ---------------------------------------------------------------------------------
+// The proxy hooks: the sender's reply log and observer, plus the admin counters
+// ---------------------------------------------------------------------------------
+
+/// The [`ConnectionHooks`] the node's proxy uses: the sender's [`ReplicaHooks`] (every reply byte
+/// waits for the commit point; exchanges and upstream bytes go on the stream) plus the admin counters
+/// of exchanges and bytes. Open connections and their protection are counted by the sender itself,
+/// from its own state (a backup connected or not, the connection followed or not).
+#[derive(Clone)]
+pub struct NodeHooks {
+    replica: ReplicaHooks,
+    admin: AdminState,
+    /// Whether requests go to an upstream (request bodies are then upstream bytes sent).
+    upstream: bool,
 }
 
-/// Serves until `shutdown` or until the responder dies; then triggers the proxy's drain and waits for it.
-async fn watch(
-    claim: &mut VipClaim,
-    mut serving: JoinHandle<()>,
-    trigger: &ShutdownTrigger,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), NodeError> {
-    tokio::pin!(shutdown);
-    let mut drained = false;
-    let outcome = loop {
-        let event = {
-            let responder = claim.responder.as_mut();
-            tokio::select! {
-                () = &mut shutdown => Event::Shutdown,
-                conflict = async {
-                    match responder {
-                        Some(r) => r.conflict().await,
-                        None => std::future::pending().await,
-                    }
-                } => Event::Conflict(conflict),
-                joined = &mut serving => Event::Served(joined),
-            }
-        };
-        match event {
-            Event::Shutdown => {
-                info!("shutdown requested: no new connections; letting exchanges in progress finish");
-                break Ok(());
-            }
-            Event::Conflict(Some(c)) => {
-                // The responder logged it too. This build has no peer to fence with, so it keeps serving
-                // and alarms: a node that speaks as the VIP after this one claimed it is misbehaving.
-                error!(vip = %claim.vip, mac = %c.mac, kind = ?c.kind, "another node speaks as the VIP");
-            }
-            Event::Conflict(None) => {
-                let source = match claim.responder.take() {
-                    Some(r) => r.stopped().await,
-                    None => ArpError::ResponderFailed("already stopped".into()),
-                };
-                let e = NodeError::ResponderStopped { vip: claim.vip, iface: claim.iface.clone(), source };
-                error!(error = %e, "lost the VIP; stopping");
-                break Err(e);
-            }
-            Event::Served(joined) => {
-                drained = true;
-                let e = NodeError::Serving(match joined {
-                    Ok(()) => "it returned before shutdown".into(),
-                    Err(e) => e.to_string(),
-                });
-                error!(error = %e, "stopping");
-                break Err(e);
-            }
+impl ConnectionHooks for NodeHooks {
+    type Log = ReplicaLog;
+    type Observer = NodeObserver;
+
+    fn open(&self, peer: SocketAddr, local: SocketAddr) -> (ReplicaLog, NodeObserver) {
+        let (log, replica) = self.replica.open(peer, local);
+        (log, NodeObserver { replica, admin: self.admin.clone(), upstream: self.upstream })
+    }
+}
+
+/// One connection's observer: the sender's, and the admin counters.
+pub struct NodeObserver {
+    replica: ReplicaObserver,
+    admin: AdminState,
+    upstream: bool,
+}
+
+impl NodeObserver {
+    /// Resolves once exchange `exchange`'s start is committed (see [`ReplicaObserver::start_committed`]).
+    pub fn start_committed(&self, exchange: u64) -> impl Future<Output = Result<(), ReplyRefused>> + Send + 'static {
+        self.replica.start_committed(exchange)
+    }
+}
+
+impl ExchangeObserver for NodeObserver {
+    fn on_exchange_start(&self, info: &ExchangeInfo) {
+        self.replica.on_exchange_start(info);
+    }
+
+    fn on_upstream_head(&self, exchange: u64, head: &http::response::Parts) {
+        self.replica.on_upstream_head(exchange, head);
+    }
+
+    fn on_upstream_data(&self, exchange: u64, offset: u64, data: &Bytes) {
+        self.replica.on_upstream_data(exchange, offset, data);
+        self.admin.metrics().upstream_bytes.get(Direction::Received).add(data.len() as u64);
+    }
+
+    fn on_exchange_end(&self, outcome: &ExchangeOutcome) {
+        self.replica.on_exchange_end(outcome);
+        let m = self.admin.metrics();
+        m.exchanges.inc();
+        m.client_bytes.get(Direction::Received).add(outcome.bytes_in);
+        m.client_bytes.get(Direction::Sent).add(outcome.bytes_out);
+        if self.upstream {
+            m.upstream_bytes.get(Direction::Sent).add(outcome.bytes_in);
         }
-    };
-    trigger.trigger();
-    if !drained && let Err(e) = serving.await {
-        error!(error = %e, "the HTTP server task failed while draining");
     }
-    outcome
 }
+
+// ---------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------
 
 fn proxy_config(config: &NodeConfig) -> ProxyConfig {
     let backend = match (&config.upstream, &config.root) {
@@ -358,60 +727,6 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, NodeE
 
 async fn wait(mut signal: ShutdownSignal) {
     signal.wait().await
-}
-
-async fn probe_vip(config: &NodeConfig) -> Result<(), NodeError> {
-    let (vip, iface) = (config.vip.addr, config.iface.clone());
-    let probes = config.fencing.arp_probes;
-    let time = config.fencing.arp_time().max(STARTUP_PROBE_TIME);
-    info!(%vip, iface, probes, time = %format_duration(time), "probing the VIP: is anyone serving it?");
-    let outcome = shared::vip::probe(&iface, vip, probes, time).await.map_err(|source| NodeError::Probe {
-        vip,
-        iface: iface.clone(),
-        source,
-    })?;
-    match outcome {
-        ProbeOutcome::Unanswered { .. } => Ok(()),
-        ProbeOutcome::Answered { mac, after, .. } => Err(NodeError::VipInUse { vip, iface, mac, after }),
-        ProbeOutcome::Contested { mac, .. } => Err(NodeError::VipContested { vip, iface, mac }),
-    }
-}
-
-/// Rule, address, listener, responder, first announcement. Returns the listener on VIP:port.
-async fn claim_vip(claim: &mut VipClaim, service: SocketAddr) -> Result<TcpListener, NodeError> {
-    let (vip, iface, prefix) = (claim.vip, claim.iface.clone(), claim.prefix);
-    let silence = KernelArpSilence::install(&iface, vip).map_err(|source| NodeError::Silence {
-        vip,
-        iface: iface.clone(),
-        source,
-    })?;
-    claim.silence = Some(silence);
-
-    let change = addr::add(&iface, vip, prefix).map_err(|source| NodeError::AddAddress {
-        vip,
-        prefix,
-        iface: iface.clone(),
-        source,
-    })?;
-    claim.address = true;
-    if change == AddrChange::Unchanged {
-        warn!(%vip, iface, "the VIP was already on the interface (left by an earlier run?); it is removed on exit");
-    }
-
-    let listener = bind("HTTP service", service).await?;
-    info!(addr = %service, "HTTP listener bound on the VIP");
-
-    let responder =
-        Responder::spawn(&iface, vip).map_err(|source| NodeError::Responder { vip, iface: iface.clone(), source })?;
-    info!(%vip, iface, mac = %responder.mac(), "ARP responder answering for the VIP");
-    claim.responder = Some(responder);
-
-    shared::vip::announce(&iface, vip, 1, Duration::ZERO).await.map_err(|source| NodeError::Announce {
-        vip,
-        iface: iface.clone(),
-        source,
-    })?;
-    Ok(listener)
 }
 
 /// Waits (up to `timeout`) until no closed connection on `service` still owes its client bytes or a FIN
@@ -485,65 +800,7 @@ pub fn unflushed(table: &str, local: SocketAddrV4) -> usize {
         .count()
 }
 
-/// What this process did to claim the VIP, undone by [`VipClaim::release`] (or on drop, logged).
-struct VipClaim {
-    iface: String,
-    vip: Ipv4Addr,
-    prefix: u8,
-    silence: Option<KernelArpSilence>,
-    /// The address is on the interface because of this claim (or was found there and adopted).
-    address: bool,
-    responder: Option<Responder>,
-}
-
-impl VipClaim {
-    fn new(iface: &str, vip: Ipv4Addr, prefix: u8) -> Self {
-        VipClaim { iface: iface.to_owned(), vip, prefix, silence: None, address: false, responder: None }
-    }
-
-    /// Undoes the claim in reverse: address, responder, rule. Every step is tried; the error lists the
-    /// ones that failed.
-    fn release(&mut self) -> Result<(), String> {
-        let (vip, iface) = (self.vip, self.iface.as_str());
-        let mut failed = Vec::new();
-        if std::mem::take(&mut self.address) {
-            match addr::remove(iface, vip, self.prefix) {
-                Ok(AddrChange::Done) => {}
-                Ok(AddrChange::Unchanged) => warn!(%vip, iface, "the VIP was already gone from the interface"),
-                Err(e) => {
-                    error!(%vip, iface, error = %e, "could not remove the VIP");
-                    failed.push(format!("removing {vip} from {iface}: {e}"));
-                }
-            }
-        }
-        if let Some(responder) = self.responder.take() {
-            let counts = responder.counts();
-            drop(responder);
-            info!(%vip, iface, answered = counts.answered, conflicts = counts.conflicts, "ARP responder stopped");
-        }
-        if let Some(silence) = self.silence.take() {
-            match silence.remove() {
-                Ok(()) => info!(%vip, iface, "arptables rule removed"),
-                Err(e) => {
-                    error!(%vip, iface, error = %e, "could not remove the arptables rule");
-                    failed.push(format!("removing the arptables rule: {e}"));
-                }
-            }
-        }
-        if failed.is_empty() { Ok(()) } else { Err(failed.join("; ")) }
-    }
-}
-
-impl Drop for VipClaim {
-    fn drop(&mut self) {
-        if self.address || self.responder.is_some() || self.silence.is_some() {
-            warn!(vip = %self.vip, "releasing the VIP claim on an abnormal exit");
-            let _ = self.release();
-        }
-    }
-}
-
-/// Tasks that run beside the proxy (admin endpoint, replication listener); aborted if dropped.
+/// Tasks that run beside the serving loop (the admin endpoint); aborted if dropped.
 #[derive(Default)]
 struct Tasks(Vec<JoinHandle<()>>);
 
@@ -571,247 +828,49 @@ impl Drop for Tasks {
     }
 }
 
-// ---------------------------------------------------------------------------------
-// Serving unprotected, with the admin counters
-// ---------------------------------------------------------------------------------
-
-/// The [`Unprotected`] hooks (no reply log, nothing replicated) plus the admin accounting: each
-/// connection is counted open (unprotected, `no_backup`) while it lives, and its exchanges and bytes go
-/// into the admin metrics.
-struct CountingHooks {
-    admin: AdminState,
-    /// Whether requests go to an upstream (request bodies are then upstream bytes sent).
-    upstream: bool,
-}
-
-impl ConnectionHooks for CountingHooks {
-    type Log = NoLog;
-    type Observer = Counting;
-
-    fn open(&self, peer: SocketAddr, local: SocketAddr) -> (NoLog, Counting) {
-        let (log, _) = Unprotected.open(peer, local);
-        let guard = self.admin.connection_opened(Protection::Unprotected(UnprotectedReason::NoBackup));
-        (log, Counting { admin: self.admin.clone(), upstream: self.upstream, _open: guard })
-    }
-}
-
-/// Counts one connection's exchanges; the guard counts the connection open until the proxy drops it.
-struct Counting {
-    admin: AdminState,
-    upstream: bool,
-    _open: ConnectionGuard,
-}
-
-impl ExchangeObserver for Counting {
-    fn on_upstream_data(&self, _exchange: u64, _offset: u64, data: &Bytes) {
-        self.admin.metrics().upstream_bytes.get(Direction::Received).add(data.len() as u64);
-    }
-
-    fn on_exchange_end(&self, outcome: &ExchangeOutcome) {
-        let m = self.admin.metrics();
-        m.exchanges.inc();
-        m.client_bytes.get(Direction::Received).add(outcome.bytes_in);
-        m.client_bytes.get(Direction::Sent).add(outcome.bytes_out);
-        if self.upstream {
-            m.upstream_bytes.get(Direction::Sent).add(outcome.bytes_in);
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------
-// The replication listener: the real handshake, answered with a refusal
-// ---------------------------------------------------------------------------------
-
-/// Why a joining node could not be told that it is refused.
-#[derive(Debug, thiserror::Error)]
-pub enum RefuseError {
-    /// The peer did not send its `Hello` in time.
-    #[error("no Hello within {0:?}")]
-    Timeout(Duration),
-    /// The socket failed.
-    #[error("i/o: {0}")]
-    Io(#[from] std::io::Error),
-    /// The peer closed before sending a whole `Hello`.
-    #[error("peer closed the connection before its Hello")]
-    Closed,
-    /// The peer's bytes are not a valid handshake frame (bad CRC, oversized, undecodable).
-    #[error("handshake frame: {0}")]
-    Frame(#[from] DecodeError),
-    /// The peer sent a `Welcome`: it is not joining.
-    #[error("expected a Hello, got a Welcome")]
-    NotHello,
-    /// The refusal could not be framed.
-    #[error("cannot send the refusal: {0}")]
-    Encode(#[from] EncodeError),
-}
-
-/// A joining node, refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refused {
-    /// The node name its `Hello` gave.
-    pub node: String,
-    /// What it was told.
-    pub reason: String,
-}
-
-/// Primary side of the link handshake (`shared::link`, same frames and codec) for a build that cannot
-/// replicate: reads the joining node's `Hello`, decides with [`check_hello`] (a wrong cluster or a newer
-/// epoch is reported as such), and otherwise refuses with [`REFUSAL_REASON`]. The refusal is followed by
-/// FIN; the peer's further bytes are read and discarded until it closes (for up to `timeout`), so the
-/// close does not turn into a reset that could destroy the reason before the peer reads it.
-pub async fn refuse_join<S>(mut stream: S, local: &LocalIdentity, timeout: Duration) -> Result<Refused, RefuseError>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let exchange = async {
-        let hello = match read_handshake(&mut stream).await? {
-            Handshake::Hello(hello) => hello,
-            Handshake::Welcome(_) => return Err(RefuseError::NotHello),
-        };
-        let reason = match check_hello(&hello, local) {
-            Err(refusal) => refusal.to_string(),
-            Ok(_version) => REFUSAL_REASON.to_owned(),
-        };
-        let mut buf = BytesMut::new();
-        frame::encode_value(
-            &Handshake::Welcome(Welcome::Refused { reason: reason.clone() }),
-            HANDSHAKE_MAX_FRAME,
-            &mut buf,
-        )?;
-        stream.write_all(&buf).await?;
-        stream.flush().await?;
-        let _ = stream.shutdown().await;
-        Ok(Refused { node: hello.node, reason })
-    };
-    let refused = tokio::time::timeout(timeout, exchange).await.map_err(|_| RefuseError::Timeout(timeout))??;
-    let mut sink = [0u8; 1024];
-    let _ = tokio::time::timeout(timeout, async {
-        while let Ok(n) = stream.read(&mut sink).await {
-            if n == 0 {
-                break;
-            }
-        }
-    })
-    .await;
-    Ok(refused)
-}
-
-/// Reads exactly one handshake frame (at most [`HANDSHAKE_MAX_FRAME`]).
-async fn read_handshake<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Handshake, RefuseError> {
-    let mut buf = vec![0; HEADER_LEN];
-    let mut have = 0;
-    loop {
-        let need = match frame::parse(&buf[..have], HANDSHAKE_MAX_FRAME)? {
-            Parsed::Frame { payload, .. } => {
-                return codec::decode(payload).map_err(|e: CodecError| RefuseError::Frame(DecodeError::Payload(e)));
-            }
-            Parsed::Incomplete { need } => need,
-        };
-        // `parse` checked the length against the maximum before this resize.
-        buf.resize(need, 0);
-        while have < need {
-            match stream.read(&mut buf[have..need]).await? {
-                0 if have == 0 => return Err(RefuseError::Closed),
-                0 => return Err(DecodeError::Truncated { have, need }.into()),
-                n => have += n,
-            }
-        }
-    }
-}
-
-/// Accepts on the replication listener until `shutdown` and refuses every joining node.
-async fn refuse_joins(
-    listener: TcpListener,
-    local: LocalIdentity,
-    timeout: Duration,
-    shutdown: impl Future<Output = ()> + Send,
-) {
-    let local = Arc::new(local);
-    let slots = Arc::new(Semaphore::new(MAX_PENDING_JOINS));
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let Ok(slot) = slots.clone().try_acquire_owned() else {
-                        warn!(%peer, limit = MAX_PENDING_JOINS, "replication connection closed: too many joining at once");
-                        continue;
-                    };
-                    let _ = stream.set_nodelay(true);
-                    let local = Arc::clone(&local);
-                    tokio::spawn(
-                        async move {
-                            refuse_one(stream, peer, &local, timeout).await;
-                            drop(slot);
-                        }
-                        .in_current_span(),
-                    );
-                }
-                Err(e) => {
-                    warn!(error = %e, "replication accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
-    }
-    info!("replication listener closed");
-}
-
-async fn refuse_one(stream: TcpStream, peer: SocketAddr, local: &LocalIdentity, timeout: Duration) {
-    match refuse_join(stream, local, timeout).await {
-        Ok(Refused { node, reason }) => warn!(%peer, peer_node = node, %reason, "refused a joining backup"),
-        Err(e) => warn!(%peer, error = %e, "replication connection closed during the handshake"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shared::link::{HandshakeError, WelcomeError, join};
+    use shared::vip::Mac;
 
-    fn local() -> LocalIdentity {
-        LocalIdentity::new("c1", "primary-a", Role::Primary, INITIAL_EPOCH)
+    #[test]
+    fn gate_config_tags_rules_with_the_node_and_uses_the_inbound_queue() {
+        let config = NodeConfig::from_toml_str(
+            Role::Primary,
+            "vip = '10.0.0.100/24'\niface = 'eth0'\nport = 8080\nrepl_listen = '10.1.0.2:7700'\nroot = '.'\n\
+             node = 'p-1.a'\n[queues]\ninbound = 11\noutbound = 12\n",
+        )
+        .expect("valid config");
+        let g = gate_config(&config);
+        assert_eq!((g.vip, g.port, g.queue), (Ipv4Addr::new(10, 0, 0, 100), 8080, 11));
+        assert_eq!(g.instance, "p-1.a");
+        assert!(g.outbound_control && !g.gso, "outbound control on, segments wire-sized");
+        g.validate().expect("every valid node name is a valid gate instance");
     }
 
-    async fn join_and_refuse(hello_cluster: &str, epoch: u64) -> (Result<(), HandshakeError>, Refused) {
-        let (a, b) = tokio::io::duplex(4096);
-        let backup = LocalIdentity::new(hello_cluster, "backup-b", Role::Backup, epoch);
-        let joining = tokio::spawn(async move { join(a, &backup, &LinkConfig::default()).await.map(drop) });
-        let refused = refuse_join(b, &local(), Duration::from_secs(2)).await.expect("the refusal is sent");
-        (joining.await.expect("join task"), refused)
-    }
-
-    #[tokio::test]
-    async fn joining_backup_is_refused_with_the_unprotected_reason() {
-        let (joined, refused) = join_and_refuse("c1", INITIAL_EPOCH).await;
-        assert_eq!(refused, Refused { node: "backup-b".into(), reason: REFUSAL_REASON.into() });
-        match joined {
-            Err(HandshakeError::Welcome(WelcomeError::Refused { reason })) => assert_eq!(reason, REFUSAL_REASON),
-            other => panic!("join should be refused, got {other:?}"),
+    #[test]
+    fn serving_futures_are_send() {
+        fn send<T: Send>(_: &T) {}
+        let config = NodeConfig::from_toml_str(
+            Role::Primary,
+            "vip = '10.0.0.100/24'\niface = 'eth0'\nrepl_listen = '10.1.0.2:7700'\nroot = '.'\n",
+        )
+        .expect("valid config");
+        send(&run(config, async {}));
+        // `serve_after_takeover` is awaited inside the backup's own `run`; its future must be `Send` too.
+        fn takeover(config: NodeConfig, taken: TakenOver) -> impl Future<Output = Result<(), NodeError>> + Send {
+            serve_after_takeover(config, taken, |_| Vec::new(), async {})
         }
+        let _ = takeover;
     }
 
-    #[tokio::test]
-    async fn joining_backup_of_another_cluster_is_told_so() {
-        let (joined, refused) = join_and_refuse("other", INITIAL_EPOCH).await;
-        assert!(refused.reason.contains("wrong cluster"), "{}", refused.reason);
-        assert!(matches!(joined, Err(HandshakeError::Welcome(WelcomeError::Refused { .. }))), "{joined:?}");
-    }
-
-    #[tokio::test]
-    async fn garbage_on_the_replication_port_ends_without_a_refusal() {
-        let (mut a, b) = tokio::io::duplex(4096);
-        a.write_all(&[0xff; 16]).await.expect("write garbage");
-        let err = refuse_join(b, &local(), Duration::from_secs(2)).await.expect_err("garbage is not a Hello");
-        assert!(matches!(err, RefuseError::Frame(DecodeError::Oversized { .. })), "{err}");
-    }
-
-    #[tokio::test]
-    async fn silent_peer_times_out() {
-        let (_a, b) = tokio::io::duplex(4096);
-        let err = refuse_join(b, &local(), Duration::from_millis(20)).await.expect_err("no Hello");
-        assert!(matches!(err, RefuseError::Timeout(_)), "{err}");
+    #[test]
+    fn stepped_down_error_says_why() {
+        let mac = Mac([2, 0, 0, 0, 0, 9]);
+        let answered = NodeError::SteppedDown { reason: StepDownReason::Answered { mac } }.to_string();
+        assert!(answered.starts_with("stepped down: another node (02:00:00:00:00:09) answers"), "{answered}");
+        let later = NodeError::SteppedDown { reason: StepDownReason::HigherEpoch { ours: 1, seen: 3 } }.to_string();
+        assert!(later.contains("epoch 3") && later.contains("this node's 1"), "{later}");
     }
 
     #[test]

@@ -1,27 +1,34 @@
-//! The `primary` binary end to end, serving unprotected on a `scripts/testbed --pair` bed: client
-//! 10.0.0.1, server 10.0.0.2 (primary; eth1 10.1.0.2 replication), spare 10.0.0.3 (eth1 10.1.0.3),
-//! origin 10.2.0.10 running nginx. Real kernels, real ARP, curl as the client, the real link handshake
-//! from the spare.
+//! The `primary` binary end to end on a `scripts/testbed --pair` bed: client 10.0.0.1, server 10.0.0.2
+//! (primary; eth1 10.1.0.2 replication), spare 10.0.0.3 (eth1 10.1.0.3; the backup's replica,
+//! `backup::replica`, runs there on a thread of this process), origin 10.2.0.10 running nginx. Real
+//! kernels, real ARP, the real NFQUEUE gate, curl as the client.
 //!
-//! Needs root, `nginx`, `curl`, `arptables`, `iproute2` and `ethtool` (the test bed). The flag tests need
-//! none of that. Timings are printed, never asserted.
+//! Needs root, `nginx`, `curl`, `arptables`, `iptables`, `iproute2` and `ethtool` (the test bed). The flag
+//! tests need none of that. Timings are printed, never asserted.
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use backup::replica::{self, ReplicaConfig};
 use sha2::{Digest, Sha256};
-use shared::link::{HandshakeError, LinkConfig, LocalIdentity, WelcomeError, join};
+use shared::link::{HandshakeError, LinkConfig, LocalIdentity, WelcomeError};
 use shared::protocol::Role;
+use shared::replica::ReplicaTable;
 use shared::vip::{Mac, ProbeOutcome};
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const PRIMARY: &str = env!("CARGO_BIN_EXE_primary");
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 const IFACE: &str = "eth0";
+const REPL: &str = "10.1.0.2:7700";
+/// The node name the tests give the primary; it tags the gate's iptables rules.
+const NODE: &str = "primary-test";
 const BIG: u64 = 16 << 20;
 
 // ---------------------------------------------------------------- plumbing (after tests/support/harness.rs)
@@ -57,14 +64,14 @@ fn run(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Test bed `pn<pid in base 36>` with the pair networks; `Drop` takes it down.
+/// Test bed `n<tag><pid in base 36>` with the pair networks; `Drop` takes it down.
 struct Testbed {
     id: String,
     script: PathBuf,
 }
 
 impl Testbed {
-    fn up_pair() -> Result<Testbed> {
+    fn up_pair(tag: char) -> Result<Testbed> {
         // SAFETY: geteuid has no preconditions.
         ensure!(unsafe { libc::geteuid() } == 0, "the node test needs root (network namespaces, raw sockets)");
         let mut pid = std::process::id();
@@ -74,9 +81,13 @@ impl Testbed {
             pid /= 36;
             pid > 0
         } {}
-        let id: String = "pn".chars().chain(digits.into_iter().rev()).collect();
+        let id: String = ['n', tag].into_iter().chain(digits.into_iter().rev()).collect();
         let script = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/testbed"));
         run(Command::new(&script).args(["up", &id, "--pair"]))?;
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         Ok(Testbed { id, script })
     }
 
@@ -129,6 +140,19 @@ impl Testbed {
     fn vip_arp_rules(&self, host: &str) -> Result<Vec<String>> {
         let out = self.exec(host, &["arptables", "-L", "OUTPUT", "-n"])?;
         Ok(out.lines().filter(|l| l.contains(&VIP.to_string())).map(str::to_owned).collect())
+    }
+
+    /// `host`'s iptables rules tagged by a gate (`understudy:` comments), from `iptables -t mangle -S`.
+    fn gate_rules(&self, host: &str) -> Result<Vec<String>> {
+        let out = self.exec(host, &["iptables", "-t", "mangle", "-S"])?;
+        Ok(out.lines().filter(|l| l.contains(&format!("understudy:{NODE}"))).map(str::to_owned).collect())
+    }
+
+    /// The client's TCP connections to the VIP that are still established (`ss`): a connection that
+    /// received a FIN or a RST is not.
+    fn client_established(&self) -> Result<usize> {
+        let out = self.exec("client", &["ss", "-Htn", "state", "established", "dst", &VIP.to_string()])?;
+        Ok(out.lines().filter(|l| !l.trim().is_empty()).count())
     }
 
     /// Runs `f` on a fresh thread inside `host`'s network namespace, on a current-thread runtime.
@@ -372,11 +396,198 @@ fn primary_args<'a>(repl: &'a str, node: &'a str, iface: &'a str) -> Vec<&'a str
     ]
 }
 
+/// `GET /status` of the primary, parsed.
+fn status(tb: &Testbed) -> Result<serde_json::Value> {
+    Ok(serde_json::from_str(&admin_get(tb, "/status")?)?)
+}
+
+/// Waits until `/status` says `peer` is `want`; returns the status then.
+fn wait_peer(tb: &Testbed, want: &str, timeout: Duration) -> Result<serde_json::Value> {
+    wait_until(&format!("/status peer {want:?}"), timeout, || {
+        let s = status(tb)?;
+        Ok((s["peer"] == want).then_some(s))
+    })
+}
+
+/// Starts the primary binary in `server` with the admin endpoint on 127.0.0.1:9900 and `extra` flags,
+/// and waits until it serves.
+fn start_primary(tb: &Testbed, dir: &TempDir, log: &str, extra: &[&str]) -> Result<Proc> {
+    let mut args = primary_args(REPL, NODE, IFACE);
+    args.extend(["--admin", "127.0.0.1:9900"]);
+    args.extend(extra);
+    let started = Instant::now();
+    let mut primary = tb.spawn("primary", "server", &args, &dir.join(log))?;
+    primary.wait_for_log("serving HTTP on the VIP", Duration::from_secs(15))?;
+    println!("primary: start to serving in {:?} (includes the 300 ms startup probe)", started.elapsed());
+    Ok(primary)
+}
+
+/// A rate-limited download of `big.bin` through the VIP, by curl in the client host.
+fn start_download(tb: &Testbed, dir: &TempDir, name: &str, rate: &str) -> Result<(Proc, PathBuf)> {
+    let out = dir.join(name);
+    let args = ["curl", "-sS", "--fail", "--limit-rate", rate, "-o", path_str(&out)?, "http://10.0.0.100/big.bin"];
+    let proc = tb.spawn(name, "client", &args, &dir.join(&format!("{name}.log")))?;
+    Ok((proc, out))
+}
+
+/// Waits until the download writing `out` has at least `bytes`.
+fn wait_downloaded(proc: &mut Proc, out: &Path, bytes: u64) -> Result<()> {
+    wait_until("the download to be under way", Duration::from_secs(10), || {
+        if let Some(status) = proc.try_wait()? {
+            bail!("curl exited ({status}) early: {}", proc.log_text());
+        }
+        Ok((fs::metadata(out).map_or(0, |m| m.len()) >= bytes).then_some(()))
+    })
+}
+
+/// The backup's replica (`backup::replica::join`), on its own thread inside the spare host with a
+/// current-thread runtime: while the thread is blocked outside the runtime the whole backup is frozen,
+/// as a stopped process would be.
+struct Backup {
+    table: Arc<Mutex<ReplicaTable>>,
+    unfreeze: Option<std::sync::mpsc::Sender<()>>,
+    /// `true`: stop the replica cleanly; `false` (or dropped): end abruptly.
+    stop: Option<tokio::sync::oneshot::Sender<bool>>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl Backup {
+    /// Joins the primary at [`REPL`] as `node` (at `epoch`); with `frozen`, the backup does nothing after
+    /// the handshake until [`Backup::unfreeze`].
+    fn join(tb: &Testbed, node: &str, epoch: u64, frozen: bool) -> Result<Backup> {
+        let ns = tb.ns("spare");
+        let identity = LocalIdentity::new("understudy", node, Role::Backup, epoch);
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        let (unfreeze_tx, unfreeze_rx) = std::sync::mpsc::channel::<()>();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<bool>();
+        let thread = std::thread::spawn(move || -> Result<()> {
+            let _inside = Netns::enter(&ns)?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let addr: SocketAddr = REPL.parse()?;
+            let config = ReplicaConfig::new(LinkConfig::default());
+            let replica = match rt.block_on(replica::join(addr, &identity, &config)) {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return Ok(());
+                }
+            };
+            let _ = ready_tx.send(Ok(replica.table()));
+            if frozen {
+                let _ = unfreeze_rx.recv();
+            }
+            if rt.block_on(async { stop_rx.await.unwrap_or(false) }) {
+                rt.block_on(replica.stop());
+            } else {
+                // The runtime goes with the link's tasks unfinished: the kernel closes the socket, as for a
+                // killed process.
+                drop(replica);
+            }
+            drop(rt);
+            Ok(())
+        });
+        let joined = ready_rx.recv_timeout(Duration::from_secs(10));
+        let mut backup =
+            Backup { table: Arc::default(), unfreeze: Some(unfreeze_tx), stop: Some(stop_tx), thread: Some(thread) };
+        match joined {
+            Ok(Ok(table)) => {
+                backup.table = table;
+                Ok(backup)
+            }
+            Ok(Err(e)) => {
+                backup.finish(false)?;
+                Err(anyhow!(e).context("the backup could not join"))
+            }
+            Err(_) => {
+                let ended = backup.finish(false);
+                bail!("the backup did not join in time ({ended:?})")
+            }
+        }
+    }
+
+    fn unfreeze(&mut self) {
+        drop(self.unfreeze.take());
+    }
+
+    /// Whether the replica holds a connection from the client that it follows (not unprotected).
+    fn follows_client(&self) -> bool {
+        let table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        table.conns().any(|c| *c.key().client.ip() == CLIENT && c.tracked().is_some())
+    }
+
+    /// Ends the backup: `clean` stops the replica (its link closes in order), otherwise it dies abruptly.
+    fn finish(&mut self, clean: bool) -> Result<()> {
+        self.unfreeze();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(clean);
+        }
+        match self.thread.take() {
+            Some(t) => t.join().map_err(|_| anyhow!("the backup thread panicked"))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Backup {
+    fn drop(&mut self) {
+        if let Err(e) = self.finish(false) {
+            eprintln!("backup: {e:#}");
+        }
+    }
+}
+
+/// A second ARP responder for the VIP, in `host` (another node answering for the address).
+struct Impostor {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl Impostor {
+    fn start(tb: &Testbed, host: &str) -> Result<Impostor> {
+        let ns = tb.ns(host);
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || -> Result<()> {
+            let _inside = Netns::enter(&ns)?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async {
+                let responder = shared::vip::Responder::spawn(IFACE, VIP)?;
+                let _ = ready_tx.send(());
+                let _ = stop_rx.await;
+                drop(responder);
+                Ok(())
+            })
+        });
+        let mut impostor = Impostor { stop: Some(stop_tx), thread: Some(thread) };
+        if ready_rx.recv_timeout(Duration::from_secs(10)).is_err() {
+            let ended = impostor.finish();
+            bail!("the second responder did not start: {ended:?}");
+        }
+        Ok(impostor)
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        drop(self.stop.take());
+        match self.thread.take() {
+            Some(t) => t.join().map_err(|_| anyhow!("the responder thread panicked"))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Impostor {
+    fn drop(&mut self) {
+        if let Err(e) = self.finish() {
+            eprintln!("second responder: {e:#}");
+        }
+    }
+}
+
 // ---------------------------------------------------------------- the tests
 
 #[test]
-fn primary_serves_vip_unprotected_refuses_second_primary_and_backups_and_releases_vip_on_sigterm() -> Result<()> {
-    let tb = Testbed::up_pair()?;
+fn primary_serves_vip_through_the_gate_refuses_second_primary_and_releases_vip_and_gate_on_sigterm() -> Result<()> {
+    let tb = Testbed::up_pair('a')?;
     let dir = TempDir::new("e2e")?;
     let www = dir.join("www");
     fs::create_dir_all(&www)?;
@@ -385,17 +596,13 @@ fn primary_serves_vip_unprotected_refuses_second_primary_and_backups_and_release
     let _nginx = start_nginx(&tb, &dir, &www)?;
     let server_mac = tb.mac("server")?;
 
-    // The primary claims the VIP and serves.
-    let mut args = primary_args("10.1.0.2:7700", "primary-test", IFACE);
-    args.extend(["--admin", "127.0.0.1:9900"]);
-    let started = Instant::now();
-    let mut primary = tb.spawn("primary", "server", &args, &dir.join("primary.log"))?;
-    primary.wait_for_log("serving HTTP on the VIP", Duration::from_secs(15))?;
-    println!("primary: start to serving in {:?} (includes the 300 ms startup probe)", started.elapsed());
-    let log = primary.log_text();
-    ensure!(log.contains("serving unprotected: replication not available in this build"), "{log}");
+    // The primary claims the VIP and serves, every VIP segment through the gate.
+    let mut primary = start_primary(&tb, &dir, "primary.log", &[])?;
     ensure!(tb.has_vip("server")?, "the VIP is not on the server's eth0");
     ensure!(tb.vip_arp_rules("server")?.len() == 1, "want one arptables rule: {:?}", tb.vip_arp_rules("server")?);
+    let rules = tb.gate_rules("server")?;
+    ensure!(rules.len() == 4, "want the gate's 4 rules (inbound; SYN-ACK, FIN, RST out): {rules:#?}");
+    ensure!(rules.iter().all(|r| r.contains("--queue-num 7701")), "the gate uses queues.inbound: {rules:#?}");
 
     // Through the VIP from the client, two requests on one connection (keep-alive).
     let (f1, f2) = (dir.join("got-big"), dir.join("got-small"));
@@ -446,21 +653,6 @@ fn primary_serves_vip_unprotected_refuses_second_primary_and_backups_and_release
     ensure!(metric(&metrics, "understudy_http_exchanges_total") >= Some(2.0), "{metrics}");
     ensure!(metric(&metrics, "understudy_protected") == Some(0.0), "{metrics}");
     ensure!(metrics.contains("understudy_connections_unprotected_total{reason=\"no_backup\"} 1"), "{metrics}");
-
-    // A backup joining on the replication address goes through the real handshake and is refused.
-    let refused = tb.within("spare", || {
-        Box::pin(async {
-            let stream = tokio::net::TcpStream::connect("10.1.0.2:7700").await?;
-            let me = LocalIdentity::new("understudy", "backup-test", Role::Backup, 1);
-            match join(stream, &me, &LinkConfig::default()).await {
-                Err(HandshakeError::Welcome(WelcomeError::Refused { reason })) => Ok(reason),
-                Err(e) => bail!("join failed otherwise: {e}"),
-                Ok(_) => bail!("the primary accepted a backup it cannot replicate to"),
-            }
-        })
-    })?;
-    ensure!(refused.contains("cannot replicate yet"), "refusal reason: {refused}");
-    primary.wait_for_log("refused a joining backup", Duration::from_secs(5))?;
 
     // A second primary on the spare finds the VIP answered, says by whom, and changes nothing.
     let t = Instant::now();
@@ -525,12 +717,20 @@ fn primary_serves_vip_unprotected_refuses_second_primary_and_backups_and_release
     let log = primary.log_text();
     ensure!(status.code() == Some(0), "want exit 0 after SIGTERM, got {status}:\n{log}");
     ensure!(log.contains("stopped cleanly"), "{log}");
-    let bare: Vec<&str> = log.lines().filter(|l| !(l.contains("role=\"primary\"") && l.contains("epoch=1"))).collect();
+    // The gate's reader task is spawned outside its caller's span (primary/src/gate/mod.rs), so its
+    // "receiver dropped" line, logged when a segment arrives after the sender stopped, has no fields.
+    let bare: Vec<&str> = log
+        .lines()
+        .filter(|l| !(l.contains("role=\"primary\"") && l.contains("epoch=1")))
+        .filter(|l| !l.contains("primary::gate: gate reader: receiver dropped"))
+        .collect();
     ensure!(bare.is_empty(), "log lines without the role and epoch fields: {bare:#?}");
     let (stopped, removed) = (log.find("HTTP server stopped"), log.find("VIP removed"));
     ensure!(stopped.is_some() && removed > stopped, "the VIP must be released after the drain:\n{log}");
     ensure!(!tb.has_vip("server")?, "the VIP is still on the server");
     ensure!(tb.vip_arp_rules("server")?.is_empty(), "arptables rule left: {:?}", tb.vip_arp_rules("server")?);
+    ensure!(tb.gate_rules("server")?.is_empty(), "gate rules left: {:?}", tb.gate_rules("server")?);
+    ensure!(log.contains("gate stopped"), "{log}");
     match tb.probe_vip("client")? {
         ProbeOutcome::Unanswered { probes_sent, waited, .. } => {
             println!("client probe after exit: {probes_sent} probes unanswered in {waited:?}")
@@ -570,12 +770,205 @@ fn bad_flags_and_bad_config_exit_2_with_one_line_error() -> Result<()> {
 }
 
 #[test]
-fn help_says_this_build_serves_unprotected() -> Result<()> {
+fn help_says_what_the_primary_does_with_a_backup() -> Result<()> {
     let out = primary_cmd(&["--help"])?;
     let help = String::from_utf8_lossy(&out.stdout);
     ensure!(out.status.success(), "--help exited {}", out.status);
-    ensure!(help.contains("serves unprotected"), "{help}");
-    ensure!(help.contains("refuses joining backups"), "{help}");
+    ensure!(help.contains("serves unprotected") && help.contains("steps down"), "{help}");
+    ensure!(help.contains("One backup at a time"), "{help}");
     ensure!(help.contains("--repl-listen") && help.contains("--upstream") && help.contains("--root"), "{help}");
+    Ok(())
+}
+
+/// The origin's files for the replication tests; returns big.bin's sha256.
+fn origin_files(dir: &TempDir) -> Result<(PathBuf, String)> {
+    let www = dir.join("www");
+    fs::create_dir_all(&www)?;
+    let big_sha = write_pattern_file(&www.join("big.bin"), BIG)?;
+    fs::write(www.join("small.txt"), b"small file from the origin\n")?;
+    Ok((www, big_sha))
+}
+
+/// A backup joins the running binary: `/status` goes none → syncing (the backup is frozen before it
+/// applied its snapshot) → connected. A download through the VIP is replicated (the backup's table
+/// follows the client's connection) and completes. Then, under load, the backup dies: every transfer
+/// completes intact, `/status` says peer none and the metrics say unprotected.
+#[test]
+fn backup_joins_running_primary_replicates_a_download_and_its_loss_under_load_costs_no_client_error() -> Result<()> {
+    let tb = Testbed::up_pair('b')?;
+    let dir = TempDir::new("join")?;
+    let (www, big_sha) = origin_files(&dir)?;
+    let _nginx = start_nginx(&tb, &dir, &www)?;
+    // Slower heartbeats give a lease of about 520 ms, so a backup frozen for 250 ms is not given up.
+    let mut primary = start_primary(&tb, &dir, "primary.log", &["--heartbeat-interval", "100ms"])?;
+
+    let s = status(&tb)?;
+    ensure!(s["peer"] == "none" && s["protected"] == false, "alone: {s}");
+    println!("/status before the join: peer {}", s["peer"]);
+
+    // The backup joins, and stays frozen before applying its snapshot.
+    let t = Instant::now();
+    let mut backup = Backup::join(&tb, "backup-test", 0, true)?;
+    let syncing = wait_peer(&tb, "syncing", Duration::from_secs(5))?;
+    println!("/status after the handshake: peer {} ({:?} after the join began)", syncing["peer"], t.elapsed());
+    ensure!(syncing["peer_node"] == "backup-test" && syncing["protected"] == false, "{syncing}");
+    std::thread::sleep(Duration::from_millis(250));
+    ensure!(status(&tb)?["peer"] == "syncing", "a frozen backup has not acknowledged its snapshot");
+    let t = Instant::now();
+    backup.unfreeze();
+    let connected = wait_peer(&tb, "connected", Duration::from_secs(5))?;
+    println!("/status: peer {} {:?} after the backup resumed", connected["peer"], t.elapsed());
+    ensure!(connected["protected"] == true, "{connected}");
+    primary.wait_for_log("backup joined", Duration::from_secs(5))?;
+
+    // A download through the VIP while protected: the backup follows the connection.
+    let t = Instant::now();
+    let (mut download, out) = start_download(&tb, &dir, "protected.bin", "8M")?;
+    wait_until("the backup's replica to follow the client's connection", Duration::from_secs(10), || {
+        Ok(backup.follows_client().then_some(()))
+    })?;
+    println!("backup: follows the client's connection {:?} after curl started", t.elapsed());
+    let during = status(&tb)?;
+    ensure!(during["connections"]["protected"] == 1, "the download is counted protected: {during}");
+    let code = download.wait(Duration::from_secs(30))?;
+    println!("client: {BIG} bytes through the VIP with the backup joined in {:?}", t.elapsed());
+    ensure!(code.success(), "the protected download failed ({code}): {}", download.log_text());
+    ensure!(sha256_file(&out)? == big_sha, "the protected download differs from the origin's");
+    let metrics = admin_get(&tb, "/metrics")?;
+    ensure!(metric(&metrics, "understudy_protected") == Some(1.0), "{metrics}");
+    ensure!(metric(&metrics, "understudy_replication_records_acked_total") > Some(100.0), "{metrics}");
+
+    // Load: three downloads of about 4 s each and a stream of small keep-alive requests.
+    let mut loads = Vec::new();
+    for i in 0..3 {
+        loads.push(start_download(&tb, &dir, &format!("load-{i}.bin"), "4M")?);
+    }
+    let urls: Vec<String> = (0..400).map(|_| "http://10.0.0.100/small.txt".to_string()).collect();
+    let mut small: Vec<&str> = vec!["curl", "-sS", "--fail", "-o", "/dev/null", "-w", "%{http_code}\n"];
+    for url in &urls {
+        small.extend(["-o", "/dev/null", url.as_str()]);
+    }
+    let mut smalls = tb.spawn("small requests", "client", &small, &dir.join("small.log"))?;
+    for (proc, out) in &mut loads {
+        wait_downloaded(proc, out, 1 << 20)?;
+    }
+    let before = admin_get(&tb, "/metrics")?;
+    let protected_before = metric(&before, "understudy_connections{state=\"protected\"}");
+    ensure!(protected_before >= Some(3.0), "the transfers under way are protected: {before}");
+
+    // The backup dies (its socket closed by the kernel, as for a killed process).
+    let killed = Instant::now();
+    backup.finish(false)?;
+    let alone = wait_peer(&tb, "none", Duration::from_secs(5))?;
+    println!("backup killed under load: /status peer none after {:?}", killed.elapsed());
+    ensure!(alone["protected"] == false && alone["peer_node"].is_null(), "{alone}");
+    let metrics = admin_get(&tb, "/metrics")?;
+    let unprotected = metric(&metrics, "understudy_connections{state=\"unprotected\"}");
+    println!(
+        "metrics after the loss: protected {}, unprotected connections {:?} (protected before: {:?})",
+        metric(&metrics, "understudy_protected").unwrap_or(-1.0),
+        unprotected,
+        protected_before
+    );
+    ensure!(metric(&metrics, "understudy_protected") == Some(0.0), "{metrics}");
+    ensure!(metric(&metrics, "understudy_peer{state=\"none\"}") == Some(1.0), "{metrics}");
+    ensure!(metric(&metrics, "understudy_connections{state=\"protected\"}") == Some(0.0), "{metrics}");
+    ensure!(unprotected >= Some(3.0), "the transfers still running are unprotected now: {metrics}");
+
+    // Zero client errors.
+    for (i, (proc, out)) in loads.iter_mut().enumerate() {
+        let code = proc.wait(Duration::from_secs(30))?;
+        ensure!(code.success(), "download {i} failed across the backup's loss ({code}): {}", proc.log_text());
+        ensure!(sha256_file(out)? == big_sha, "download {i} differs from the origin's");
+    }
+    let code = smalls.wait(Duration::from_secs(30))?;
+    let codes = smalls.log_text();
+    ensure!(code.success(), "small requests failed ({code}): {codes}");
+    ensure!(codes.lines().filter(|l| *l == "200").count() == urls.len(), "every small request answered 200");
+    println!("client: 3 downloads and {} small requests across the backup's loss, all intact", urls.len());
+    let log = primary.log_text();
+    ensure!(log.contains("backup given up: nobody else answers for the VIP; serving unprotected"), "{log}");
+
+    primary.signal(libc::SIGTERM)?;
+    let code = primary.wait(Duration::from_secs(20))?;
+    ensure!(code.code() == Some(0), "want exit 0 after SIGTERM, got {code}:\n{}", primary.log_text());
+    ensure!(tb.gate_rules("server")?.is_empty(), "gate rules left: {:?}", tb.gate_rules("server")?);
+    Ok(())
+}
+
+/// The backup is lost while another node answers for the VIP (it took the VIP over): the primary's
+/// probe is answered, so it steps down — exit 1 naming the other node, the VIP and its ARP answers gone,
+/// nothing sent to the client (its connection stays established: no FIN, no RST), the gate's rules left
+/// in place. The next start removes them; a joiner from a later epoch makes that one step down too.
+#[test]
+fn primary_steps_down_when_another_node_answers_for_the_vip_after_its_backup_is_lost() -> Result<()> {
+    let tb = Testbed::up_pair('c')?;
+    let dir = TempDir::new("stepdown")?;
+    let (www, _) = origin_files(&dir)?;
+    let _nginx = start_nginx(&tb, &dir, &www)?;
+    let spare_mac = tb.mac("spare")?;
+    let mut primary = start_primary(&tb, &dir, "primary.log", &[])?;
+    let mut backup = Backup::join(&tb, "backup-test", 0, false)?;
+    wait_peer(&tb, "connected", Duration::from_secs(5))?;
+
+    // A download in progress, then another node answers for the VIP and the backup's link ends.
+    let (mut download, out) = start_download(&tb, &dir, "cut.bin", "2M")?;
+    wait_downloaded(&mut download, &out, 512 << 10)?;
+    ensure!(tb.client_established()? == 1, "the download's connection is established");
+    let _impostor = Impostor::start(&tb, "spare")?;
+    let lost = Instant::now();
+    backup.finish(true)?;
+    let code = primary.wait(Duration::from_secs(10))?;
+    println!("primary: exited {:?} after its backup's link ended", lost.elapsed());
+    let log = primary.log_text();
+    let last = log.lines().last().unwrap_or_default();
+    ensure!(code.code() == Some(1), "want exit 1 after stepping down, got {code}:\n{log}");
+    ensure!(
+        last.starts_with("primary: stepped down") && last.contains(&spare_mac.to_string()),
+        "the error should say it stepped down for {spare_mac}: {last:?}"
+    );
+    ensure!(!tb.has_vip("server")?, "the VIP is still on the server");
+    let rules = tb.gate_rules("server")?;
+    ensure!(rules.len() == 4, "the gate's fail-closed rules stay after a step-down: {rules:#?}");
+
+    // Nothing reached the client: the connection neither closed nor reset, the transfer is stuck.
+    std::thread::sleep(Duration::from_millis(300));
+    ensure!(download.try_wait()?.is_none(), "curl ended after the step-down: {}", download.log_text());
+    ensure!(tb.client_established()? == 1, "the client's connection was closed or reset by the VIP");
+    drop(download);
+    drop(_impostor);
+    match tb.probe_vip("client")? {
+        ProbeOutcome::Unanswered { .. } => {}
+        other => bail!("the VIP should be silent once the other node stopped answering, got {other:?}"),
+    }
+
+    // The next start removes the rules the step-down left, and serves.
+    let mut again = start_primary(&tb, &dir, "again.log", &[])?;
+    let log = again.log_text();
+    ensure!(log.contains("removed iptables rules left by an earlier run"), "{log}");
+    let rules = tb.gate_rules("server")?;
+    ensure!(rules.len() == 4, "one set of gate rules after the restart: {rules:#?}");
+    let body = tb.exec("client", &["curl", "-sS", "--fail", "http://10.0.0.100/small.txt"])?;
+    ensure!(body == "small file from the origin\n", "{body:?}");
+
+    // A node that has seen a later epoch tries to join: refused, and this primary steps down at once.
+    let t = Instant::now();
+    match Backup::join(&tb, "backup-later", 5, false) {
+        Err(e) => match e.downcast_ref::<replica::JoinError>() {
+            Some(replica::JoinError::Handshake {
+                source: HandshakeError::Welcome(WelcomeError::Refused { reason }),
+                ..
+            }) => println!("joiner at epoch 5 refused: {reason}"),
+            _ => bail!("the later-epoch joiner failed otherwise: {e:#}"),
+        },
+        Ok(_) => bail!("a joiner from a later epoch was accepted"),
+    }
+    let code = again.wait(Duration::from_secs(10))?;
+    println!("restarted primary: exited {:?} after the later-epoch join", t.elapsed());
+    let log = again.log_text();
+    let last = log.lines().last().unwrap_or_default();
+    ensure!(code.code() == Some(1), "want exit 1, got {code}:\n{log}");
+    ensure!(last.contains("stepped down") && last.contains("epoch 5"), "{last:?}");
+    ensure!(!tb.has_vip("server")?, "the VIP is still on the server");
     Ok(())
 }

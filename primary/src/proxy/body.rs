@@ -11,6 +11,7 @@ use super::server::ConnShared;
 use super::static_files::StaticBody;
 use bytes::Bytes;
 use http::{Method, Response};
+use http_body_util::combinators::BoxBody;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use std::future::Future;
 use std::pin::Pin;
@@ -34,7 +35,7 @@ pub(crate) struct RequestProgress {
 }
 
 impl RequestProgress {
-    fn new(started: Instant) -> Self {
+    pub(crate) fn new(started: Instant) -> Self {
         RequestProgress {
             started,
             bytes_in: AtomicU64::new(0),
@@ -58,24 +59,39 @@ impl RequestProgress {
     }
 }
 
+/// Where a request body comes from.
+enum RequestSource {
+    /// Read by hyper from the client connection.
+    Client(Incoming),
+    /// Read by a takeover from a restored connection's receive queue (see [`super::Refetch`]).
+    Resumed(BoxBody<Bytes, BoxError>),
+}
+
 /// The client's request body on its way upstream; counts bytes and notes progress.
 pub struct RequestBody {
-    inner: Incoming,
+    inner: RequestSource,
     progress: Arc<RequestProgress>,
 }
 
 impl RequestBody {
     pub(crate) fn new(inner: Incoming, progress: Arc<RequestProgress>) -> Self {
-        RequestBody { inner, progress }
+        RequestBody { inner: RequestSource::Client(inner), progress }
+    }
+
+    pub(crate) fn resumed(inner: BoxBody<Bytes, BoxError>, progress: Arc<RequestProgress>) -> Self {
+        RequestBody { inner: RequestSource::Resumed(inner), progress }
     }
 }
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled: Poll<Option<Result<Frame<Bytes>, BoxError>>> = match &mut self.inner {
+            RequestSource::Client(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            RequestSource::Resumed(b) => Pin::new(b).poll_frame(cx),
+        };
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
@@ -93,11 +109,17 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            RequestSource::Client(b) => b.is_end_stream(),
+            RequestSource::Resumed(b) => b.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            RequestSource::Client(b) => b.size_hint(),
+            RequestSource::Resumed(b) => b.size_hint(),
+        }
     }
 }
 
@@ -116,6 +138,8 @@ pub(crate) struct Exchange {
     bytes_out: u64,
     complete: bool,
     error: Option<String>,
+    /// The takeover path that resumed this exchange, for the request log.
+    resume: Option<&'static str>,
 }
 
 impl Exchange {
@@ -136,7 +160,12 @@ impl Exchange {
             bytes_out: 0,
             complete: false,
             error: None,
+            resume: None,
         }
+    }
+
+    pub(crate) fn set_resume(&mut self, path: &'static str) {
+        self.resume = Some(path);
     }
 
     pub(crate) fn conn(&self) -> &Arc<ConnShared> {
@@ -190,7 +219,7 @@ impl Drop for Exchange {
         tracing::debug!(
             conn = %self.conn.peer, exchange = self.id, method = %self.method, target = %self.target,
             status = ?self.status, bytes_in, bytes_out = self.bytes_out, complete = self.complete,
-            error = ?self.error, "exchange end"
+            error = ?self.error, resume = ?self.resume, "exchange end"
         );
         if let Some(log) = &inner.request_log {
             log.write(&RequestLogEntry {
@@ -210,7 +239,7 @@ impl Drop for Exchange {
                 idempotency_key: self.key.clone(),
                 key_generated: self.key_generated,
                 error: self.error.take(),
-                resume: None,
+                resume: self.resume.map(str::to_owned),
             });
         }
         self.conn.activity.exchange_ended();
@@ -251,16 +280,19 @@ pub struct ResponseBody {
     exchange: Option<Exchange>,
 }
 
-impl ResponseBody {
-    fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match &mut self.kind {
+impl BodyKind {
+    /// Polls the next frame; upstream data is reported to `observe` with its body offset first.
+    fn poll_body(
+        &mut self,
+        cx: &mut Context<'_>,
+        observe: impl FnOnce(u64, &Bytes),
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self {
             BodyKind::Static(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             BodyKind::Upstream(u) => match Pin::new(&mut u.body).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
-                    if let (Some(data), Some(ex)) = (frame.data_ref(), self.exchange.as_ref()) {
-                        ex.conn.observer.on_upstream_data(ex.id, u.offset, data);
-                    }
                     if let Some(data) = frame.data_ref() {
+                        observe(u.offset, data);
                         u.offset += data.len() as u64;
                     }
                     u.last = Instant::now();
@@ -286,11 +318,33 @@ impl ResponseBody {
         }
     }
 
-    fn inner_is_end(&self) -> bool {
-        match &self.kind {
+    fn is_end(&self) -> bool {
+        match self {
             BodyKind::Static(b) => b.is_end_stream(),
             BodyKind::Upstream(u) => u.body.is_end_stream(),
         }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            BodyKind::Static(b) => b.size_hint(),
+            BodyKind::Upstream(u) => u.body.size_hint(),
+        }
+    }
+}
+
+impl ResponseBody {
+    fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let exchange = self.exchange.as_ref();
+        self.kind.poll_body(cx, |offset, data| {
+            if let Some(ex) = exchange {
+                ex.conn.observer.on_upstream_data(ex.id, offset, data);
+            }
+        })
+    }
+
+    fn inner_is_end(&self) -> bool {
+        self.kind.is_end()
     }
 }
 
@@ -324,10 +378,7 @@ impl Body for ResponseBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.kind {
-            BodyKind::Static(b) => b.size_hint(),
-            BodyKind::Upstream(u) => u.body.size_hint(),
-        }
+        self.kind.size_hint()
     }
 }
 
@@ -338,5 +389,35 @@ impl Drop for ResponseBody {
         if let Some(ex) = self.exchange.as_mut() {
             ex.complete |= end && ex.error.is_none();
         }
+    }
+}
+
+/// A response body fetched by a takeover to continue a partly sent response
+/// ([`super::Proxy::refetch`]): the upstream's body (de-chunked) or a static file's, with the
+/// same idle timeout as a served response. Nothing is observed or logged for it.
+pub struct FetchedBody {
+    kind: BodyKind,
+}
+
+impl FetchedBody {
+    pub(crate) fn new(kind: BodyKind) -> Self {
+        FetchedBody { kind }
+    }
+}
+
+impl Body for FetchedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.get_mut().kind.poll_body(cx, |_, _| {})
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.kind.is_end()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.kind.size_hint()
     }
 }

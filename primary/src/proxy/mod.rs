@@ -19,6 +19,12 @@
 //! hyper's own header timer is not used: it also runs while a keep-alive connection idles, so
 //! it cannot tell a slow head from a quiet client.
 //!
+//! Takeover: [`Proxy::serve_connection_from`] serves a restored connection whose exchange numbers
+//! continue the replica's, resuming chosen exchanges (the logged `Idempotency-Key` reused, or
+//! the logged upstream response replayed); [`Proxy::refetch`] re-issues a request to continue a
+//! partly sent response (with `Range` / `If-Range`, against the upstream or the static root);
+//! [`Proxy::record_resumed`] accounts for exchanges a takeover finished itself.
+//!
 //! Not supported: HTTP/2, `Upgrade` (WebSocket; the header is hop-by-hop and is removed),
 //! `CONNECT` (501), TLS to the upstream.
 
@@ -33,12 +39,16 @@ mod body;
 mod server;
 mod upstream;
 
-pub use body::{BoxError, RequestBody, ResponseBody};
+pub use body::{BoxError, FetchedBody, RequestBody, ResponseBody};
 pub use hooks::{ConnectionHooks, ExchangeInfo, ExchangeObserver, ExchangeOutcome, NoObserver, Unprotected};
 pub use logged_io::{LoggedIo, NoLog, ReplyLog};
 pub use request_log::{RequestLog, RequestLogEntry, RequestLogError};
-pub use server::{ConnectionEnd, ConnectionSummary, ShutdownSignal, ShutdownTrigger};
+pub use server::{
+    ConnectionEnd, ConnectionSummary, ExchangeOverride, Replay, ReplayError, ResumeFrom, ResumedExchange,
+    ShutdownSignal, ShutdownTrigger,
+};
 pub use static_files::{StaticFiles, StaticRootError};
+pub use upstream::{LoggedKey, RangeFrom, Refetch, RefetchError, Refetched};
 
 use serde::Serialize;
 use std::path::PathBuf;

@@ -13,15 +13,20 @@
 //! closes; nothing is sent, as nginx does on `client_header_timeout`, because hyper may still
 //! hold unflushed bytes of the previous response and a 408 after them would corrupt it).
 
-use super::body::{BodyKind, Exchange, ResponseBody, now_rfc3339};
+use super::body::{BodyKind, Exchange, RequestBody, ResponseBody, now_rfc3339};
 use super::hooks::{ConnectionHooks, ExchangeObserver};
 use super::logged_io::LoggedIo;
 use super::request_log::RequestLogEntry;
+use super::static_files::{StaticBody, text_response};
+use super::upstream::LoggedKey;
 use super::{BackendImpl, Inner, Limits, Proxy};
-use http::{Request, Response};
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
@@ -220,6 +225,123 @@ pub(crate) struct ConnShared {
     pub(crate) peer: SocketAddr,
     pub(crate) observer: Arc<dyn ExchangeObserver>,
     pub(crate) activity: Activity,
+    /// How a takeover resumes some of the next exchanges, by number; each taken once.
+    resume: Mutex<HashMap<u64, ExchangeOverride>>,
+}
+
+impl ConnShared {
+    fn take_override(&self, exchange: u64) -> Option<ExchangeOverride> {
+        self.resume.lock().unwrap_or_else(|p| p.into_inner()).remove(&exchange)
+    }
+}
+
+/// Where a connection restored by a takeover continues: the replica numbers exchanges per
+/// connection from 0, and a restored connection goes on counting.
+#[derive(Debug, Clone, Default)]
+pub struct ResumeFrom {
+    /// The number of the first request hyper reads.
+    pub first_exchange: u64,
+    /// How particular exchanges are resumed, by number.
+    pub exchanges: HashMap<u64, ExchangeOverride>,
+}
+
+/// How a takeover resumes one exchange that hyper reads again from the restored receive queue.
+#[derive(Debug, Clone)]
+pub struct ExchangeOverride {
+    /// The resume path (`shared::replica::Decision::kind`), written to the request log.
+    pub path: &'static str,
+    /// The `Idempotency-Key` the primary sent upstream: sent again as it was (a generated key
+    /// is reused, never regenerated).
+    pub idempotency_key: Option<LoggedKey>,
+    /// Answer with the upstream's logged response instead of forwarding the request.
+    pub replay: Option<Replay>,
+}
+
+/// An upstream response the primary logged in full, answered again by a takeover.
+#[derive(Debug, Clone)]
+pub struct Replay {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+    /// The upstream that gave it (`host:port`), for the request log.
+    upstream: Option<String>,
+}
+
+/// Why a logged upstream response cannot be replayed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplayError {
+    /// The logged head is not an HTTP/1.1 response head.
+    #[error("logged upstream head does not parse: {0}")]
+    Head(String),
+    /// The logged head's `Content-Length` disagrees with the logged body.
+    #[error("logged upstream head says Content-Length {head}, the logged body has {body} bytes")]
+    Length { head: u64, body: u64 },
+}
+
+impl Replay {
+    /// The response logged as `head_raw` (the HTTP/1.1 head the primary rebuilt, after hop-by-hop
+    /// processing) and its decoded `body`. hyper re-frames it for the client.
+    pub fn from_logged(head_raw: &[u8], body: Bytes, upstream: Option<String>) -> Result<Replay, ReplayError> {
+        let mut fields = [httparse::EMPTY_HEADER; 256];
+        let mut parsed = httparse::Response::new(&mut fields);
+        match parsed.parse(head_raw) {
+            Ok(httparse::Status::Complete(_)) => {}
+            Ok(httparse::Status::Partial) => return Err(ReplayError::Head("incomplete".into())),
+            Err(e) => return Err(ReplayError::Head(e.to_string())),
+        }
+        let status = parsed
+            .code
+            .and_then(|c| StatusCode::from_u16(c).ok())
+            .ok_or_else(|| ReplayError::Head("no status".into()))?;
+        let mut headers = HeaderMap::new();
+        for f in parsed.headers.iter() {
+            let name = http::HeaderName::from_bytes(f.name.as_bytes()).map_err(|e| ReplayError::Head(e.to_string()))?;
+            // The log's own framing; hyper frames the replay for this client.
+            if name == http::header::TRANSFER_ENCODING {
+                continue;
+            }
+            let value = http::HeaderValue::from_bytes(f.value).map_err(|e| ReplayError::Head(e.to_string()))?;
+            headers.append(name, value);
+        }
+        let length = headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        // A HEAD, 204 or 304 response states a length without carrying a body.
+        if let Some(head) = length
+            && !body.is_empty()
+            && head != body.len() as u64
+        {
+            return Err(ReplayError::Length { head, body: body.len() as u64 });
+        }
+        Ok(Replay { status, headers, body, upstream })
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+}
+
+/// An exchange a takeover finished (or refused) itself, outside hyper: for the counters and the
+/// request log ([`Proxy::record_resumed`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResumedExchange {
+    pub peer: SocketAddr,
+    pub exchange: u64,
+    pub method: String,
+    pub target: String,
+    /// Status of the response (continued, or cut); `None` when none was sent.
+    pub status: Option<u16>,
+    pub sent: bool,
+    pub bytes_in: u64,
+    /// Response body bytes this node wrote.
+    pub bytes_out: u64,
+    /// The response reached its end.
+    pub complete: bool,
+    pub duration: Duration,
+    pub upstream: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub key_generated: bool,
+    pub error: Option<String>,
+    /// The resume path (`Decision::kind`).
+    pub resume: &'static str,
 }
 
 /// The client socket as hyper sees it: reads note activity for the header timeout.
@@ -301,7 +423,19 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
 }
 
 async fn handle(conn: Arc<ConnShared>, id: u64, req: Request<Incoming>) -> Response<ResponseBody> {
+    let resume = conn.take_override(id);
     let mut ex = Exchange::new(Arc::clone(&conn), id, req.method().clone(), req.uri().to_string());
+    let (logged_key, replay) = match resume {
+        Some(o) => {
+            tracing::info!(conn = %conn.peer, exchange = id, path = o.path, "resumed exchange read again");
+            ex.set_resume(o.path);
+            (o.idempotency_key, o.replay)
+        }
+        None => (None, None),
+    };
+    if let Some(replay) = replay {
+        return answer_replay(req, ex, logged_key, replay).await;
+    }
     match &conn.inner.backend {
         BackendImpl::Static(files) => {
             ex.start(None, None, false);
@@ -309,8 +443,33 @@ async fn handle(conn: Arc<ConnShared>, id: u64, req: Request<Incoming>) -> Respo
             let response = files.serve(req.method(), uri.path(), uri.query(), req.headers()).await;
             ex.respond(response.map(BodyKind::Static))
         }
-        BackendImpl::Upstream(upstream) => upstream.forward(req, ex).await,
+        BackendImpl::Upstream(upstream) => upstream.forward(req, ex, logged_key).await,
     }
+}
+
+/// Answers with a logged upstream response. The request body (already in the receive queue) is
+/// read to its end first, so that the connection stays usable for the next request.
+async fn answer_replay(
+    req: Request<Incoming>,
+    mut ex: Exchange,
+    key: Option<LoggedKey>,
+    replay: Replay,
+) -> Response<ResponseBody> {
+    let (_, body) = req.into_parts();
+    let mut body = RequestBody::new(body, ex.progress.clone());
+    while let Some(frame) = body.frame().await {
+        if let Err(e) = frame {
+            ex.start(replay.upstream.clone(), key.as_ref().map(|k| k.key.clone()), key.is_some_and(|k| k.generated));
+            ex.set_error(format!("client request body: {e}"));
+            return ex.respond(text_response(StatusCode::BAD_REQUEST).map(BodyKind::Static));
+        }
+    }
+    let generated = key.as_ref().is_some_and(|k| k.generated);
+    ex.start(replay.upstream.clone(), key.map(|k| k.key), generated);
+    let mut response = Response::new(BodyKind::Static(StaticBody::Full(Some(replay.body))));
+    *response.status_mut() = replay.status;
+    *response.headers_mut() = replay.headers;
+    ex.respond(response)
 }
 
 /// The status hyper sent for a parse error, if it sent one (hyper's `Server::on_error`).
@@ -336,7 +495,25 @@ impl Proxy {
         io: I,
         peer: SocketAddr,
         observer: Arc<dyn ExchangeObserver>,
+        shutdown: ShutdownSignal,
+    ) -> ConnectionSummary
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        self.serve_connection_from(io, peer, observer, shutdown, ResumeFrom::default()).await
+    }
+
+    /// [`serve_connection`](Self::serve_connection) for a connection a takeover restored: the
+    /// first request hyper reads is exchange `resume.first_exchange`, and the exchanges in
+    /// `resume.exchanges` are resumed as they say. [`ConnectionSummary::exchanges`] counts the
+    /// exchanges begun here.
+    pub async fn serve_connection_from<I>(
+        &self,
+        io: I,
+        peer: SocketAddr,
+        observer: Arc<dyn ExchangeObserver>,
         mut shutdown: ShutdownSignal,
+        resume: ResumeFrom,
     ) -> ConnectionSummary
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -345,8 +522,15 @@ impl Proxy {
         let limits = &inner.limits;
         inner.stats.connections_open.fetch_add(1, Ordering::Relaxed);
         inner.stats.connections_total.fetch_add(1, Ordering::Relaxed);
-        let conn = Arc::new(ConnShared { inner: Arc::clone(inner), peer, observer, activity: Activity::new() });
-        let next = Arc::new(AtomicU64::new(0));
+        let conn = Arc::new(ConnShared {
+            inner: Arc::clone(inner),
+            peer,
+            observer,
+            activity: Activity::new(),
+            resume: Mutex::new(resume.exchanges),
+        });
+        let first = resume.first_exchange;
+        let next = Arc::new(AtomicU64::new(first));
         let service = ConnService { conn: Arc::clone(&conn), next: Arc::clone(&next) };
 
         let mut builder = http1::Builder::new();
@@ -404,7 +588,7 @@ impl Proxy {
             }
         };
         // Counted and logged before the socket closes, so whoever sees the close sees the count.
-        let exchanges = next.load(Ordering::Relaxed);
+        let exchanges = next.load(Ordering::Relaxed) - first;
         self.log_connection_end(&conn, exchanges, &end);
         inner.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
         // Dropping hyper's connection closes the socket (on a timeout, mid-head or idle).
@@ -463,6 +647,33 @@ impl Proxy {
                 key_generated: false,
                 error: Some(error),
                 resume: None,
+            });
+        }
+    }
+
+    /// Counts an exchange a takeover finished or refused itself and writes its request log line.
+    pub fn record_resumed(&self, r: &ResumedExchange) {
+        let inner = &self.inner;
+        inner.stats.exchange_ended(r.status, r.complete);
+        if let Some(log) = &inner.request_log {
+            log.write(&RequestLogEntry {
+                time: now_rfc3339(),
+                node: inner.node.clone(),
+                connection: r.peer.to_string(),
+                exchange: Some(r.exchange),
+                method: Some(r.method.clone()),
+                target: Some(r.target.clone()),
+                status: r.status,
+                sent: r.sent,
+                bytes_in: r.bytes_in,
+                bytes_out: r.bytes_out,
+                complete: r.complete,
+                duration_ms: r.duration.as_secs_f64() * 1000.0,
+                upstream: r.upstream.clone(),
+                idempotency_key: r.idempotency_key.clone(),
+                key_generated: r.key_generated,
+                error: r.error.clone(),
+                resume: Some(r.resume.to_owned()),
             });
         }
     }

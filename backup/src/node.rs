@@ -1,0 +1,442 @@
+//! The `backup` node: joins the primary, keeps the replica, watches for the primary's death, and takes
+//! over (ARCHITECTURE.md "Takeover (backup)", "Who owns the VIP"). The binary's `main` parses flags and
+//! loads the [`NodeConfig`]; [`run`] does the rest, and tests call the same `run`.
+//!
+//! Standby, in a loop until shutdown or takeover:
+//! 1. Join the primary at `--join` (retried every [`JOIN_RETRY`] while it is unreachable or refuses).
+//! 2. Follow its stream ([`crate::replica`]); `/status` says `syncing` until the snapshot is applied,
+//!    then `connected`.
+//! 3. Feed the [`Detector`] what the link heard; on [`Action::Fence`] probe the VIP with ARP (and run
+//!    the operator's fence command when configured). A stand-down (the primary's process still answers
+//!    for the VIP) raises an alarm and the node rejoins; a link lost before the snapshot was applied
+//!    cannot be taken over from (the replica is not usable) and the node rejoins too.
+//!
+//! Takeover, in order (each step logged and timed):
+//! hold VIP:port segments → stop the replica and take its table → add the VIP → bind the listener →
+//! restore every connection with `TCP_REPAIR` → answer ARP and announce → start the gate (which
+//! lifts the hold) → release the hold → serve as primary at the next epoch
+//! (`primary::node::serve_after_takeover`), resuming each restored connection's exchange in flight
+//! ([`crate::resume`]).
+
+use crate::detector::{Action, Detector, DetectorConfig, FenceResult};
+use crate::replica::{self, Replica, ReplicaConfig};
+use crate::resume::{self, Restored};
+use crate::takeover::{self, Hold, RestoreReport};
+use primary::claim::VipClaim;
+use primary::gate::{Gate, GateError};
+use primary::node::{NodeError, Serving, TakenOver};
+use primary::proxy::{ConnectionHooks, ShutdownSignal, ShutdownTrigger};
+use primary::replicate::GateFeed;
+use shared::admin::{self, AdminState, PeerState};
+use shared::config::{NodeConfig, format_duration, role_name};
+use shared::link::LocalIdentity;
+use shared::protocol::Role;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tracing::{Instrument, error, info, warn};
+
+/// Wait between attempts to join an unreachable or refusing primary.
+pub const JOIN_RETRY: Duration = Duration::from_secs(1);
+
+/// How often the standby loop looks at the link when the detector has no earlier deadline.
+const POLL: Duration = Duration::from_millis(5);
+
+/// Why the backup did not start, or stopped other than by its shutdown signal.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    /// The configuration has no `--join` address.
+    #[error("no primary to join: --join (or `join` in the config file) is required")]
+    NoJoin,
+    /// The detection settings are unusable.
+    #[error("detection settings: {0}")]
+    Detector(#[from] crate::detector::DetectorConfigError),
+    /// A listening socket could not be bound.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The admin endpoint refused its settings.
+    #[error("admin endpoint: {0}")]
+    Admin(#[from] admin::ServeError),
+    /// The takeover could not claim the VIP (the hold is released and the address removed again).
+    #[error("takeover failed while claiming the VIP: {0}")]
+    Claim(NodeError),
+    /// The takeover could not start the gate.
+    #[error("takeover failed starting the gate: {0}")]
+    Gate(#[from] GateError),
+    /// Serving as primary after the takeover failed.
+    #[error("serving after the takeover: {0}")]
+    Serving(NodeError),
+}
+
+/// Runs the backup until `shutdown` resolves. After a takeover it serves as primary until `shutdown`.
+/// Must run inside a tokio runtime with I/O and time enabled, in the network namespace of `iface`.
+pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), BackupError> {
+    let span = tracing::info_span!("node", role = role_name(Role::Backup));
+    run_in_span(config, shutdown).instrument(span).await
+}
+
+async fn run_in_span(
+    config: NodeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), BackupError> {
+    info!("starting: {config}");
+    let join = SocketAddr::V4(config.join.ok_or(BackupError::NoJoin)?);
+    let detector_config = DetectorConfig::from_node(&config);
+    Detector::new(detector_config.clone(), Instant::now())?;
+    let admin_state = AdminState::new(&config.node, &config.cluster, Role::Backup, 0, Instant::now());
+    let (late_trigger, late_signal) = ShutdownTrigger::new();
+    let mut admin_task = None;
+    if let Some(addr) = config.admin {
+        let listener = bind("admin endpoint", addr).await?;
+        let serving = admin::serve(listener, admin_state.clone(), None, wait(late_signal.clone()))?;
+        admin_task = Some(tokio::spawn(serving.in_current_span()));
+    }
+    // Bound now so a wrong address fails at start; a spare joins here once this node serves.
+    let repl_listener = bind("replication listener", SocketAddr::V4(config.repl_listen)).await?;
+    info!(addr = %config.repl_listen, "replication listener bound (joins are accepted after a takeover)");
+
+    let mut shutdown: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(shutdown);
+    let identity = LocalIdentity::new(&config.cluster, &config.node, Role::Backup, 0);
+    let replica_config = ReplicaConfig::from_node(&config);
+    let outcome = loop {
+        let Some(replica) = join_primary(join, &identity, &replica_config, &admin_state, &mut shutdown).await else {
+            break Standby::Shutdown;
+        };
+        match watch_primary(&config, &detector_config, &replica, &admin_state, &mut shutdown).await {
+            Watched::Shutdown => {
+                replica.stop().await;
+                break Standby::Shutdown;
+            }
+            Watched::Rejoin(why) => {
+                warn!(reason = %why, "rejoining the primary");
+                admin_state.set_peer(PeerState::None, None);
+                drop(replica);
+                tokio::select! {
+                    () = &mut shutdown => break Standby::Shutdown,
+                    () = tokio::time::sleep(JOIN_RETRY) => {}
+                }
+            }
+            Watched::TakeOver(record) => break Standby::TakeOver(replica, record),
+        }
+    };
+    let result = match outcome {
+        Standby::Shutdown => {
+            info!("stopped cleanly");
+            Ok(())
+        }
+        Standby::TakeOver(replica, record) => {
+            take_over(&config, replica, record, admin_state.clone(), repl_listener, shutdown).await
+        }
+    };
+    late_trigger.trigger();
+    if let Some(task) = admin_task
+        && let Err(e) = task.await
+    {
+        error!(error = %e, "admin endpoint task failed");
+    }
+    result
+}
+
+enum Standby {
+    Shutdown,
+    TakeOver(Replica, crate::detector::FailoverRecord),
+}
+
+enum Watched {
+    Shutdown,
+    Rejoin(String),
+    TakeOver(crate::detector::FailoverRecord),
+}
+
+/// Joins the primary, retrying; `None` on shutdown.
+async fn join_primary(
+    addr: SocketAddr,
+    identity: &LocalIdentity,
+    config: &ReplicaConfig,
+    admin_state: &AdminState,
+    shutdown: &mut Pin<Box<dyn Future<Output = ()> + Send>>,
+) -> Option<Replica> {
+    let mut attempts = 0u64;
+    loop {
+        attempts += 1;
+        tokio::select! {
+            () = &mut *shutdown => return None,
+            joined = replica::join(addr, identity, config) => match joined {
+                Ok(replica) => {
+                    let peer = replica.peer().clone();
+                    info!(primary = %peer.node, epoch = peer.epoch, %addr, attempts, "joined the primary; syncing");
+                    admin_state.set_epoch(peer.epoch);
+                    admin_state.set_peer(PeerState::Syncing, Some(&peer.node));
+                    return Some(replica);
+                }
+                Err(e) => {
+                    // Logged loudly once, then quietly: a backup started before its primary is normal.
+                    if attempts == 1 {
+                        warn!(%addr, error = %e, retry = %format_duration(JOIN_RETRY), "cannot join the primary; retrying");
+                    } else {
+                        tracing::debug!(%addr, error = %e, attempts, "cannot join the primary");
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            () = &mut *shutdown => return None,
+            () = tokio::time::sleep(JOIN_RETRY) => {}
+        }
+    }
+}
+
+/// Follows the primary until shutdown, a reason to rejoin, or a takeover decision.
+async fn watch_primary(
+    config: &NodeConfig,
+    detector_config: &DetectorConfig,
+    replica: &Replica,
+    admin_state: &AdminState,
+    shutdown: &mut Pin<Box<dyn Future<Output = ()> + Send>>,
+) -> Watched {
+    let liveness = replica.liveness();
+    let mut progress = replica.progress();
+    let mut detector = match Detector::new(detector_config.clone(), liveness.last_heard()) {
+        Ok(d) => d,
+        Err(e) => return Watched::Rejoin(format!("detector: {e}")),
+    };
+    let mut fed = liveness.last_heard();
+    let mut synced = false;
+    let mut link_down = false;
+    loop {
+        let now = Instant::now();
+        let due = detector.poll_timeout().map_or(now + POLL, |t| t.min(now + POLL));
+        tokio::select! {
+            () = &mut *shutdown => return Watched::Shutdown,
+            () = tokio::time::sleep_until(due.into()) => {}
+            _ = progress.changed(), if !link_down => {}
+        }
+        let now = Instant::now();
+        // Input first, then the timer (the detector's call order).
+        let heard = liveness.last_heard();
+        if heard > fed {
+            detector.handle_record(heard);
+            fed = heard;
+        }
+        detector.handle_reading_paused(now, liveness.reading_paused());
+        let state = progress.borrow().clone();
+        if state.synced && !synced {
+            synced = true;
+            admin_state.set_peer(PeerState::Connected, Some(&replica.peer().node));
+            info!(records = state.records, "replica synced: the pair is protected");
+        }
+        if let Some(end) = &state.ended
+            && !link_down
+        {
+            link_down = true;
+            detector.handle_link_down(now, end.to_string());
+        }
+        detector.handle_timeout(now);
+        while let Some(action) = detector.poll_action() {
+            match action {
+                Action::Suspect { silent_for, reason, .. } => {
+                    warn!(silent = %format_duration(silent_for), %reason, "primary suspected; fencing")
+                }
+                Action::Fence { attempt } => {
+                    let (result, command) = fence(config).await;
+                    info!(attempt, result = ?result, command = ?command, "fence result");
+                    if let Err(e) = detector.handle_fence_result(Instant::now(), result, command) {
+                        // The primary was heard while the probe ran: the detector moved on.
+                        info!(error = %e, "fence result no longer wanted");
+                    }
+                }
+                Action::Recovered { silent_for } => {
+                    info!(silent = %format_duration(silent_for), "primary heard again; no takeover")
+                }
+                Action::StandDown { alarm } => {
+                    error!(%alarm, "ALARM: not taking over");
+                    if link_down {
+                        return Watched::Rejoin(format!("stood down: {alarm}"));
+                    }
+                }
+                Action::TakeOver { record } => {
+                    if !synced {
+                        error!("the primary is gone before this replica was synced: it holds no usable table");
+                        return Watched::Rejoin("primary lost before the snapshot was applied".into());
+                    }
+                    return Watched::TakeOver(record);
+                }
+            }
+        }
+    }
+}
+
+/// The fence (ARCHITECTURE.md invariant 4): ARP probe of the VIP, then the operator's command when the
+/// probe went unanswered and one is configured.
+async fn fence(config: &NodeConfig) -> (FenceResult, Option<bool>) {
+    let f = &config.fencing;
+    let probed = shared::vip::probe(&config.iface, config.vip.addr, f.arp_probes, f.arp_time()).await;
+    let result = FenceResult::from(&probed);
+    let command = match (&result, &f.command) {
+        (FenceResult::Unanswered, Some(argv)) => Some(run_fence_command(argv, f.command_timeout).await),
+        _ => None,
+    };
+    (result, command)
+}
+
+/// Runs the operator's fence command; true only if it exits 0 within `timeout`.
+async fn run_fence_command(argv: &[String], timeout: Duration) -> bool {
+    let Some((program, args)) = argv.split_first() else { return false };
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args).kill_on_drop(true).stdin(std::process::Stdio::null());
+    let started = Instant::now();
+    match tokio::time::timeout(timeout, cmd.status()).await {
+        Ok(Ok(status)) if status.success() => {
+            info!(command = ?argv, took = ?started.elapsed(), "fence command confirmed the primary is fenced");
+            true
+        }
+        Ok(Ok(status)) => {
+            error!(command = ?argv, %status, "fence command failed");
+            false
+        }
+        Ok(Err(e)) => {
+            error!(command = ?argv, error = %e, "fence command could not be run");
+            false
+        }
+        Err(_) => {
+            error!(command = ?argv, ?timeout, "fence command timed out (killed)");
+            false
+        }
+    }
+}
+
+/// Takeover steps 3 to 7, then serving as primary until `shutdown`.
+async fn take_over(
+    config: &NodeConfig,
+    replica: Replica,
+    mut record: crate::detector::FailoverRecord,
+    admin_state: AdminState,
+    repl_listener: TcpListener,
+    shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
+) -> Result<(), BackupError> {
+    let (vip, port) = (config.vip.addr, config.port);
+    info!(reason = %record.reason, detection = ?record.detection, fencing = ?record.fencing, "taking over");
+
+    // 3. Hold. Without it a client segment that meets no socket yet is reset by the kernel.
+    let hold = match Hold::install(vip, port, &config.node) {
+        Ok(h) => Some(h),
+        Err(e) => {
+            error!(error = %e, "cannot hold VIP segments; restoring without the hold (clients may see resets)");
+            None
+        }
+    };
+    let table = replica.stop().await;
+    let epoch = table.epoch().max(admin_state.status(Instant::now()).epoch) + 1;
+
+    // 4. Claim the address (the kernel stays silent on ARP for it until this process answers).
+    let mut claim = VipClaim::new(&config.iface, vip, config.vip.prefix);
+    if let Err(e) = claim.take_address() {
+        let _ = claim.release();
+        return Err(BackupError::Claim(e));
+    }
+
+    // The listener before the restore: a restored socket leaves repair mode without address reuse, so a
+    // later bind of its port would fail, while a repair-mode bind ignores the listener. The hold keeps
+    // segments of not-yet-restored connections away from the listener (which would reset them).
+    let service = SocketAddr::V4(config.service_addr());
+    let listener = match TcpListener::bind(service).await {
+        Ok(l) => l,
+        Err(source) => {
+            let _ = claim.release();
+            return Err(BackupError::Bind { what: "HTTP service", addr: service, source });
+        }
+    };
+
+    // 5. Restore.
+    let report: RestoreReport = takeover::restore_all(&table, &config.retry);
+    info!(restored = report.restored.len(), failed = report.failed.len(), skipped = report.skipped.len(),
+        took = ?report.took, "connections restored");
+    if let Err(e) = claim.answer().await {
+        let _ = claim.release();
+        return Err(BackupError::Claim(e));
+    }
+    let gate = match Gate::start(primary::node::gate_config(config)) {
+        Ok((gate, diverted)) => GateFeed { gate: Arc::new(gate), diverted },
+        Err(e) => {
+            let _ = claim.release();
+            return Err(BackupError::Gate(e));
+        }
+    };
+    if let Some(hold) = hold
+        && let Err(e) = hold.release()
+    {
+        error!(error = %e, "removing the hold's rules failed; the gate is above them, so segments pass");
+    }
+    let restored_count = report.restored.len() as u64;
+    record.restored(Instant::now(), restored_count);
+    admin_state.set_role(Role::Primary, epoch);
+    admin_state.set_peer(PeerState::None, None);
+    admin_state.record_failover(shared::admin::FailoverRecord {
+        at: SystemTime::now(),
+        reason: record.reason.clone(),
+        epoch,
+        detection: record.detection,
+        fencing: record.fencing,
+        restore: record.restore.unwrap_or_default(),
+        total: record.total.unwrap_or_default(),
+        connections_restored: restored_count,
+        connections_lost: report.failed.len() as u64,
+    });
+    info!(
+        epoch,
+        detection = ?record.detection,
+        fencing = ?record.fencing,
+        restore = ?record.restore,
+        total = ?record.total,
+        connections = restored_count,
+        lost = report.failed.len(),
+        "took over: serving as primary"
+    );
+
+    let taken = TakenOver { epoch, table, admin: admin_state, claim, listener, gate, repl_listener };
+    let restored = report.restored;
+    primary::node::serve_after_takeover(config.clone(), taken, move |serving| resume_all(serving, restored), shutdown)
+        .await
+        .map_err(BackupError::Serving)
+}
+
+/// Starts the resume executor on every restored connection.
+fn resume_all(serving: &Serving, restored: Vec<Restored>) -> Vec<JoinHandle<()>> {
+    restored
+        .into_iter()
+        .map(|r| {
+            let key = r.plan.conn;
+            let (log, observer) = serving.hooks.open(SocketAddr::V4(key.client), SocketAddr::V4(key.server));
+            let proxy = serving.proxy.clone();
+            let signal: ShutdownSignal = serving.shutdown.clone();
+            let span = tracing::info_span!("conn", conn = %key.client, resumed = true);
+            tokio::spawn(
+                async move {
+                    let outcome = resume::resume_connection(&proxy, r, log, Arc::new(observer), signal).await;
+                    match &outcome.error {
+                        None => info!(path = outcome.path, "resumed connection ended"),
+                        Some(e) => warn!(path = outcome.path, error = %e, "resumed connection ended with an error"),
+                    }
+                }
+                .instrument(span),
+            )
+        })
+        .collect()
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, BackupError> {
+    TcpListener::bind(addr).await.map_err(|source| BackupError::Bind { what, addr, source })
+}
+
+async fn wait(mut signal: ShutdownSignal) {
+    signal.wait().await
+}
