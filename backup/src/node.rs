@@ -12,8 +12,8 @@
 //!    cannot be taken over from (the replica is not usable) and the node rejoins too.
 //!
 //! Takeover, in order (each step logged and timed):
-//! hold VIP:port segments → stop the replica and take its table → add the VIP → bind the listener →
-//! restore every connection with `TCP_REPAIR` → answer ARP and announce → start the gate (which
+//! hold VIP:port segments → stop the replica and take its table → add the VIP → restore every
+//! connection with `TCP_REPAIR` → bind the listener → answer ARP and announce → start the gate (which
 //! lifts the hold) → release the hold → serve as primary at the next epoch
 //! (`primary::node::serve_after_takeover`), resuming each restored connection's exchange in flight
 //! ([`crate::resume`]).
@@ -125,7 +125,7 @@ async fn run_in_span(
                     () = tokio::time::sleep(JOIN_RETRY) => {}
                 }
             }
-            Watched::TakeOver(record) => break Standby::TakeOver(replica, record),
+            Watched::TakeOver(record, synced) => break Standby::TakeOver(replica, record, synced),
         }
     };
     let result = match outcome {
@@ -133,8 +133,8 @@ async fn run_in_span(
             info!("stopped cleanly");
             Ok(())
         }
-        Standby::TakeOver(replica, record) => {
-            take_over(&config, replica, record, admin_state.clone(), repl_listener, shutdown).await
+        Standby::TakeOver(replica, record, synced) => {
+            take_over(&config, replica, record, synced, admin_state.clone(), repl_listener, shutdown).await
         }
     };
     late_trigger.trigger();
@@ -148,13 +148,14 @@ async fn run_in_span(
 
 enum Standby {
     Shutdown,
-    TakeOver(Replica, crate::detector::FailoverRecord),
+    TakeOver(Replica, crate::detector::FailoverRecord, bool),
 }
 
 enum Watched {
     Shutdown,
     Rejoin(String),
-    TakeOver(crate::detector::FailoverRecord),
+    /// The record, and whether the replica is synced (its table usable).
+    TakeOver(crate::detector::FailoverRecord, bool),
 }
 
 /// Joins the primary, retrying; `None` on shutdown.
@@ -265,10 +266,11 @@ async fn watch_primary(
                 }
                 Action::TakeOver { record } => {
                     if !synced {
-                        error!("the primary is gone before this replica was synced: it holds no usable table");
-                        return Watched::Rejoin("primary lost before the snapshot was applied".into());
+                        // The fence passed: nobody serves the VIP. Serving it without the existing
+                        // connections beats leaving it dead; `take_over` starts from an empty table.
+                        error!("the primary is gone before this replica was synced: taking over without its connections");
                     }
-                    return Watched::TakeOver(record);
+                    return Watched::TakeOver(record, synced);
                 }
             }
         }
@@ -319,6 +321,7 @@ async fn take_over(
     config: &NodeConfig,
     replica: Replica,
     mut record: crate::detector::FailoverRecord,
+    synced: bool,
     admin_state: AdminState,
     repl_listener: TcpListener,
     shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
@@ -334,7 +337,13 @@ async fn take_over(
             None
         }
     };
-    let table = replica.stop().await;
+    let mut table = replica.stop().await;
+    if !synced {
+        // A partial snapshot is not a consistent table: restore nothing from it.
+        let epoch = table.epoch();
+        table = shared::replica::ReplicaTable::new();
+        warn!(epoch, "the replica was not synced: no connection is restored");
+    }
     let epoch = table.epoch().max(admin_state.status(Instant::now()).epoch) + 1;
 
     // 4. Claim the address (the kernel stays silent on ARP for it until this process answers).
@@ -344,9 +353,13 @@ async fn take_over(
         return Err(BackupError::Claim(e));
     }
 
-    // The listener before the restore: a restored socket leaves repair mode without address reuse, so a
-    // later bind of its port would fail, while a repair-mode bind ignores the listener. The hold keeps
-    // segments of not-yet-restored connections away from the listener (which would reset them).
+    // 5. Restore.
+    let report: RestoreReport = takeover::restore_all(&table, &config.retry);
+    info!(restored = report.restored.len(), failed = report.failed.len(), skipped = report.skipped.len(),
+        took = ?report.took, "connections restored");
+    // The listener after the restore: before it, the hold's socket match would let segments of
+    // not-yet-restored connections reach a listener bound to the VIP, which resets them. Restored
+    // sockets carry SO_REUSEADDR (set after repair mode) so this bind succeeds beside them.
     let service = SocketAddr::V4(config.service_addr());
     let listener = match TcpListener::bind(service).await {
         Ok(l) => l,
@@ -355,11 +368,6 @@ async fn take_over(
             return Err(BackupError::Bind { what: "HTTP service", addr: service, source });
         }
     };
-
-    // 5. Restore.
-    let report: RestoreReport = takeover::restore_all(&table, &config.retry);
-    info!(restored = report.restored.len(), failed = report.failed.len(), skipped = report.skipped.len(),
-        took = ?report.took, "connections restored");
     if let Err(e) = claim.answer().await {
         let _ = claim.release();
         return Err(BackupError::Claim(e));

@@ -2,6 +2,8 @@
 //! (`tests/pair.rs`) and the demo: nginx as the origin (host `origin`, 10.2.0.10:8080), the `primary`
 //! binary on `server` (replication on 10.1.0.2:7700), the `backup` binary on `spare`
 //! (10.1.0.3:7700), clients on `client`. Admin endpoints on 127.0.0.1:9900 in each node's namespace.
+//! [`Origin::UsOrigin`] puts the test origin `us-origin` (tests/bin/origin.rs: slow, deduplicating by
+//! Idempotency-Key, chunked) in place of nginx; its executions are read with [`Pair::origin_executions`].
 //! Every process is ended by PID and the bed taken down on drop; the scratch directory is kept only
 //! when `UNDERSTUDY_KEEP` is set (its path is printed).
 
@@ -9,6 +11,8 @@ use crate::harness::{Proc, Testbed, run, wait_until};
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use std::fs;
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -53,11 +57,22 @@ impl Drop for Scratch {
     }
 }
 
-/// Extra flags for the nodes.
+/// Which origin runs in host `origin`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Origin {
+    /// nginx serving `www/` (PUT under `/up/`); its access log is [`Pair::origin_log`].
+    #[default]
+    Nginx,
+    /// `us-origin`; every request it received is in [`Pair::origin_executions`].
+    UsOrigin,
+}
+
+/// Extra flags for the nodes, and the origin.
 #[derive(Debug, Clone, Default)]
 pub struct PairOptions {
     /// Flags added to both nodes' command lines (e.g. `--non-idempotent-retry never`).
     pub node_flags: Vec<String>,
+    pub origin: Origin,
 }
 
 /// The running pair. Field order is drop order: processes end before the bed goes down.
@@ -80,7 +95,10 @@ impl Pair {
         prepare(&www)?;
         let tb = Testbed::up_pair(id)?;
         let mut pair = Pair { primary: None, backup: None, origin: None, tb, dir };
-        pair.origin = Some(pair.start_nginx()?);
+        pair.origin = Some(match opts.origin {
+            Origin::Nginx => pair.start_nginx()?,
+            Origin::UsOrigin => pair.start_us_origin()?,
+        });
         let primary = pair.start_node("primary", "server", opts)?;
         pair.primary = Some(primary);
         pair.wait_status("server", "the primary to serve", Duration::from_secs(20), |s| s["role"] == "primary")?;
@@ -114,6 +132,21 @@ impl Pair {
         wait_until("nginx on the origin to listen", Duration::from_secs(10), || {
             if let Some(status) = proc.try_wait()? {
                 bail!("nginx exited ({status}): {}", fs::read_to_string(d.join("error.log")).unwrap_or_default());
+            }
+            let listening = self.tb.exec("origin", &["ss", "-Hltn", &format!("src {ORIGIN}")])?;
+            Ok((!listening.trim().is_empty()).then_some(()))
+        })?;
+        Ok(proc)
+    }
+
+    fn start_us_origin(&self) -> Result<Proc> {
+        let bin = workspace_bin("us-origin")?;
+        let log = self.dir.0.join("origin.jsonl");
+        let args = [bin.to_str().context("path")?, "--listen", ORIGIN, "--log", log.to_str().context("path")?];
+        let mut proc = self.tb.spawn("us-origin", "origin", &args, &self.dir.0.join("origin.log"))?;
+        wait_until("us-origin on the origin to listen", Duration::from_secs(10), || {
+            if let Some(status) = proc.try_wait()? {
+                bail!("us-origin exited ({status}): {}", proc.log_text());
             }
             let listening = self.tb.exec("origin", &["ss", "-Hltn", &format!("src {ORIGIN}")])?;
             Ok((!listening.trim().is_empty()).then_some(()))
@@ -245,6 +278,32 @@ impl Pair {
     pub fn origin_log(&self) -> Vec<String> {
         let text = fs::read_to_string(self.dir.0.join("nginx/access.log")).unwrap_or_default();
         text.lines().map(str::to_owned).collect()
+    }
+
+    /// What `us-origin` received, one JSON object per request (`method`, `target`, `key`,
+    /// `outcome` = "executed" | "deduplicated", `execution`, `conn`, `bytes_in`, `ms`).
+    pub fn origin_executions(&self) -> Result<Vec<Value>> {
+        let text = fs::read_to_string(self.dir.0.join("origin.jsonl")).unwrap_or_default();
+        text.lines().map(|l| serde_json::from_str(l).with_context(|| format!("origin log line {l}"))).collect()
+    }
+
+    /// A TCP connection to `addr` opened from `host`: the socket is made on a thread that entered the
+    /// host's network namespace, and stays there when used from any thread.
+    pub fn connect_from(&self, host: &str, addr: SocketAddr, timeout: Duration) -> Result<TcpStream> {
+        let ns = format!("/run/netns/us{}-{host}", self.tb.id);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let target = fs::File::open(&ns).with_context(|| format!("opening namespace {ns}"))?;
+                // SAFETY: setns(2) with a namespace descriptor we hold; it changes this (scoped,
+                // short-lived) thread only.
+                if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(std::io::Error::last_os_error()).with_context(|| format!("setns into {ns}"));
+                }
+                TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connecting to {addr} from {host}"))
+            })
+            .join()
+            .unwrap_or_else(|_| bail!("the connecting thread panicked"))
+        })
     }
 
     /// Runs a command in the client host to completion.

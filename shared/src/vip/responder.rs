@@ -5,14 +5,17 @@
 //! process dies, or the [`Responder`] is dropped, the address goes quiet at once although
 //! it is still configured, and the backup's probe tells the truth. The decisions are
 //! [`respond`]'s (RFC 826 replies, RFC 5227 §2.4 conflict detection).
+//!
+//! The responder runs on its own thread with its own single-threaded runtime, not as a task of the
+//! node's runtime: a healthy primary whose workers are busy with client traffic must still answer the
+//! backup's fencing probe within milliseconds, or the backup would take over from a live primary.
 
 use super::arp::{ArpKind, Mac, ResponderAction, respond};
 use super::socket::{ArpError, ArpSocket, Incoming};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
 
 /// Another node spoke as the VIP (RFC 5227 §2.4): it claims or answers for the address
@@ -48,11 +51,13 @@ struct Counters {
 /// Conflicts kept for the owner; older ones beyond this are only counted.
 const CONFLICT_QUEUE: usize = 64;
 
-/// A task answering ARP for the VIP. Dropping it stops the answers at once.
+/// A thread answering ARP for the VIP. Dropping it stops the answers.
 #[derive(Debug)]
 pub struct Responder {
-    /// `None` once [`Responder::stopped`] has taken it.
-    task: Option<JoinHandle<ArpError>>,
+    /// Dropped (or sent) to stop the thread; `None` once stopping.
+    stop: Option<oneshot::Sender<()>>,
+    /// Why the thread ended by itself; `None` once [`Responder::stopped`] has taken it.
+    ended: Option<oneshot::Receiver<ArpError>>,
     counters: Arc<Counters>,
     conflicts: mpsc::Receiver<Conflict>,
     mac: Mac,
@@ -60,19 +65,46 @@ pub struct Responder {
 
 impl Responder {
     /// Opens an ARP socket on `iface` (bound before this returns, so no request arriving
-    /// afterwards is missed) and starts answering for `vip`. Must run inside a tokio
-    /// runtime, in the network namespace of `iface`.
+    /// afterwards is missed) and starts answering for `vip` on a dedicated thread, which inherits
+    /// the calling thread's network namespace (it must be that of `iface`).
     pub fn spawn(iface: &str, vip: Ipv4Addr) -> Result<Responder, ArpError> {
-        Ok(Self::spawn_on(ArpSocket::open(iface)?, vip))
-    }
-
-    /// Starts answering for `vip` on an open socket.
-    pub fn spawn_on(socket: ArpSocket, vip: Ipv4Addr) -> Responder {
         let counters = Arc::new(Counters::default());
-        let (tx, rx) = mpsc::channel(CONFLICT_QUEUE);
-        let mac = socket.mac();
-        let task = tokio::spawn(run(socket, vip, counters.clone(), tx));
-        Responder { task: Some(task), counters, conflicts: rx, mac }
+        let (conflict_tx, conflicts) = mpsc::channel(CONFLICT_QUEUE);
+        let (stop, stop_rx) = oneshot::channel::<()>();
+        let (ended_tx, ended) = oneshot::channel();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (iface, thread_counters) = (iface.to_string(), counters.clone());
+        std::thread::Builder::new()
+            .name("arp-responder".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(ArpError::ResponderFailed(format!("runtime: {e}"))));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    // Opened here so that the socket is polled by this thread's reactor.
+                    let socket = match ArpSocket::open(&iface) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(socket.mac()));
+                    tokio::select! {
+                        _ = stop_rx => {}
+                        e = run(socket, vip, thread_counters, conflict_tx) => {
+                            let _ = ended_tx.send(e);
+                        }
+                    }
+                });
+            })
+            .map_err(|e| ArpError::ResponderFailed(format!("thread: {e}")))?;
+        let mac = ready_rx.recv().map_err(|_| ArpError::ResponderFailed("thread ended at start".into()))??;
+        Ok(Responder { stop: Some(stop), ended: Some(ended), counters, conflicts, mac })
     }
 
     /// The hardware address the responder answers with.
@@ -90,35 +122,31 @@ impl Responder {
         }
     }
 
-    /// The next conflict seen; pending forever while there is none and the task runs,
-    /// `None` once the task has ended.
+    /// The next conflict seen; pending forever while there is none and the thread runs,
+    /// `None` once it has ended.
     pub async fn conflict(&mut self) -> Option<Conflict> {
         self.conflicts.recv().await
     }
 
-    /// False once the task has ended (its socket failed: see [`Responder::stopped`]).
+    /// False once the thread has ended (its socket failed: see [`Responder::stopped`]).
     pub fn is_running(&self) -> bool {
-        self.task.as_ref().is_some_and(|t| !t.is_finished())
+        self.stop.as_ref().is_some_and(|s| !s.is_closed())
     }
 
-    /// Waits for the task to end by itself and returns why (it only ends on a socket
+    /// Waits for the thread to end by itself and returns why (it only ends on a socket
     /// error). A responder that stops leaves the VIP silent: its owner must treat this as
     /// losing the address.
     pub async fn stopped(mut self) -> ArpError {
-        let Some(task) = self.task.take() else { return ArpError::ResponderFailed("already stopped".into()) };
-        match task.await {
-            Ok(e) => e,
-            Err(join) => ArpError::ResponderFailed(join.to_string()),
-        }
+        let Some(ended) = self.ended.take() else { return ArpError::ResponderFailed("already stopped".into()) };
+        ended.await.unwrap_or_else(|_| ArpError::ResponderFailed("the responder thread ended".into()))
     }
 }
 
 impl Drop for Responder {
     fn drop(&mut self) {
-        // Aborted before its next poll: no answer leaves after this (on a multi-thread
-        // runtime, at most the reply of a poll already running on another worker).
-        if let Some(t) = &self.task {
-            t.abort();
+        // The thread's select ends at its next wakeup: at most a reply already being sent leaves.
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
         }
     }
 }
