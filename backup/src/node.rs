@@ -27,10 +27,11 @@ use primary::gate::{Gate, GateError};
 use primary::node::{NodeError, Serving, TakenOver};
 use primary::proxy::{ConnectionHooks, ShutdownSignal, ShutdownTrigger};
 use primary::replicate::GateFeed;
-use shared::admin::{self, AdminState, PeerState};
+use shared::admin::{self, AdminState, PeerState, ResumePath};
 use shared::config::{NodeConfig, format_duration, role_name};
 use shared::link::LocalIdentity;
 use shared::protocol::Role;
+use shared::replica::Decision;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -268,7 +269,9 @@ async fn watch_primary(
                     if !synced {
                         // The fence passed: nobody serves the VIP. Serving it without the existing
                         // connections beats leaving it dead; `take_over` starts from an empty table.
-                        error!("the primary is gone before this replica was synced: taking over without its connections");
+                        error!(
+                            "the primary is gone before this replica was synced: taking over without its connections"
+                        );
                     }
                     return Watched::TakeOver(record, synced);
                 }
@@ -410,15 +413,15 @@ async fn take_over(
         "took over: serving as primary"
     );
 
+    let metrics_admin = admin_state.clone();
     let taken = TakenOver { epoch, table, admin: admin_state, claim, listener, gate, repl_listener };
     let restored = report.restored;
-    primary::node::serve_after_takeover(config.clone(), taken, move |serving| resume_all(serving, restored), shutdown)
-        .await
-        .map_err(BackupError::Serving)
+    let resume = move |serving: &Serving| resume_all(serving, restored, metrics_admin);
+    primary::node::serve_after_takeover(config.clone(), taken, resume, shutdown).await.map_err(BackupError::Serving)
 }
 
 /// Starts the resume executor on every restored connection.
-fn resume_all(serving: &Serving, restored: Vec<Restored>) -> Vec<JoinHandle<()>> {
+fn resume_all(serving: &Serving, restored: Vec<Restored>, admin_state: AdminState) -> Vec<JoinHandle<()>> {
     restored
         .into_iter()
         .map(|r| {
@@ -427,9 +430,17 @@ fn resume_all(serving: &Serving, restored: Vec<Restored>) -> Vec<JoinHandle<()>>
             let proxy = serving.proxy.clone();
             let signal: ShutdownSignal = serving.shutdown.clone();
             let span = tracing::info_span!("conn", conn = %key.client, resumed = true);
+            let admin_state = admin_state.clone();
             tokio::spawn(
                 async move {
+                    let in_flight = r.plan.decision.clone();
+                    let queued: Vec<_> = r.plan.queued.iter().map(|q| q.decision.clone()).collect();
                     let outcome = resume::resume_connection(&proxy, r, log, Arc::new(observer), signal).await;
+                    let resumes = &admin_state.metrics().resumes;
+                    resumes.get(resume_path(&in_flight, outcome.source)).inc();
+                    for d in &queued {
+                        resumes.get(resume_path(d, None)).inc();
+                    }
                     match &outcome.error {
                         None => info!(path = outcome.path, "resumed connection ended"),
                         Some(e) => warn!(path = outcome.path, error = %e, "resumed connection ended with an error"),
@@ -439,6 +450,26 @@ fn resume_all(serving: &Serving, restored: Vec<Restored>) -> Vec<JoinHandle<()>>
             )
         })
         .collect()
+}
+
+/// The metric label of a decision carried out (`source`: where a continuation's bytes came from).
+fn resume_path(decision: &Decision, source: Option<&str>) -> ResumePath {
+    match decision {
+        Decision::ReplayFromLog { .. } => ResumePath::ReplayedFromLog,
+        Decision::Resend { .. } => ResumePath::ResentUpstream,
+        Decision::ContinueFromLog { .. } => ResumePath::ContinuedAtOffset,
+        Decision::ContinueWithRange { .. } if source == Some("range_200_refetch") => ResumePath::FullRefetch,
+        Decision::ContinueWithRange { .. } => ResumePath::RangeRefetch,
+        Decision::ContinueWithRefetch { .. } => ResumePath::FullRefetch,
+        Decision::Refuse { .. } => ResumePath::ClosedNeverPolicy,
+        Decision::Truncate { .. } => ResumePath::ClosedMismatch,
+        Decision::Unprotected { .. }
+        | Decision::NotRestorable { .. }
+        | Decision::Idle
+        | Decision::Written { .. }
+        | Decision::KeepReading { .. }
+        | Decision::NotStarted { .. } => ResumePath::NothingToDo,
+    }
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, BackupError> {
