@@ -14,6 +14,7 @@ use std::fs;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 pub const VIP: &str = "10.0.0.100";
@@ -83,18 +84,25 @@ pub struct Pair {
     pub tb: Testbed,
     /// Origin document root (`www/`), node logs and request logs.
     pub dir: Scratch,
+    /// Pairs in one test process run one at a time: each loads the 2-core hosts these tests run on
+    /// as a deployment would, and two at once would measure the machine, not the pair.
+    _serial: MutexGuard<'static, ()>,
 }
+
+static SERIAL: Mutex<()> = Mutex::new(());
 
 impl Pair {
     /// Builds bed `id`, starts nginx serving `dir/www` (the caller fills it after, or before via
     /// `prepare`), the primary, then the backup, and waits until the pair is protected.
     pub fn up(id: &str, opts: &PairOptions, prepare: impl FnOnce(&Path) -> Result<()>) -> Result<Pair> {
+        // A test that failed while holding the lock poisons it; the next one may still run.
+        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let dir = Scratch::new(id)?;
         let www = dir.0.join("www");
         fs::create_dir_all(&www)?;
         prepare(&www)?;
         let tb = Testbed::up_pair(id)?;
-        let mut pair = Pair { primary: None, backup: None, origin: None, tb, dir };
+        let mut pair = Pair { primary: None, backup: None, origin: None, tb, dir, _serial: serial };
         pair.origin = Some(match opts.origin {
             Origin::Nginx => pair.start_nginx()?,
             Origin::UsOrigin => pair.start_us_origin()?,
