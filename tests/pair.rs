@@ -10,26 +10,17 @@ use anyhow::{Context, Result, ensure};
 use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use understudy_tests::harness::{Capture, Proc, count_matching, unique_id};
-use understudy_tests::pair::{Pair, PairOptions, VIP};
+use understudy_tests::harness::{Capture, Proc, count_matching, unique_id, wait_until};
+use understudy_tests::pair::{Pair, PairOptions, VIP, read_offset};
 use understudy_tests::pattern;
 
 const MB: u64 = 1_000_000;
 
-/// Writes `len` pattern bytes of `key` to `path`; returns their sha256.
-fn pattern_file(path: &Path, key: u64, len: u64) -> Result<String> {
-    use std::io::Write;
-    let mut f = std::io::BufWriter::new(fs::File::create(path)?);
-    let mut buf = vec![0u8; 1 << 20];
-    let mut off = 0;
-    while off < len {
-        let n = (len - off).min(buf.len() as u64) as usize;
-        pattern::fill(key, off, &mut buf[..n]);
-        f.write_all(&buf[..n])?;
-        off += n as u64;
-    }
-    f.flush()?;
-    Ok(pattern::sha256_hex(key, len))
+/// curl's `-w '%{num_connects} %{http_code}\n'` summary: the last line of its log (lines before it may
+/// come from the test bed's `exec`).
+fn curl_summary(log: &str) -> (&str, &str) {
+    let mut w = log.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").split_whitespace();
+    (w.next().unwrap_or(""), w.next().unwrap_or(""))
 }
 
 fn file_len(path: &Path) -> u64 {
@@ -52,7 +43,7 @@ fn download_survives(tag: char, failure: Failure) -> Result<()> {
     let len = 200 * MB;
     let mut sha = String::new();
     let mut pair = Pair::up(&id, &PairOptions::default(), |www| {
-        sha = pattern_file(&www.join("big.bin"), 7, len)?;
+        sha = pattern::write_file(&www.join("big.bin"), 7, len)?;
         fs::write(www.join("small.txt"), "hello\n")?;
         Ok(())
     })?;
@@ -62,7 +53,7 @@ fn download_survives(tag: char, failure: Failure) -> Result<()> {
         Capture::start(&pair.tb, "client", "eth0", &format!("tcp and host {VIP}"), 96, &dir.join("client.pcap"))?;
     let url = format!("http://{VIP}/big.bin");
     let got_s = got.to_str().context("path")?;
-    let args = ["curl", "-sS", "--limit-rate", "40M", "-o", got_s, "-w", "%{num_connects} %{http_code}", &url];
+    let args = ["curl", "-sS", "--limit-rate", "40M", "-o", got_s, "-w", "%{num_connects} %{http_code}\n", &url];
     let mut curl = pair.tb.spawn("curl download", "client", &args, &dir.join("curl.log"))?;
 
     // Watch progress; fail the primary at 40 %; record the largest stall.
@@ -104,8 +95,7 @@ fn download_survives(tag: char, failure: Failure) -> Result<()> {
     let out = fs::read_to_string(dir.join("curl.log"))?;
     ensure!(status.success(), "curl failed ({status}): {out}\n{}", pair.logs_tail());
     ensure!(failed_at.is_some(), "the download finished before the failure was injected");
-    let mut words = out.split_whitespace();
-    let (connects, code) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    let (connects, code) = curl_summary(&out);
     ensure!(code == "200", "status {code}");
     ensure!(connects == "1", "curl opened {connects} connections");
     ensure!(file_len(&got) == len, "got {} bytes of {len}", file_len(&got));
@@ -170,7 +160,6 @@ fn download_200mb_survives_a_power_cut_of_the_primary() -> Result<()> {
     download_survives('p', Failure::PowerCut)
 }
 
-
 /// 64 keep-alive clients doing sequential requests of varied sizes across a failover.
 #[test]
 fn sixty_four_keep_alive_clients_see_no_error_across_a_failover() -> Result<()> {
@@ -178,7 +167,7 @@ fn sixty_four_keep_alive_clients_see_no_error_across_a_failover() -> Result<()> 
     let sizes: Vec<u64> = vec![1_000, 10_000, 100_000, 700_000, 2_000_000, 50, 300_000];
     let mut pair = Pair::up(&id, &PairOptions::default(), |www| {
         for (i, &n) in sizes.iter().enumerate() {
-            pattern_file(&www.join(format!("f{i}.bin")), 100 + i as u64, n)?;
+            pattern::write_file(&www.join(format!("f{i}.bin")), 100 + i as u64, n)?;
         }
         Ok(())
     })?;
@@ -199,7 +188,10 @@ fn sixty_four_keep_alive_clients_see_no_error_across_a_failover() -> Result<()> 
     }
     script.push_str("wait\n");
     let mut all = pair.tb.spawn("clients", "client", &["sh", "-c", &script], &dir.join("clients.log"))?;
-    std::thread::sleep(Duration::from_millis(1500));
+    // Kill once every client is mid-way: each has received at least one byte.
+    wait_until("every client to be receiving", Duration::from_secs(60), || {
+        Ok((0..clients).all(|c| file_len(&dir.join(format!("c{c}.out"))) > 0).then_some(()))
+    })?;
     pair.kill_primary()?;
     let taken = pair.wait_taken_over(Duration::from_secs(30))?;
     all.wait(Duration::from_secs(180))?;
@@ -249,7 +241,7 @@ fn backup_killed_under_load_leaves_clients_unharmed_and_primary_unprotected() ->
     let len = 50 * MB;
     let mut sha = String::new();
     let mut pair = Pair::up(&id, &PairOptions::default(), |www| {
-        sha = pattern_file(&www.join("big.bin"), 9, len)?;
+        sha = pattern::write_file(&www.join("big.bin"), 9, len)?;
         Ok(())
     })?;
     let dir = pair.dir.0.clone();
@@ -257,9 +249,7 @@ fn backup_killed_under_load_leaves_clients_unharmed_and_primary_unprotected() ->
     let url = format!("http://{VIP}/big.bin");
     let args = ["curl", "-sS", "--limit-rate", "20M", "-o", got.to_str().context("path")?, &url];
     let mut curl = pair.tb.spawn("curl download", "client", &args, &dir.join("curl.log"))?;
-    understudy_tests::harness::wait_until("a third of the download", Duration::from_secs(60), || {
-        Ok((file_len(&got) >= len / 3).then_some(()))
-    })?;
+    wait_until("a third of the download", Duration::from_secs(60), || Ok((file_len(&got) >= len / 3).then_some(())))?;
     let killed = Instant::now();
     pair.kill_backup()?;
     let status = pair.wait_status("server", "the primary to drop its backup", Duration::from_secs(10), |s| {
@@ -283,28 +273,29 @@ fn upload_survives(tag: char, chunked: bool) -> Result<()> {
     let mut pair = Pair::up(&id, &PairOptions::default(), |_| Ok(()))?;
     let dir = pair.dir.0.clone();
     let src = dir.join("upload.bin");
-    let sha = pattern_file(&src, 21, len)?;
+    let sha = pattern::write_file(&src, 21, len)?;
     let url = format!("http://{VIP}/up/file.bin");
     let src_s = src.to_str().context("path")?;
-    // curl reads a pipe in chunks of unknown total length, so it sends chunked; a file goes with a
-    // Content-Length.
-    let script = if chunked {
-        format!(
-            "cat {src_s} | curl -sS --limit-rate 12M -T - -H 'Transfer-Encoding: chunked' -w '%{{num_connects}} %{{http_code}}' {url}"
-        )
-    } else {
-        format!("curl -sS --limit-rate 12M -T {src_s} -w '%{{num_connects}} %{{http_code}}' {url}")
-    };
-    let mut curl = pair.tb.spawn("curl upload", "client", &["sh", "-c", &script], &dir.join("curl.log"))?;
-    // The origin's file grows as nginx writes its temp file; watch the client's progress by time.
-    std::thread::sleep(Duration::from_millis(len * 4 / 10 / 12_000));
+    // A file goes with a Content-Length, unless the request names chunked coding.
+    let mut args = vec!["curl", "-sS", "--limit-rate", "12M", "-T", src_s, "-w", "%{num_connects} %{http_code}\n"];
+    if chunked {
+        args.extend(["-H", "Transfer-Encoding: chunked"]);
+    }
+    args.push(&url);
+    let mut curl = pair.tb.spawn("curl upload", "client", &args, &dir.join("curl.log"))?;
+    // Kill once curl has read 40 % of the file (its descriptor's offset; the rate limit paces it).
+    wait_until("the upload to reach 40 %", Duration::from_secs(60), || {
+        if let Some(status) = curl.try_wait()? {
+            anyhow::bail!("curl ended before the failure ({status}): {}", curl.log_text());
+        }
+        Ok(read_offset(curl.pid(), &src).is_some_and(|at| at >= len * 4 / 10).then_some(()))
+    })?;
     pair.kill_primary()?;
     let taken = pair.wait_taken_over(Duration::from_secs(30))?;
     let status = curl.wait(Duration::from_secs(180))?;
     let out = fs::read_to_string(dir.join("curl.log"))?;
     ensure!(status.success(), "curl failed ({status}): {out}\n{}", pair.logs_tail());
-    let mut w = out.split_whitespace();
-    let (connects, code) = (w.next().unwrap_or(""), w.next().unwrap_or(""));
+    let (connects, code) = curl_summary(&out);
     ensure!(connects == "1", "curl opened {connects} connections");
     ensure!(code == "201" || code == "204", "origin answered {code}: {out}");
     let stored = dir.join("www/up/file.bin");
@@ -316,6 +307,8 @@ fn upload_survives(tag: char, chunked: bool) -> Result<()> {
         .collect();
     let complete: Vec<&String> = puts.iter().filter(|l| l.contains(" 201 ") || l.contains(" 204 ")).collect();
     ensure!(complete.len() == 1, "the origin completed {} PUTs: {puts:?}", complete.len());
+    let coding = if chunked { "chunked" } else { "-" };
+    ensure!(complete[0].ends_with(&format!(" {coding}")), "the PUT was not sent with coding {coding}: {}", complete[0]);
     println!("upload (chunked: {chunked}): stored once, sha256 matches; failover {}", taken["failovers"][0]);
     Ok(())
 }

@@ -149,7 +149,13 @@ fn set_reuse_address(stream: &std::net::TcpStream) -> std::io::Result<()> {
     let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: a valid socket descriptor and a c_int option value of the stated length.
     let rc = unsafe {
-        libc::setsockopt(stream.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, (&one as *const libc::c_int).cast(), len)
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&one as *const libc::c_int).cast(),
+            len,
+        )
     };
     if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }

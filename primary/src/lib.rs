@@ -5,6 +5,7 @@
 //! FIN or RST — unless the backup already holds what it needs to reproduce it.
 
 pub mod claim;
+pub mod cli;
 pub mod gate;
 pub mod node;
 pub mod proxy;

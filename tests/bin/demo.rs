@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use understudy_tests::harness::{Capture, Proc, run, unique_id};
-use understudy_tests::pair::{Pair, PairOptions, VIP};
+use understudy_tests::pair::{Pair, PairOptions, VIP, read_offset};
 use understudy_tests::pattern;
 
 const MB: u64 = 1_000_000;
@@ -179,24 +179,6 @@ impl Clock {
     }
 }
 
-/// Writes `len` pattern bytes of `key` to `path`; returns their sha256.
-fn pattern_file(path: &Path, key: u64, len: u64) -> Result<String> {
-    let mut f =
-        std::io::BufWriter::new(fs::File::create(path).with_context(|| format!("creating {}", path.display()))?);
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut off = 0;
-    while off < len {
-        let n = (len - off).min(buf.len() as u64) as usize;
-        pattern::fill(key, off, &mut buf[..n]);
-        f.write_all(&buf[..n])?;
-        h.update(&buf[..n]);
-        off += n as u64;
-    }
-    f.flush()?;
-    Ok(hex::encode(h.finalize()))
-}
-
 fn sha256_file(path: &Path) -> Result<String> {
     let mut f = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut h = Sha256::new();
@@ -263,18 +245,6 @@ fn largest_gaps(times: &[Instant], split: Instant) -> (Duration, Duration) {
     (before, after)
 }
 
-/// How far a process has read the file `path` (its descriptor's offset in /proc), for progress lines.
-fn read_offset(pid: u32, path: &Path) -> Option<u64> {
-    for entry in fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
-        if fs::read_link(entry.path()).ok().as_deref() == Some(path) {
-            let info =
-                fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", entry.file_name().to_string_lossy())).ok()?;
-            return info.lines().find_map(|l| l.strip_prefix("pos:")).and_then(|v| v.trim().parse().ok());
-        }
-    }
-    None
-}
-
 /// One client process and what it reported.
 struct Client {
     proc: Proc,
@@ -327,13 +297,13 @@ fn demo(cli: &Cli) -> Result<bool> {
     let mut download_sha = String::new();
     let mut upload_sha = String::new();
     let mut pair = Pair::up(&id, &PairOptions::default(), |www| {
-        download_sha = pattern_file(&www.join("big.bin"), DOWNLOAD_KEY, download_len)?;
+        download_sha = pattern::write_file(&www.join("big.bin"), DOWNLOAD_KEY, download_len)?;
         for (i, &n) in KEEPALIVE_SIZES.iter().enumerate() {
-            pattern_file(&www.join(format!("f{i}.bin")), 100 + i as u64, n)?;
+            pattern::write_file(&www.join(format!("f{i}.bin")), 100 + i as u64, n)?;
         }
         fs::write(www.join("small.txt"), "hello\n")?;
         let scratch = www.parent().context("www has no parent")?;
-        upload_sha = pattern_file(&scratch.join("upload.bin"), UPLOAD_KEY, upload_len)?;
+        upload_sha = pattern::write_file(&scratch.join("upload.bin"), UPLOAD_KEY, upload_len)?;
         check_interrupted()
     })?;
     check_interrupted()?;

@@ -123,7 +123,7 @@ impl Pair {
         let conf = format!(
             "daemon off;\nmaster_process off;\nworker_processes 1;\npid {dd}/nginx.pid;\n\
              error_log {dd}/error.log warn;\nevents {{ worker_connections 1024; }}\n\
-             http {{\n  log_format reqs '$connection $request_method $uri $status $request_length';\n\
+             http {{\n  log_format reqs '$connection $request_method $uri $status $request_length $http_transfer_encoding';\n\
              access_log {dd}/access.log reqs;\n  client_body_temp_path {dd}/body;\n  proxy_temp_path {dd}/proxy;\n\
              fastcgi_temp_path {dd}/fastcgi;\n  uwsgi_temp_path {dd}/uwsgi;\n  scgi_temp_path {dd}/scgi;\n\
              keepalive_requests 100000;\n  keepalive_timeout 75s;\n  sendfile on;\n\
@@ -282,7 +282,8 @@ impl Pair {
         text.lines().map(|l| serde_json::from_str(l).with_context(|| format!("request log line {l}"))).collect()
     }
 
-    /// The origin's access log: `connection method uri status request_length` per request.
+    /// The origin's access log: `connection method uri status request_length transfer_encoding` per request
+    /// (`-` for no Transfer-Encoding).
     pub fn origin_log(&self) -> Vec<String> {
         let text = fs::read_to_string(self.dir.0.join("nginx/access.log")).unwrap_or_default();
         text.lines().map(str::to_owned).collect()
@@ -324,4 +325,16 @@ impl Pair {
         let out = run(std::process::Command::new("sha256sum").arg(path))?;
         Ok(out.split_whitespace().next().unwrap_or_default().to_string())
     }
+}
+
+/// The file offset of the descriptor process `pid` holds on `path` (how far it has read), if it has one.
+pub fn read_offset(pid: u32, path: &Path) -> Option<u64> {
+    for entry in fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
+        if fs::read_link(entry.path()).ok().as_deref() == Some(path) {
+            let info =
+                fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", entry.file_name().to_string_lossy())).ok()?;
+            return info.lines().find_map(|l| l.strip_prefix("pos:")).and_then(|v| v.trim().parse().ok());
+        }
+    }
+    None
 }

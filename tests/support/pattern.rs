@@ -54,6 +54,25 @@ pub fn sha256_hex(key: u64, len: u64) -> String {
     hex::encode(h.finalize())
 }
 
+/// Writes the first `len` bytes of the payload of `key` to a new file at `path`; returns their
+/// SHA-256 (hex).
+pub fn write_file(path: &std::path::Path, key: u64, len: u64) -> std::io::Result<String> {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while off < len {
+        let n = ((len - off) as usize).min(buf.len());
+        fill(key, off, &mut buf[..n]);
+        f.write_all(&buf[..n])?;
+        h.update(&buf[..n]);
+        off += n as u64;
+    }
+    f.flush()?;
+    Ok(hex::encode(h.finalize()))
+}
+
 /// Key of the response to the `index`-th request on a connection (0-based).
 pub fn response_key(index: u64) -> u64 {
     0x5e_ed00_0000 + index
