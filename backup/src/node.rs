@@ -362,7 +362,7 @@ async fn take_over(
         took = ?report.took, "connections restored");
     // The listener after the restore: before it, the hold's socket match would let segments of
     // not-yet-restored connections reach a listener bound to the VIP, which resets them. Restored
-    // sockets carry SO_REUSEADDR (set after repair mode) so this bind succeeds beside them.
+    // sockets carry SO_REUSEADDR (`repair::restore` sets it) so this bind succeeds beside them.
     let service = SocketAddr::V4(config.service_addr());
     let listener = match TcpListener::bind(service).await {
         Ok(l) => l,

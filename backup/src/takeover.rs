@@ -135,29 +135,9 @@ pub fn restore_all(table: &ReplicaTable, retry: &RetryConfig) -> RestoreReport {
 
 fn restore_one(plan: &tcp_replay::RestorePlan, _resume: &ConnResume) -> Result<tokio::net::TcpStream, String> {
     let stream = repair::restore(plan).map_err(|e| e.to_string())?;
-    // Out of repair mode the socket has no address reuse; with it, the service listener can bind the
-    // same port afterwards (a listening socket conflicts only with sockets that lack SO_REUSEADDR).
-    set_reuse_address(&stream).map_err(|e| format!("SO_REUSEADDR: {e}"))?;
     stream.set_nonblocking(true).map_err(|e| format!("set_nonblocking: {e}"))?;
     let _ = stream.set_nodelay(true);
     tokio::net::TcpStream::from_std(stream).map_err(|e| format!("registering with the runtime: {e}"))
-}
-
-fn set_reuse_address(stream: &std::net::TcpStream) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let one: libc::c_int = 1;
-    let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: a valid socket descriptor and a c_int option value of the stated length.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_REUSEADDR,
-            (&one as *const libc::c_int).cast(),
-            len,
-        )
-    };
-    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
 #[cfg(test)]

@@ -26,6 +26,8 @@
 //!   restore must pass it cleared.
 //! * Leaving repair mode with `TCP_REPAIR_OFF` sends a window probe and sets
 //!   `snd_wl1` to `rcv_nxt - 1`, so that the peer's answer refreshes the window.
+//!   It also drops the forced address reuse to none: `restore` sets `SO_REUSEADDR`
+//!   afterwards, so a listener with `SO_REUSEADDR` can bind the same port later.
 //! * A segment sent through a raw socket to a local address is delivered to the
 //!   local socket as if it came from the wire. It carries [`INJECT_MARK`] as its
 //!   `SO_MARK`, so a firewall rule that holds inbound traffic during a takeover
@@ -785,6 +787,9 @@ pub fn restore(plan: &RestorePlan) -> Result<TcpStream, RepairError> {
     // Ends repair mode with a window probe: the peer answers with an ACK, which
     // resynchronises its window and prompts retransmission of anything lost.
     repair_mode(fd, TCP_REPAIR_OFF)?;
+    // Out of repair mode the socket has no address reuse at all (SK_NO_REUSE), so a listener could no
+    // longer bind its port. With SO_REUSEADDR it is like a socket accepted from such a listener.
+    sock.set_reuse_address(true).map_err(sys("SO_REUSEADDR"))?;
     send_all(fd, &plan.unsent, "send(unsent)")?;
     if shape.our_fin == OurFin::AfterUnsent {
         sock.shutdown(std::net::Shutdown::Write).map_err(sys("shutdown(SHUT_WR)"))?;
