@@ -225,13 +225,14 @@ pub(crate) struct ConnShared {
     pub(crate) peer: SocketAddr,
     pub(crate) observer: Arc<dyn ExchangeObserver>,
     pub(crate) activity: Activity,
-    /// How a takeover resumes some of the next exchanges, by number; each taken once.
-    resume: Mutex<HashMap<u64, ExchangeOverride>>,
+    /// How a takeover resumes some of the next exchanges, by number; each taken once. `None` on every
+    /// connection that was not restored, so their requests take no lock.
+    resume: Option<Mutex<HashMap<u64, ExchangeOverride>>>,
 }
 
 impl ConnShared {
     fn take_override(&self, exchange: u64) -> Option<ExchangeOverride> {
-        self.resume.lock().unwrap_or_else(|p| p.into_inner()).remove(&exchange)
+        self.resume.as_ref()?.lock().unwrap_or_else(|p| p.into_inner()).remove(&exchange)
     }
 }
 
@@ -527,7 +528,7 @@ impl Proxy {
             peer,
             observer,
             activity: Activity::new(),
-            resume: Mutex::new(resume.exchanges),
+            resume: (!resume.exchanges.is_empty()).then(|| Mutex::new(resume.exchanges)),
         });
         let first = resume.first_exchange;
         let next = Arc::new(AtomicU64::new(first));
