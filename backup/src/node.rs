@@ -23,6 +23,7 @@ use crate::replica::{self, Replica, ReplicaConfig};
 use crate::resume::{self, Restored};
 use crate::takeover::{self, Hold, RestoreReport};
 use primary::claim::VipClaim;
+use primary::cli::Shutdown;
 use primary::gate::{Gate, GateError};
 use primary::node::{NodeError, Serving, TakenOver};
 use primary::proxy::{ConnectionHooks, ShutdownSignal, ShutdownTrigger};
@@ -34,7 +35,6 @@ use shared::protocol::Role;
 use shared::replica::Decision;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::net::TcpListener;
@@ -105,36 +105,36 @@ async fn run_in_span(
     let repl_listener = bind("replication listener", SocketAddr::V4(config.repl_listen)).await?;
     info!(addr = %config.repl_listen, "replication listener bound (joins are accepted after a takeover)");
 
-    let mut shutdown: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(shutdown);
+    let mut shutdown: Shutdown = Box::pin(shutdown);
     let identity = LocalIdentity::new(&config.cluster, &config.node, Role::Backup, 0);
     let replica_config = ReplicaConfig::from_node(&config);
     let outcome = loop {
         let Some(replica) = join_primary(join, &identity, &replica_config, &admin_state, &mut shutdown).await else {
-            break Standby::Shutdown;
+            break None;
         };
         match watch_primary(&config, &detector_config, &replica, &admin_state, &mut shutdown).await {
             Watched::Shutdown => {
                 replica.stop().await;
-                break Standby::Shutdown;
+                break None;
             }
             Watched::Rejoin(why) => {
                 warn!(reason = %why, "rejoining the primary");
                 admin_state.set_peer(PeerState::None, None);
                 drop(replica);
                 tokio::select! {
-                    () = &mut shutdown => break Standby::Shutdown,
+                    () = &mut shutdown => break None,
                     () = tokio::time::sleep(JOIN_RETRY) => {}
                 }
             }
-            Watched::TakeOver(record, synced) => break Standby::TakeOver(replica, record, synced),
+            Watched::TakeOver(record, synced) => break Some((replica, record, synced)),
         }
     };
     let result = match outcome {
-        Standby::Shutdown => {
+        None => {
             info!("stopped cleanly");
             Ok(())
         }
-        Standby::TakeOver(replica, record, synced) => {
+        Some((replica, record, synced)) => {
             take_over(&config, replica, record, synced, admin_state.clone(), repl_listener, shutdown).await
         }
     };
@@ -145,11 +145,6 @@ async fn run_in_span(
         error!(error = %e, "admin endpoint task failed");
     }
     result
-}
-
-enum Standby {
-    Shutdown,
-    TakeOver(Replica, crate::detector::FailoverRecord, bool),
 }
 
 enum Watched {
@@ -165,7 +160,7 @@ async fn join_primary(
     identity: &LocalIdentity,
     config: &ReplicaConfig,
     admin_state: &AdminState,
-    shutdown: &mut Pin<Box<dyn Future<Output = ()> + Send>>,
+    shutdown: &mut Shutdown,
 ) -> Option<Replica> {
     let mut attempts = 0u64;
     loop {
@@ -203,7 +198,7 @@ async fn watch_primary(
     detector_config: &DetectorConfig,
     replica: &Replica,
     admin_state: &AdminState,
-    shutdown: &mut Pin<Box<dyn Future<Output = ()> + Send>>,
+    shutdown: &mut Shutdown,
 ) -> Watched {
     let liveness = replica.liveness();
     let mut progress = replica.progress();
@@ -327,7 +322,7 @@ async fn take_over(
     synced: bool,
     admin_state: AdminState,
     repl_listener: TcpListener,
-    shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
+    shutdown: Shutdown,
 ) -> Result<(), BackupError> {
     let (vip, port) = (config.vip.addr, config.port);
     info!(reason = %record.reason, detection = ?record.detection, fencing = ?record.fencing, "taking over");
