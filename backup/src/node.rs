@@ -44,9 +44,6 @@ use tracing::{Instrument, error, info, warn};
 /// Wait between attempts to join an unreachable or refusing primary.
 pub const JOIN_RETRY: Duration = Duration::from_secs(1);
 
-/// How often the standby loop looks at the link when the detector has no earlier deadline.
-const POLL: Duration = Duration::from_millis(5);
-
 /// Why the backup did not start, or stopped other than by its shutdown signal.
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
@@ -209,13 +206,22 @@ async fn watch_primary(
     let mut fed = liveness.last_heard();
     let mut synced = false;
     let mut link_down = false;
+    // The link's pause state is sampled, so sample it well within a heartbeat interval; records do not
+    // wake this loop (any frame renews `last_heard`, read at each wake-up).
+    let sample = detector_config.heartbeat_interval / 2;
     loop {
         let now = Instant::now();
-        let due = detector.poll_timeout().map_or(now + POLL, |t| t.min(now + POLL));
+        let due = detector.poll_timeout().map_or(now + sample, |t| t.min(now + sample));
+        let mut ended = None;
         tokio::select! {
             () = &mut *shutdown => return Watched::Shutdown,
             () = tokio::time::sleep_until(due.into()) => {}
-            _ = progress.changed(), if !link_down => {}
+            Some(records) = async { progress.wait_for(|p| p.synced).await.ok().map(|p| p.records) }, if !synced => {
+                synced = true;
+                admin_state.set_peer(PeerState::Connected, Some(&replica.peer().node));
+                info!(records, "replica synced: the pair is protected");
+            }
+            end = replica.lost(), if !link_down => ended = Some(end),
         }
         let now = Instant::now();
         // Input first, then the timer (the detector's call order).
@@ -225,15 +231,7 @@ async fn watch_primary(
             fed = heard;
         }
         detector.handle_reading_paused(now, liveness.reading_paused());
-        let state = progress.borrow().clone();
-        if state.synced && !synced {
-            synced = true;
-            admin_state.set_peer(PeerState::Connected, Some(&replica.peer().node));
-            info!(records = state.records, "replica synced: the pair is protected");
-        }
-        if let Some(end) = &state.ended
-            && !link_down
-        {
+        if let Some(end) = ended {
             link_down = true;
             detector.handle_link_down(now, end.to_string());
         }
@@ -335,14 +333,15 @@ async fn take_over(
             None
         }
     };
+    // Above every epoch this node has heard of: the primary's at the handshake, and any in its stream.
+    let primary_epoch = replica.peer().epoch;
     let mut table = replica.stop().await;
+    let epoch = table.epoch().max(primary_epoch) + 1;
     if !synced {
         // A partial snapshot is not a consistent table: restore nothing from it.
-        let epoch = table.epoch();
         table = shared::replica::ReplicaTable::new();
-        warn!(epoch, "the replica was not synced: no connection is restored");
+        warn!("the replica was not synced: no connection is restored");
     }
-    let epoch = table.epoch().max(admin_state.status(Instant::now()).epoch) + 1;
 
     // 4. Claim the address (the kernel stays silent on ARP for it until this process answers).
     let mut claim = VipClaim::new(&config.iface, vip, config.vip.prefix);
