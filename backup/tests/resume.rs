@@ -34,8 +34,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fs;
 use std::net::{SocketAddr, SocketAddrV4};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -43,50 +42,17 @@ use tcp_replay::segment::SegmentBuilder;
 use tcp_replay::{Dir, Seq, TcpFlags, TcpOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use understudy_tests::harness::{free_port, wait_until_async};
+use understudy_tests::hyper_origin;
+use understudy_tests::nginx::{Nginx, NginxOptions};
+use understudy_tests::tempdir::TempDir;
 
-static DIRS: AtomicU32 = AtomicU32::new(0);
-
-/// A directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let n = DIRS.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("us-resume-{}-{tag}-{n}", std::process::id()));
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path).expect("create temp dir");
-        TempDir(path)
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-    fn join(&self, p: &str) -> PathBuf {
-        self.0.join(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Deterministic test content; `seed` makes different contents of one length.
+/// Deterministic test content (`understudy_tests::pattern`); `seed` makes different contents of one
+/// length.
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    (0..len as u64).map(|i| ((i + seed * 7919).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8).collect()
-}
-
-async fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = probe() {
-            return Ok(v);
-        }
-        if Instant::now() >= deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let mut data = vec![0u8; len];
+    understudy_tests::pattern::fill(seed, 0, &mut data);
+    data
 }
 
 // ------------------------------------------------------------------ the primary's replication stream
@@ -396,7 +362,7 @@ struct Node {
 
 impl Node {
     fn new(backend: Backend) -> Node {
-        let dir = TempDir::new("node");
+        let dir = TempDir::new("node").expect("create temp dir");
         let log_path = dir.join("requests.jsonl");
         let proxy = Proxy::new(ProxyConfig {
             node: "backup".into(),
@@ -419,8 +385,8 @@ impl Node {
     /// The request log line of exchange `n` of the connection, once written.
     async fn request(&self, conn: &ConnKey, n: u64) -> Result<Value> {
         let client = conn.client.to_string();
-        wait_for(&format!("request log line of exchange {n}"), Duration::from_secs(10), || {
-            self.requests().into_iter().find(|v| v["exchange"] == n && v["connection"] == client.as_str())
+        wait_until_async(&format!("request log line of exchange {n}"), Duration::from_secs(10), || {
+            Ok(self.requests().into_iter().find(|v| v["exchange"] == n && v["connection"] == client.as_str()))
         })
         .await
     }
@@ -488,78 +454,9 @@ impl Session {
 
 // ------------------------------------------------------------------ origins
 
-/// nginx on a loopback port (one process, config and logs in a temp dir), killed by PID on drop.
-struct Nginx {
-    child: Child,
-    port: u16,
-    dir: TempDir,
-}
-
-impl Nginx {
-    fn start(root: &Path) -> Result<Nginx> {
-        let mut last = String::new();
-        for _ in 0..5 {
-            let dir = TempDir::new("nginx");
-            let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-            let d = dir.path().display();
-            let conf = format!(
-                "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
-                 events {{ worker_connections 256; }}\n\
-                 http {{\n  log_format ranges '$request|$http_range|$http_if_range|$status';\n  access_log {d}/access.log ranges;\n\
-                 client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
-                 uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-                 types {{ text/plain txt; application/octet-stream bin; }}\n\
-                 server {{ listen 127.0.0.1:{port}; root {root}; location / {{ }} }}\n}}\n",
-                root = root.display()
-            );
-            fs::write(dir.join("nginx.conf"), conf)?;
-            let child = Command::new("nginx")
-                .arg("-p")
-                .arg(dir.path())
-                .arg("-c")
-                .arg(dir.join("nginx.conf"))
-                .arg("-e")
-                .arg(dir.join("error.log"))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("starting nginx (apt-get install -y nginx)")?;
-            let mut nginx = Nginx { child, port, dir };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if let Ok(Some(_)) = nginx.child.try_wait() {
-                    break;
-                }
-                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return Ok(nginx);
-                }
-                if Instant::now() > deadline {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            last = fs::read_to_string(nginx.dir.join("error.log")).unwrap_or_default();
-        }
-        bail!("nginx did not start: {last}")
-    }
-
-    fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
-    }
-
-    /// Access log lines: `request|range|if-range|status`.
-    fn access_log(&self) -> Vec<String> {
-        fs::read_to_string(self.dir.join("access.log")).unwrap_or_default().lines().map(str::to_owned).collect()
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+/// nginx on a loopback port; its access log: `request|range|if-range|status`.
+const NGINX: NginxOptions =
+    NginxOptions { worker_connections: 256, log_format: Some("$request|$http_range|$http_if_range|$status"), http: "" };
 
 fn upstream(addr: SocketAddr) -> Backend {
     Backend::Upstream(format!("http://{addr}").parse().expect("upstream uri"))
@@ -610,19 +507,9 @@ impl Origin {
         let executions = Arc::new(AtomicU64::new(0));
         let done: Arc<Mutex<HashMap<String, String>>> = Arc::default();
         let (s, e) = (seen.clone(), executions.clone());
-        let task = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let (s, e, done) = (s.clone(), e.clone(), done.clone());
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let (s, e, done) = (s.clone(), e.clone(), done.clone());
-                        async move { Ok::<_, Infallible>(origin_answer(req, &s, &e, &done).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
+        let task = hyper_origin::serve(listener, move |req: Request<Incoming>| {
+            let (s, e, done) = (s.clone(), e.clone(), done.clone());
+            async move { Ok::<_, Infallible>(origin_answer(req, &s, &e, &done).await) }
         });
         Ok(Origin { addr, seen, executions, task })
     }
@@ -677,8 +564,7 @@ async fn origin_answer(
 
 /// An address nothing listens on: a backend that must never be asked.
 fn nowhere() -> Backend {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    upstream(SocketAddr::from(([127, 0, 0, 1], port)))
+    upstream(SocketAddr::from(([127, 0, 0, 1], free_port())))
 }
 
 // ------------------------------------------------------------------ pure parts
@@ -820,11 +706,11 @@ fn steps_of_a_pipelined_connection_number_hyper_s_exchanges_after_the_continued_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn content_length_body_continues_from_the_upstream_log_then_keep_alive_serves_exchange_2() -> Result<()> {
-    let files = TempDir::new("files");
+    let files = TempDir::new("files")?;
     let body = pattern(1, 300_000);
     fs::write(files.join("obj.bin"), &body)?;
     fs::write(files.join("next.txt"), b"next one\n")?;
-    let nginx = Nginx::start(files.path())?;
+    let nginx = Nginx::start(files.path(), &NGINX)?;
     let (nginx_head, nginx_body) = raw_get(nginx.addr(), "/obj.bin").await?;
     ensure!(nginx_body == body);
     let node = Node::new(upstream(nginx.addr()));
@@ -925,11 +811,11 @@ async fn cut_download(head: &str, body: &[u8], path: &str, sent: usize, logged: 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partly_sent_download_continues_with_range_from_nginx_and_from_the_static_root() -> Result<()> {
-    let files = TempDir::new("files");
+    let files = TempDir::new("files")?;
     let body = pattern(5, 2_000_000);
     fs::write(files.join("big.bin"), &body)?;
     fs::write(files.join("next.txt"), b"next one\n")?;
-    let nginx = Nginx::start(files.path())?;
+    let nginx = Nginx::start(files.path(), &NGINX)?;
     // The static root, serving the same files through a node of its own (for its real head).
     let root_node = Node::new(Backend::Root(files.path().to_owned()));
     let root_listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -967,9 +853,9 @@ async fn partly_sent_download_continues_with_range_from_nginx_and_from_the_stati
         assert_eq!((outcome.source, outcome.error.as_deref()), (Some("range"), None), "{name}");
         if name == "nginx" {
             // nginx logs a request once it has sent all of it, which may be after the client read it.
-            let log = wait_for("nginx to log the ranged request", Duration::from_secs(10), || {
+            let log = wait_until_async("nginx to log the ranged request", Duration::from_secs(10), || {
                 let log = nginx.access_log();
-                (log.len() >= 3).then_some(log)
+                Ok((log.len() >= 3).then_some(log))
             })
             .await?;
             let ranged = log.iter().filter(|l| l.starts_with("GET /big.bin") && l.contains("|bytes=700000-|")).count();
@@ -985,10 +871,10 @@ async fn partly_sent_download_continues_with_range_from_nginx_and_from_the_stati
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn range_answered_200_after_the_file_was_touched_falls_back_to_a_checked_refetch() -> Result<()> {
-    let files = TempDir::new("files");
+    let files = TempDir::new("files")?;
     let body = pattern(6, 400_000);
     fs::write(files.join("big.bin"), &body)?;
-    let nginx = Nginx::start(files.path())?;
+    let nginx = Nginx::start(files.path(), &NGINX)?;
     let node = Node::new(upstream(nginx.addr()));
     let (head, _) = raw_get(nginx.addr(), "/big.bin").await?;
     let (s, _) = cut_download(&head, &body, "/big.bin", 100_000, 150_000).await;
@@ -1003,9 +889,9 @@ async fn range_answered_200_after_the_file_was_touched_falls_back_to_a_checked_r
     assert!(session.got == body[100_000..]);
     let outcome = session.outcome().await?;
     assert_eq!((outcome.source, outcome.error), (Some("range_200_refetch"), None));
-    let log = wait_for("nginx to log the ranged request", Duration::from_secs(10), || {
+    let log = wait_until_async("nginx to log the ranged request", Duration::from_secs(10), || {
         let log = nginx.access_log();
-        (log.len() >= 2).then_some(log)
+        Ok((log.len() >= 2).then_some(log))
     })
     .await?;
     assert!(log.iter().any(|l| l.contains("|bytes=100000-|") && l.ends_with("|200")), "{log:?}");
@@ -1182,11 +1068,11 @@ async fn post_under_never_is_refused_the_connection_closed_without_a_byte_and_lo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_requests_behind_the_continued_one_are_answered_in_order() -> Result<()> {
-    let files = TempDir::new("files");
+    let files = TempDir::new("files")?;
     for (name, text) in [("c.txt", "see\n"), ("d.txt", "dee\n"), ("e.txt", "eee\n")] {
         fs::write(files.join(name), text)?;
     }
-    let nginx = Nginx::start(files.path())?;
+    let nginx = Nginx::start(files.path(), &NGINX)?;
     let node = Node::new(upstream(nginx.addr()));
     let mut s = Script::open();
     let burst = ["/a.txt", "/b.bin", "/cached", "/c.txt", "/d.txt", "/e.txt"]
@@ -1228,9 +1114,9 @@ async fn pipelined_requests_behind_the_continued_one_are_answered_in_order() -> 
     {
         assert_eq!(node.request(&s.key, n).await?["resume"].as_str(), Some(path), "exchange {n}");
     }
-    let log = wait_for("nginx to log three requests", Duration::from_secs(10), || {
+    let log = wait_until_async("nginx to log three requests", Duration::from_secs(10), || {
         let log = nginx.access_log();
-        (log.len() >= 3).then_some(log)
+        Ok((log.len() >= 3).then_some(log))
     })
     .await?;
     assert_eq!(log.len(), 3, "only the three not started reached the origin: {log:?}");

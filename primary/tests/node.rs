@@ -13,14 +13,18 @@ use shared::link::{HandshakeError, LinkConfig, LocalIdentity, WelcomeError};
 use shared::protocol::Role;
 use shared::replica::ReplicaTable;
 use shared::vip::{Mac, ProbeOutcome};
-use std::fs::{self, File};
-use std::io::{BufWriter, Write};
+use std::fs;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use understudy_tests::harness::{Proc, Testbed, is_root, output, testbed_id, wait_until};
+use understudy_tests::netns::Netns;
+use understudy_tests::nginx::{self, NginxOptions};
+use understudy_tests::pattern;
+use understudy_tests::tempdir::TempDir;
 
 const PRIMARY: &str = env!("CARGO_BIN_EXE_primary");
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
@@ -31,101 +35,43 @@ const REPL: &str = "10.1.0.2:7700";
 const NODE: &str = "primary-test";
 const BIG: u64 = 16 << 20;
 
-// ---------------------------------------------------------------- plumbing (after tests/support/harness.rs)
+// ---------------------------------------------------------------- plumbing (understudy_tests::harness)
 
-/// Polls `probe` every few milliseconds until it yields a value; fails with `what` after `timeout`.
-fn wait_until<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Result<Option<T>>) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = probe()? {
-            return Ok(v);
-        }
-        if Instant::now() >= deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
+/// Key of the origin's files (`understudy_tests::pattern`).
+const CONTENT: u64 = 0x6e6f_6465;
+
+/// The `--pair` test bed `n<tag><pid in base 36>`, with this test's queries; `Drop` takes it down.
+struct Bed(Testbed);
+
+impl Deref for Bed {
+    type Target = Testbed;
+    fn deref(&self) -> &Testbed {
+        &self.0
     }
 }
 
-fn output(cmd: &mut Command) -> Result<Output> {
-    cmd.stdin(Stdio::null()).output().with_context(|| format!("starting {cmd:?}"))
-}
-
-/// Runs a command to completion; fails with its output unless it exits 0.
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = output(cmd)?;
-    ensure!(
-        out.status.success(),
-        "{cmd:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Test bed `n<tag><pid in base 36>` with the pair networks; `Drop` takes it down.
-struct Testbed {
-    id: String,
-    script: PathBuf,
-}
-
-impl Testbed {
-    fn up_pair(tag: char) -> Result<Testbed> {
-        // SAFETY: geteuid has no preconditions.
-        ensure!(unsafe { libc::geteuid() } == 0, "the node test needs root (network namespaces, raw sockets)");
-        let mut pid = std::process::id();
-        let mut digits = Vec::new();
-        while {
-            digits.push(char::from_digit(pid % 36, 36).expect("digit below 36"));
-            pid /= 36;
-            pid > 0
-        } {}
-        let id: String = ['n', tag].into_iter().chain(digits.into_iter().rev()).collect();
-        let script = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/testbed"));
-        run(Command::new(&script).args(["up", &id, "--pair"]))?;
+impl Bed {
+    fn up(tag: char) -> Result<Bed> {
+        ensure!(is_root(), "the node test needs root (network namespaces, raw sockets)");
+        let tb = Testbed::up_pair(&testbed_id('n', tag))?;
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
             .try_init();
-        Ok(Testbed { id, script })
-    }
-
-    fn ns(&self, host: &str) -> String {
-        format!("us{}-{host}", self.id)
-    }
-
-    /// `scripts/testbed exec ID HOST ARGS...` (it execs: the child's PID is the program's).
-    fn command(&self, host: &str, args: &[&str]) -> Command {
-        let mut c = Command::new(&self.script);
-        c.args(["exec", &self.id, host]).args(args);
-        c
-    }
-
-    fn exec(&self, host: &str, args: &[&str]) -> Result<String> {
-        run(&mut self.command(host, args))
+        Ok(Bed(tb))
     }
 
     /// Starts `args` in `host`, stdout and stderr to `log`.
     fn spawn(&self, name: &str, host: &str, args: &[&str], log: &Path) -> Result<Proc> {
-        let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let child = self
-            .command(host, args)
-            // The log checks below read info-level lines.
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("starting {name}"))?;
-        Ok(Proc { name: name.to_string(), child: Some(child), log: log.to_path_buf() })
+        let mut cmd = self.command(host, args);
+        // The log checks below read info-level lines.
+        cmd.env("RUST_LOG", "info");
+        self.spawn_command(name, cmd, log)
     }
 
     /// The hardware address of `host`'s eth0.
     fn mac(&self, host: &str) -> Result<Mac> {
-        let out = self.exec(host, &["ip", "-j", "link", "show", "dev", IFACE])?;
-        let v: serde_json::Value = serde_json::from_str(&out)?;
-        parse_mac(v[0]["address"].as_str().context("no address in `ip link` output")?)
+        Ok(Mac(self.hw_addr(host, IFACE)?))
     }
 
     /// Whether `host`'s eth0 carries the VIP.
@@ -179,154 +125,8 @@ impl Testbed {
     }
 }
 
-impl Drop for Testbed {
-    fn drop(&mut self) {
-        match Command::new(&self.script).args(["down", &self.id]).output() {
-            Ok(o) if o.status.success() => {}
-            Ok(o) => eprintln!("testbed down {} failed: {}", self.id, String::from_utf8_lossy(&o.stderr)),
-            Err(e) => eprintln!("testbed down {} failed: {e}", self.id),
-        }
-    }
-}
-
-/// This thread inside another network namespace until dropped.
-struct Netns {
-    home: File,
-}
-
-impl Netns {
-    fn enter(ns: &str) -> Result<Netns> {
-        let home = File::open("/proc/thread-self/ns/net").context("opening this thread's namespace")?;
-        let target = File::open(format!("/run/netns/{ns}")).with_context(|| format!("opening namespace {ns}"))?;
-        // SAFETY: setns(2) on a namespace descriptor we hold; it affects this thread only.
-        if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(std::io::Error::last_os_error()).with_context(|| format!("setns into {ns}"));
-        }
-        Ok(Netns { home })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        // SAFETY: as above, back to where the thread was.
-        let rc = unsafe { libc::setns(self.home.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "cannot return to the original network namespace: {}", std::io::Error::last_os_error());
-    }
-}
-
-/// A process started by the test; `Drop` kills it (by PID) and reaps it.
-struct Proc {
-    name: String,
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
-        match self.child.as_mut() {
-            Some(c) => Ok(c.try_wait()?),
-            None => bail!("{} was already reaped", self.name),
-        }
-    }
-
-    fn wait(&mut self, timeout: Duration) -> Result<ExitStatus> {
-        let name = self.name.clone();
-        let status = wait_until(&format!("{name} to exit"), timeout, || self.try_wait())
-            .with_context(|| format!("log of {name}:\n{}", self.log_text()))?;
-        self.child = None;
-        Ok(status)
-    }
-
-    fn signal(&self, signal: i32) -> Result<()> {
-        let pid = self.child.as_ref().map_or(0, Child::id) as libc::pid_t;
-        ensure!(pid > 0, "{} is not running", self.name);
-        // SAFETY: plain kill(2) on our own child's PID.
-        if unsafe { libc::kill(pid, signal) } != 0 {
-            return Err(std::io::Error::last_os_error()).with_context(|| format!("signalling {}", self.name));
-        }
-        Ok(())
-    }
-
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits until the log contains `needle`; fails early (with the log) if the process exits.
-    fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> Result<()> {
-        let name = self.name.clone();
-        wait_until(&format!("{name} to log {needle:?}"), timeout, || {
-            if let Some(status) = self.try_wait()? {
-                bail!("{name} exited ({status}) before logging {needle:?}:\n{}", self.log_text());
-            }
-            Ok(self.log_text().contains(needle).then_some(()))
-        })
-        .with_context(|| format!("log of {name}:\n{}", self.log_text()))
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// A directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Result<TempDir> {
-        let path = std::env::temp_dir().join(format!("us-node-{}-{tag}", std::process::id()));
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path)?;
-        Ok(TempDir(path))
-    }
-
-    fn join(&self, p: &str) -> PathBuf {
-        self.0.join(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-fn parse_mac(s: &str) -> Result<Mac> {
-    let mut mac = [0u8; 6];
-    let parts: Vec<&str> = s.split(':').collect();
-    ensure!(parts.len() == 6, "not a MAC: {s}");
-    for (b, p) in mac.iter_mut().zip(parts) {
-        *b = u8::from_str_radix(p, 16).with_context(|| format!("not a MAC: {s}"))?;
-    }
-    Ok(Mac(mac))
-}
-
 fn path_str(p: &Path) -> Result<&str> {
     p.to_str().context("temp path is not UTF-8")
-}
-
-/// Writes `len` deterministic, non-repeating bytes to `path`; returns their sha256.
-fn write_pattern_file(path: &Path, len: u64) -> Result<String> {
-    let mut w = BufWriter::new(File::create(path)?);
-    let mut h = Sha256::new();
-    let mut block = vec![0u8; 1 << 20];
-    let mut at = 0u64;
-    while at < len {
-        let n = (len - at).min(block.len() as u64) as usize;
-        for (j, b) in block[..n].iter_mut().enumerate() {
-            let i = at + j as u64;
-            *b = (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8 ^ (i >> 20) as u8;
-        }
-        h.update(&block[..n]);
-        w.write_all(&block[..n])?;
-        at += n as u64;
-    }
-    w.flush()?;
-    Ok(hex::encode(h.finalize()))
 }
 
 fn sha256_file(path: &Path) -> Result<String> {
@@ -335,28 +135,13 @@ fn sha256_file(path: &Path) -> Result<String> {
 
 /// nginx in the origin host on 10.2.0.10:8080, one process (`master_process off`), config and logs in
 /// `dir`; ended by PID (the `Proc` drop).
-fn start_nginx(tb: &Testbed, dir: &TempDir, root: &Path) -> Result<Proc> {
+fn start_nginx(tb: &Bed, dir: &TempDir, root: &Path) -> Result<Proc> {
     let d = dir.join("nginx");
     fs::create_dir_all(&d)?;
-    let dd = d.display();
-    let conf = format!(
-        "daemon off;\nmaster_process off;\nworker_processes 1;\npid {dd}/nginx.pid;\nerror_log {dd}/error.log warn;\n\
-         events {{ worker_connections 512; }}\n\
-         http {{\n  access_log {dd}/access.log;\n  client_body_temp_path {dd}/body;\n  proxy_temp_path {dd}/proxy;\n\
-         fastcgi_temp_path {dd}/fastcgi;\n  uwsgi_temp_path {dd}/uwsgi;\n  scgi_temp_path {dd}/scgi;\n\
-         keepalive_requests 100000;\n  types {{ text/plain txt; application/octet-stream bin; }}\n\
-         server {{ listen 10.2.0.10:8080; root {root}; location / {{ }} }}\n}}\n",
-        root = root.display()
-    );
-    let conf_path = d.join("nginx.conf");
-    fs::write(&conf_path, conf)?;
-    let prefix = format!("{dd}/");
-    let mut nginx = tb.spawn(
-        "nginx",
-        "origin",
-        &["nginx", "-p", &prefix, "-c", path_str(&conf_path)?, "-e", &format!("{dd}/error.log")],
-        &dir.join("nginx.log"),
-    )?;
+    let opts = NginxOptions { http: "keepalive_requests 100000;", ..NginxOptions::default() };
+    let argv = nginx::write_config(&d, "10.2.0.10:8080", root, &opts)?;
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let mut nginx = tb.spawn("nginx", "origin", &argv, &dir.join("nginx.log"))?;
     wait_until("nginx to serve on 10.2.0.10:8080", Duration::from_secs(10), || {
         if let Some(status) = nginx.try_wait()? {
             bail!("nginx exited ({status}): {}", fs::read_to_string(d.join("error.log")).unwrap_or_default());
@@ -369,7 +154,7 @@ fn start_nginx(tb: &Testbed, dir: &TempDir, root: &Path) -> Result<Proc> {
 }
 
 /// `GET path` on the admin endpoint, from inside the server host.
-fn admin_get(tb: &Testbed, path: &str) -> Result<String> {
+fn admin_get(tb: &Bed, path: &str) -> Result<String> {
     tb.exec("server", &["curl", "-sS", "--fail", &format!("http://127.0.0.1:9900{path}")])
 }
 
@@ -397,12 +182,12 @@ fn primary_args<'a>(repl: &'a str, node: &'a str, iface: &'a str) -> Vec<&'a str
 }
 
 /// `GET /status` of the primary, parsed.
-fn status(tb: &Testbed) -> Result<serde_json::Value> {
+fn status(tb: &Bed) -> Result<serde_json::Value> {
     Ok(serde_json::from_str(&admin_get(tb, "/status")?)?)
 }
 
 /// Waits until `/status` says `peer` is `want`; returns the status then.
-fn wait_peer(tb: &Testbed, want: &str, timeout: Duration) -> Result<serde_json::Value> {
+fn wait_peer(tb: &Bed, want: &str, timeout: Duration) -> Result<serde_json::Value> {
     wait_until(&format!("/status peer {want:?}"), timeout, || {
         let s = status(tb)?;
         Ok((s["peer"] == want).then_some(s))
@@ -411,7 +196,7 @@ fn wait_peer(tb: &Testbed, want: &str, timeout: Duration) -> Result<serde_json::
 
 /// Starts the primary binary in `server` with the admin endpoint on 127.0.0.1:9900 and `extra` flags,
 /// and waits until it serves.
-fn start_primary(tb: &Testbed, dir: &TempDir, log: &str, extra: &[&str]) -> Result<Proc> {
+fn start_primary(tb: &Bed, dir: &TempDir, log: &str, extra: &[&str]) -> Result<Proc> {
     let mut args = primary_args(REPL, NODE, IFACE);
     args.extend(["--admin", "127.0.0.1:9900"]);
     args.extend(extra);
@@ -423,10 +208,10 @@ fn start_primary(tb: &Testbed, dir: &TempDir, log: &str, extra: &[&str]) -> Resu
 }
 
 /// A rate-limited download of `big.bin` through the VIP, by curl in the client host.
-fn start_download(tb: &Testbed, dir: &TempDir, name: &str, rate: &str) -> Result<(Proc, PathBuf)> {
+fn start_download(tb: &Bed, dir: &TempDir, name: &str, rate: &str) -> Result<(Proc, PathBuf)> {
     let out = dir.join(name);
     let args = ["curl", "-sS", "--fail", "--limit-rate", rate, "-o", path_str(&out)?, "http://10.0.0.100/big.bin"];
-    let proc = tb.spawn(name, "client", &args, &dir.join(&format!("{name}.log")))?;
+    let proc = tb.spawn(name, "client", &args, &dir.join(format!("{name}.log")))?;
     Ok((proc, out))
 }
 
@@ -454,7 +239,7 @@ struct Backup {
 impl Backup {
     /// Joins the primary at [`REPL`] as `node` (at `epoch`); with `frozen`, the backup does nothing after
     /// the handshake until [`Backup::unfreeze`].
-    fn join(tb: &Testbed, node: &str, epoch: u64, frozen: bool) -> Result<Backup> {
+    fn join(tb: &Bed, node: &str, epoch: u64, frozen: bool) -> Result<Backup> {
         let ns = tb.ns("spare");
         let identity = LocalIdentity::new("understudy", node, Role::Backup, epoch);
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
@@ -543,7 +328,7 @@ struct Impostor {
 }
 
 impl Impostor {
-    fn start(tb: &Testbed, host: &str) -> Result<Impostor> {
+    fn start(tb: &Bed, host: &str) -> Result<Impostor> {
         let ns = tb.ns(host);
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -587,11 +372,11 @@ impl Drop for Impostor {
 
 #[test]
 fn primary_serves_vip_through_the_gate_refuses_second_primary_and_releases_vip_and_gate_on_sigterm() -> Result<()> {
-    let tb = Testbed::up_pair('a')?;
+    let tb = Bed::up('a')?;
     let dir = TempDir::new("e2e")?;
     let www = dir.join("www");
     fs::create_dir_all(&www)?;
-    let big_sha = write_pattern_file(&www.join("big.bin"), BIG)?;
+    let big_sha = pattern::write_file(&www.join("big.bin"), CONTENT, BIG)?;
     fs::write(www.join("small.txt"), b"small file from the origin\n")?;
     let _nginx = start_nginx(&tb, &dir, &www)?;
     let server_mac = tb.mac("server")?;
@@ -784,7 +569,7 @@ fn help_says_what_the_primary_does_with_a_backup() -> Result<()> {
 fn origin_files(dir: &TempDir) -> Result<(PathBuf, String)> {
     let www = dir.join("www");
     fs::create_dir_all(&www)?;
-    let big_sha = write_pattern_file(&www.join("big.bin"), BIG)?;
+    let big_sha = pattern::write_file(&www.join("big.bin"), CONTENT, BIG)?;
     fs::write(www.join("small.txt"), b"small file from the origin\n")?;
     Ok((www, big_sha))
 }
@@ -795,7 +580,7 @@ fn origin_files(dir: &TempDir) -> Result<(PathBuf, String)> {
 /// completes intact, `/status` says peer none and the metrics say unprotected.
 #[test]
 fn backup_joins_running_primary_replicates_a_download_and_its_loss_under_load_costs_no_client_error() -> Result<()> {
-    let tb = Testbed::up_pair('b')?;
+    let tb = Bed::up('b')?;
     let dir = TempDir::new("join")?;
     let (www, big_sha) = origin_files(&dir)?;
     let _nginx = start_nginx(&tb, &dir, &www)?;
@@ -902,7 +687,7 @@ fn backup_joins_running_primary_replicates_a_download_and_its_loss_under_load_co
 /// in place. The next start removes them; a joiner from a later epoch makes that one step down too.
 #[test]
 fn primary_steps_down_when_another_node_answers_for_the_vip_after_its_backup_is_lost() -> Result<()> {
-    let tb = Testbed::up_pair('c')?;
+    let tb = Bed::up('c')?;
     let dir = TempDir::new("stepdown")?;
     let (www, _) = origin_files(&dir)?;
     let _nginx = start_nginx(&tb, &dir, &www)?;

@@ -21,96 +21,42 @@ use primary::proxy::{
 };
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use std::fs::{self, File};
+use std::fs;
 use std::future::Future;
-use std::io::{BufWriter, Read, Write};
-use std::net::{SocketAddr, TcpListener as StdListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use understudy_tests::harness::{free_port, wait_until};
+use understudy_tests::hyper_origin;
+use understudy_tests::nginx::{Nginx, NginxOptions};
+use understudy_tests::tempdir::TempDir;
 
 const NODE: &str = "node-test";
 const MIB: u64 = 1 << 20;
 
 // ---------------------------------------------------------------- fixtures
 
-static DIRS: AtomicU32 = AtomicU32::new(0);
+/// Key of the test content (`understudy_tests::pattern`): files, streamed bodies, uploads.
+const CONTENT: u64 = 0x7072_6f78;
 
-/// A directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let n = DIRS.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("us-proxy-{}-{tag}-{n}", std::process::id()));
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path).expect("create temp dir");
-        TempDir(path)
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-    fn join(&self, p: &str) -> PathBuf {
-        self.0.join(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Deterministic, non-repeating test content.
-fn pattern_byte(i: u64) -> u8 {
-    (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8 ^ (i >> 20) as u8
-}
-
+/// `len` bytes of the test content.
 fn pattern(len: usize) -> Vec<u8> {
-    (0..len as u64).map(pattern_byte).collect()
+    let mut data = vec![0u8; len];
+    understudy_tests::pattern::fill(CONTENT, 0, &mut data);
+    data
 }
 
-/// Writes `len` pattern bytes to `path`; returns their sha256.
+/// Writes `len` bytes of the test content to `path`; returns their sha256.
 fn write_pattern_file(path: &Path, len: u64) -> String {
-    let mut w = BufWriter::with_capacity(MIB as usize, File::create(path).expect("create fixture"));
-    let mut h = Sha256::new();
-    let mut block = vec![0u8; MIB as usize];
-    let mut at = 0;
-    while at < len {
-        let n = (len - at).min(MIB) as usize;
-        for (j, b) in block[..n].iter_mut().enumerate() {
-            *b = pattern_byte(at + j as u64);
-        }
-        h.update(&block[..n]);
-        w.write_all(&block[..n]).expect("write fixture");
-        at += n as u64;
-    }
-    w.flush().expect("flush fixture");
-    hex::encode(h.finalize())
+    understudy_tests::pattern::write_file(path, CONTENT, len).expect("write fixture")
 }
 
 fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
-}
-
-/// Polls `probe` until it yields a value or `timeout` passes.
-fn wait_until<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = probe() {
-            return Ok(v);
-        }
-        if Instant::now() >= deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind an ephemeral port").port()
 }
 
 /// Resident set size of this process, KiB.
@@ -151,71 +97,12 @@ impl RssSampler {
 
 // ---------------------------------------------------------------- nginx
 
-/// nginx on a loopback port, one process (`master_process off`), config and logs in a
-/// temp dir; killed by PID on drop.
-struct Nginx {
-    child: Child,
-    port: u16,
-    dir: TempDir,
-}
-
-impl Nginx {
-    fn start(root: &Path) -> Result<Nginx> {
-        let mut last = String::new();
-        for _ in 0..5 {
-            let dir = TempDir::new("nginx");
-            let port = free_port();
-            let d = dir.path().display();
-            let conf = format!(
-                "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
-                 events {{ worker_connections 512; }}\n\
-                 http {{\n  log_format conns '$connection $connection_requests $request';\n  access_log {d}/access.log conns;\n\
-                 client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
-                 uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  keepalive_requests 100000;\n  keepalive_timeout 75s;\n\
-                 types {{ text/plain txt; application/octet-stream bin; }}\n\
-                 server {{ listen 127.0.0.1:{port}; root {root}; location / {{ }} }}\n}}\n",
-                root = root.display()
-            );
-            fs::write(dir.join("nginx.conf"), conf)?;
-            let child = Command::new("nginx")
-                .arg("-p")
-                .arg(dir.path())
-                .arg("-c")
-                .arg(dir.join("nginx.conf"))
-                .arg("-e")
-                .arg(dir.join("error.log"))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("starting nginx (apt-get install -y nginx)")?;
-            let mut nginx = Nginx { child, port, dir };
-            let up = wait_until("nginx to listen", Duration::from_secs(10), || {
-                if let Ok(Some(_)) = nginx.child.try_wait() {
-                    return Some(false);
-                }
-                TcpStream::connect(("127.0.0.1", port)).ok().map(|_| true)
-            })?;
-            if up {
-                return Ok(nginx);
-            }
-            last = fs::read_to_string(nginx.dir.join("error.log")).unwrap_or_default();
-        }
-        bail!("nginx did not start: {last}")
-    }
-
-    /// Lines of the access log: `connection requests-on-connection request-line`.
-    fn access_log(&self) -> Vec<String> {
-        fs::read_to_string(self.dir.join("access.log")).unwrap_or_default().lines().map(str::to_owned).collect()
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+/// nginx on a loopback port; its access log: `connection requests-on-connection request-line`.
+const NGINX: NginxOptions = NginxOptions {
+    worker_connections: 512,
+    log_format: Some("$connection $connection_requests $request"),
+    http: "keepalive_requests 100000;\n  keepalive_timeout 75s;",
+};
 
 // ---------------------------------------------------------------- hyper origin
 
@@ -280,7 +167,8 @@ async fn origin_service(
         let chunk = 37_000u64;
         let frames = futures_util::stream::iter((0..n.div_ceil(chunk)).map(move |i| {
             let start = i * chunk;
-            let data: Vec<u8> = (start..(start + chunk).min(n)).map(pattern_byte).collect();
+            let mut data = vec![0u8; ((start + chunk).min(n) - start) as usize];
+            understudy_tests::pattern::fill(CONTENT, start, &mut data);
             Ok::<_, std::io::Error>(Frame::data(Bytes::from(data)))
         }));
         return Ok(Response::new(StreamBody::new(frames).boxed()));
@@ -330,18 +218,9 @@ impl Origin {
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind origin");
         let addr = listener.local_addr().expect("origin addr");
         let s = Arc::clone(&seen);
-        rt.spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
-                let s = Arc::clone(&s);
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| origin_service(req, Arc::clone(&s)));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
+        // Shutting the runtime down (on drop) ends the origin's tasks.
+        let _in_runtime = rt.enter();
+        hyper_origin::serve(listener, move |req| origin_service(req, Arc::clone(&s)));
         Origin { addr, seen, rt: Some(rt) }
     }
 
@@ -435,7 +314,7 @@ fn upstream(addr: SocketAddr) -> Backend {
 }
 
 fn nginx_upstream(nginx: &Nginx) -> Backend {
-    upstream(SocketAddr::from(([127, 0, 0, 1], nginx.port)))
+    upstream(nginx.addr())
 }
 
 // ---------------------------------------------------------------- clients
@@ -635,10 +514,10 @@ fn get(path: &str) -> String {
 
 #[test]
 fn download_200mb_from_nginx_streams_through_proxy_with_matching_sha256_and_bounded_rss() -> Result<()> {
-    let files = TempDir::new("dl");
+    let files = TempDir::new("dl")?;
     let len = 200 * MIB;
     let sha = write_pattern_file(&files.join("big.bin"), len);
-    let nginx = Nginx::start(files.path())?;
+    let nginx = Nginx::start(files.path(), &NGINX)?;
     let proxy = Served::start(config(nginx_upstream(&nginx)));
     let base = rss_kib();
     let sampler = RssSampler::start();
@@ -660,7 +539,7 @@ fn download_200mb_from_nginx_streams_through_proxy_with_matching_sha256_and_boun
 
 #[test]
 fn download_200mb_from_static_root_streams_with_matching_sha256_and_bounded_rss() -> Result<()> {
-    let files = TempDir::new("static-dl");
+    let files = TempDir::new("static-dl")?;
     let len = 200 * MIB;
     let sha = write_pattern_file(&files.join("big.bin"), len);
     let proxy = Served::start(config(Backend::Root(files.path().to_owned())));
@@ -702,7 +581,7 @@ fn chunked_origin_response_reaches_http11_client_chunked_and_http10_client_close
 
 #[test]
 fn uploads_with_content_length_and_chunked_reach_the_origin_whole_and_streamed() -> Result<()> {
-    let files = TempDir::new("up");
+    let files = TempDir::new("up")?;
     let len = 100 * MIB;
     let sha = write_pattern_file(&files.join("up.bin"), len);
     let origin = Origin::start();
@@ -772,7 +651,7 @@ fn expect_100_continue_is_answered_before_the_body_and_not_forwarded() -> Result
 
 #[test]
 fn keep_alive_client_uses_one_connection_and_the_upstream_pool_reuses_connections() -> Result<()> {
-    let files = TempDir::new("ka");
+    let files = TempDir::new("ka")?;
     let mut want = Vec::new();
     let mut urls = Vec::new();
     let proxy_files: Vec<String> = (0..10).map(|i| format!("/f{i}.txt")).collect();
@@ -781,7 +660,7 @@ fn keep_alive_client_uses_one_connection_and_the_upstream_pool_reuses_connection
         fs::write(files.join(&f[1..]), &data)?;
         want.extend_from_slice(&data);
     }
-    let nginx = Nginx::start(files.path())?;
+    let nginx = Nginx::start(files.path(), &NGINX)?;
     let proxy = Served::start(config(nginx_upstream(&nginx)));
     for f in &proxy_files {
         urls.push(proxy.url(f));
@@ -800,7 +679,7 @@ fn keep_alive_client_uses_one_connection_and_the_upstream_pool_reuses_connection
     assert_eq!(out.stdout, want);
     let log = wait_until("nginx to log 10 requests", Duration::from_secs(10), || {
         let l = nginx.access_log();
-        (l.len() >= 10).then_some(l)
+        Ok((l.len() >= 10).then_some(l))
     })?;
     let upstream_conns: std::collections::HashSet<&str> = log.iter().filter_map(|l| l.split(' ').next()).collect();
     println!("nginx saw {} requests on {} upstream connection(s)", log.len(), upstream_conns.len());
@@ -810,12 +689,12 @@ fn keep_alive_client_uses_one_connection_and_the_upstream_pool_reuses_connection
 
 #[test]
 fn pipelined_burst_of_20_requests_is_answered_in_order() -> Result<()> {
-    let files = TempDir::new("pipe");
+    let files = TempDir::new("pipe")?;
     let bodies: Vec<Vec<u8>> = (0..20).map(|i| pattern(i * 15_013 + i)).collect();
     for (i, b) in bodies.iter().enumerate() {
-        fs::write(files.join(&format!("p{i}.bin")), b)?;
+        fs::write(files.join(format!("p{i}.bin")), b)?;
     }
-    let nginx = Nginx::start(files.path())?;
+    let nginx = Nginx::start(files.path(), &NGINX)?;
     let proxy = Served::start(config(nginx_upstream(&nginx)));
     let mut burst = String::new();
     for i in 0..20 {
@@ -904,7 +783,7 @@ fn hop_by_hop_headers_are_stripped_both_ways_and_via_and_forwarded_for_added() -
 
 #[test]
 fn non_idempotent_requests_carry_an_idempotency_key_and_the_request_log_records_it() -> Result<()> {
-    let dir = TempDir::new("idem");
+    let dir = TempDir::new("idem")?;
     let origin = Origin::start();
     let log_path = dir.join("requests.jsonl");
     let mut cfg = config(upstream(origin.addr));
@@ -929,9 +808,9 @@ fn non_idempotent_requests_carry_an_idempotency_key_and_the_request_log_records_
     assert_eq!(proxy.proxy.stats().keys_generated, 4);
 
     let lines = wait_until("request log lines", Duration::from_secs(10), || {
-        let text = fs::read_to_string(&log_path).ok()?;
+        let Ok(text) = fs::read_to_string(&log_path) else { return Ok(None) };
         let lines: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
-        (lines.len() >= 9).then_some(lines)
+        Ok((lines.len() >= 9).then_some(lines))
     })?;
     let by_target = |t: &str| lines.iter().find(|l| l["target"] == t).cloned().unwrap_or_default();
     let p1 = by_target("/echo-post1");
@@ -956,7 +835,7 @@ fn non_idempotent_requests_carry_an_idempotency_key_and_the_request_log_records_
 
 #[test]
 fn oversized_and_malformed_requests_get_431_or_400_and_close_only_their_connection() -> Result<()> {
-    let dir = TempDir::new("bad");
+    let dir = TempDir::new("bad")?;
     fs::write(dir.join("ok.txt"), b"ok")?;
     let log_path = dir.join("requests.jsonl");
     let mut cfg = config(Backend::Root(dir.path().to_owned()));
@@ -996,14 +875,14 @@ fn oversized_and_malformed_requests_get_431_or_400_and_close_only_their_connecti
     }
     assert_eq!(proxy.proxy.stats().bad_requests, cases.len() as u64);
     let statuses = wait_until("request log lines for the bad requests", Duration::from_secs(10), || {
-        let text = fs::read_to_string(&log_path).ok()?;
+        let Ok(text) = fs::read_to_string(&log_path) else { return Ok(None) };
         let s: Vec<u64> = text
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|l| l["method"].is_null())
             .filter_map(|l| l["status"].as_u64())
             .collect();
-        (s.len() >= cases.len()).then_some(s)
+        Ok((s.len() >= cases.len()).then_some(s))
     })?;
     assert_eq!(statuses.iter().filter(|s| **s == 431).count(), 2, "{statuses:?}");
     Ok(())
@@ -1011,7 +890,7 @@ fn oversized_and_malformed_requests_get_431_or_400_and_close_only_their_connecti
 
 #[test]
 fn slow_request_head_is_cut_at_the_header_timeout_and_idle_connections_at_the_idle_timeout() -> Result<()> {
-    let dir = TempDir::new("slow");
+    let dir = TempDir::new("slow")?;
     fs::write(dir.join("ok.txt"), b"ok")?;
     let mut cfg = config(Backend::Root(dir.path().to_owned()));
     cfg.limits.header_timeout = Duration::from_secs(1);
@@ -1057,7 +936,7 @@ fn slow_request_head_is_cut_at_the_header_timeout_and_idle_connections_at_the_id
     println!("idle keep-alive connection closed after {:?} (idle timeout 3 s)", t.elapsed());
     let stats = wait_until("the timeouts to be counted", Duration::from_secs(5), || {
         let s = proxy.proxy.stats();
-        (s.idle_timeouts > 0).then_some(s)
+        Ok((s.idle_timeouts > 0).then_some(s))
     })?;
     assert_eq!((stats.header_timeouts, stats.idle_timeouts), (2, 1), "{stats:?}");
     Ok(())
@@ -1106,7 +985,7 @@ fn refused_upstream_is_502_slow_upstream_is_504_and_the_connection_survives() ->
 
 #[test]
 fn static_root_serves_ranges_validators_conditionals_and_head() -> Result<()> {
-    let dir = TempDir::new("static");
+    let dir = TempDir::new("static")?;
     let data = pattern(1000);
     fs::write(dir.join("a.txt"), &data)?;
     fs::write(dir.join("empty.bin"), b"")?;
@@ -1166,7 +1045,7 @@ fn static_root_serves_ranges_validators_conditionals_and_head() -> Result<()> {
 
 #[test]
 fn static_root_never_serves_a_file_outside_the_root() -> Result<()> {
-    let outer = TempDir::new("escape");
+    let outer = TempDir::new("escape")?;
     let root = outer.join("www");
     fs::create_dir_all(root.join("sub"))?;
     fs::create_dir_all(root.join("noindex"))?;
@@ -1312,12 +1191,12 @@ impl RecordingHooks {
 
 #[test]
 fn logged_io_sends_exactly_the_logged_bytes_only_after_acceptance_and_observer_sees_each_exchange() -> Result<()> {
-    let files = TempDir::new("logged");
+    let files = TempDir::new("logged")?;
     let sizes = [0usize, 1, 70_000, 3_000_000, 12_345];
     for (i, n) in sizes.iter().enumerate() {
-        fs::write(files.join(&format!("l{i}.bin")), pattern(*n))?;
+        fs::write(files.join(format!("l{i}.bin")), pattern(*n))?;
     }
-    let nginx = Nginx::start(files.path())?;
+    let nginx = Nginx::start(files.path(), &NGINX)?;
     let hooks = RecordingHooks::default();
     let proxy = Served::start_with(config(nginx_upstream(&nginx)), hooks.clone());
 
@@ -1330,8 +1209,9 @@ fn logged_io_sends_exactly_the_logged_bytes_only_after_acceptance_and_observer_s
     }
     let t = Instant::now();
     c.send(burst.as_bytes())?;
-    let rec =
-        wait_until("the connection's hooks", Duration::from_secs(10), || hooks.conns.lock().ok()?.get(&peer).cloned())?;
+    let rec = wait_until("the connection's hooks", Duration::from_secs(10), || {
+        Ok(hooks.conns.lock().ok().and_then(|c| c.get(&peer).cloned()))
+    })?;
     // Read everything, checking at every read that no byte arrived before the log accepted it.
     let mut received = Vec::new();
     let mut chunk = vec![0u8; 32 * 1024];
@@ -1356,8 +1236,8 @@ fn logged_io_sends_exactly_the_logged_bytes_only_after_acceptance_and_observer_s
     }
 
     let events = wait_until("every exchange to end", Duration::from_secs(10), || {
-        let ev = hooks.record(peer).events.lock().ok()?.clone();
-        (ev.iter().filter(|e| matches!(e, Event::End(_))).count() == sizes.len()).then_some(ev)
+        let Ok(ev) = hooks.record(peer).events.lock().map(|e| e.clone()) else { return Ok(None) };
+        Ok((ev.iter().filter(|e| matches!(e, Event::End(_))).count() == sizes.len()).then_some(ev))
     })?;
     for (i, n) in sizes.iter().enumerate() {
         let i = i as u64;
@@ -1392,7 +1272,7 @@ fn logged_io_sends_exactly_the_logged_bytes_only_after_acceptance_and_observer_s
 
 #[test]
 fn serve_connection_runs_on_any_async_stream() -> Result<()> {
-    let dir = TempDir::new("duplex");
+    let dir = TempDir::new("duplex")?;
     fs::write(dir.join("x.txt"), b"over a duplex pipe")?;
     let rt = runtime();
     let proxy = Proxy::new(config(Backend::Root(dir.path().to_owned())))?;
@@ -1421,7 +1301,7 @@ fn serve_connection_runs_on_any_async_stream() -> Result<()> {
 
 #[test]
 fn client_that_stops_reading_is_dropped_after_the_send_timeout() -> Result<()> {
-    let dir = TempDir::new("send");
+    let dir = TempDir::new("send")?;
     let len = 64 * MIB;
     write_pattern_file(&dir.join("big.bin"), len);
     let mut cfg = config(Backend::Root(dir.path().to_owned()));
@@ -1431,7 +1311,9 @@ fn client_that_stops_reading_is_dropped_after_the_send_timeout() -> Result<()> {
     let t = Instant::now();
     c.send(get("/big.bin").as_bytes())?;
     // The client reads nothing; socket buffers fill, then the proxy's writes stall.
-    wait_until("the send timeout", Duration::from_secs(20), || (proxy.proxy.stats().send_timeouts == 1).then_some(()))?;
+    wait_until("the send timeout", Duration::from_secs(20), || {
+        Ok((proxy.proxy.stats().send_timeouts == 1).then_some(()))
+    })?;
     println!("stalled reader dropped {:?} after its request (send timeout 1 s)", t.elapsed());
     assert!(c.closed_within(Duration::from_secs(10))?, "connection not closed");
     assert!((c.buf.len() as u64) < len, "the whole body was delivered to a client that read nothing");
@@ -1440,7 +1322,7 @@ fn client_that_stops_reading_is_dropped_after_the_send_timeout() -> Result<()> {
 
 #[test]
 fn shutdown_finishes_a_download_in_progress_closes_idle_connections_and_stops_accepting() -> Result<()> {
-    let dir = TempDir::new("shutdown");
+    let dir = TempDir::new("shutdown")?;
     let len = 30 * MIB;
     let sha = write_pattern_file(&dir.join("big.bin"), len);
     fs::write(dir.join("small.txt"), b"small")?;
@@ -1452,13 +1334,13 @@ fn shutdown_finishes_a_download_in_progress_closes_idle_connections_and_stops_ac
     let url = proxy.url("/big.bin");
     let download = std::thread::spawn(move || curl_sha256(&url, &["--limit-rate", "15M"]));
     wait_until("the download to start", Duration::from_secs(10), || {
-        (proxy.proxy.stats().connections_open == 2).then_some(())
+        Ok((proxy.proxy.stats().connections_open == 2).then_some(()))
     })?;
     let t = Instant::now();
     proxy.begin_shutdown();
     assert!(idle.closed_within(Duration::from_secs(5))?, "idle keep-alive connection kept open on shutdown");
     wait_until("the listener to close", Duration::from_secs(5), || {
-        TcpStream::connect(proxy.addr).is_err().then_some(())
+        Ok(TcpStream::connect(proxy.addr).is_err().then_some(()))
     })?;
     let (got, n) = download.join().expect("download thread")?;
     println!("download finished {:?} after shutdown began", t.elapsed());

@@ -14,8 +14,6 @@
 //! receive timestamps) are made in the client's namespace. Root only. Timings are printed, never
 //! asserted.
 
-mod support;
-
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use backup::replica::{self, Progress, ReplicaConfig};
 use primary::gate::{Gate, GateConfig};
@@ -29,14 +27,14 @@ use std::future::Future;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use understudy_tests::harness::{Testbed, is_root, run, testbed_id, wait_until};
+use understudy_tests::netns::{enter, in_ns};
 
-use support::{base36, enter, in_ns, run};
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
 const PORT: u16 = 80;
 const REPL: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 1, 0, 2), 7700);
@@ -48,39 +46,16 @@ const PROMPT: Duration = Duration::from_secs(10);
 // ---------------------------------------------------------------------------------------------------
 // The test bed, namespaces and node threads.
 
-/// A `scripts/testbed` bed with the VIP on `server`; `Drop` takes it down.
-struct Bed {
-    id: String,
-    script: PathBuf,
-}
-
-impl Bed {
-    fn up(tag: char) -> Result<Bed> {
-        // SAFETY: geteuid has no preconditions.
-        ensure!(unsafe { libc::geteuid() } == 0, "the replication tests need root (namespaces, iptables, NFQUEUE)");
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/testbed");
-        let id = format!("r{tag}{}", base36(std::process::id()));
-        run(Command::new(&script).args(["up", &id, "--pair"]))?;
-        let bed = Bed { id, script };
-        run(Command::new(&bed.script).args(["vip", &bed.id, "server"]))?;
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
-            .try_init();
-        Ok(bed)
-    }
-
-    fn ns(&self, host: &str) -> String {
-        format!("us{}-{host}", self.id)
-    }
-}
-
-impl Drop for Bed {
-    fn drop(&mut self) {
-        if let Err(e) = run(Command::new(&self.script).args(["down", &self.id])) {
-            eprintln!("taking test bed {} down: {e:#}", self.id);
-        }
-    }
+/// A `scripts/testbed up ID --pair` bed with the VIP on `server`; `Drop` takes it down.
+fn up_bed(tag: char) -> Result<Testbed> {
+    ensure!(is_root(), "the replication tests need root (namespaces, iptables, NFQUEUE)");
+    let bed = Testbed::up_pair(&testbed_id('r', tag))?;
+    bed.vip("server")?;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    Ok(bed)
 }
 
 /// A node: a thread inside a namespace running a Tokio runtime until told to stop.
@@ -180,7 +155,7 @@ async fn serve_origin(mut s: tokio::net::TcpStream) -> std::io::Result<()> {
     }
 }
 
-fn start_origin(bed: &Bed) -> Result<NodeThread> {
+fn start_origin(bed: &Testbed) -> Result<NodeThread> {
     let (node, ()) = NodeThread::spawn(&bed.ns("origin"), "origin", true, |ready, stop| async move {
         let listener = tokio::net::TcpListener::bind(ORIGIN).await?;
         ready.send(())?;
@@ -230,7 +205,7 @@ impl PrimaryHandle {
     }
 }
 
-fn start_primary(bed: &Bed, lease: Duration) -> Result<(NodeThread, PrimaryHandle)> {
+fn start_primary(bed: &Testbed, lease: Duration) -> Result<(NodeThread, PrimaryHandle)> {
     NodeThread::spawn(&bed.ns("server"), "primary", true, move |ready, stop| async move {
         let instance = format!("rt{}", std::process::id());
         let (gate, diverted) = Gate::start(GateConfig::new(VIP, PORT, instance))?;
@@ -283,7 +258,7 @@ fn backup_identity(name: &str) -> LocalIdentity {
     LocalIdentity::new(CLUSTER, name, Role::Backup, 0)
 }
 
-fn start_backup(bed: &Bed, name: &str) -> Result<(NodeThread, BackupHandle)> {
+fn start_backup(bed: &Testbed, name: &str) -> Result<(NodeThread, BackupHandle)> {
     let identity = backup_identity(name);
     NodeThread::spawn(&bed.ns("spare"), name, false, move |ready, stop| async move {
         let config = ReplicaConfig::new(LinkConfig::default());
@@ -293,20 +268,6 @@ fn start_backup(bed: &Bed, name: &str) -> Result<(NodeThread, BackupHandle)> {
         replica.stop().await;
         Ok(())
     })
-}
-
-/// Polls `probe` until it yields a value; fails with `what` after `limit`.
-fn wait_until<T>(what: &str, limit: Duration, mut probe: impl FnMut() -> Result<Option<T>>) -> Result<T> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = probe()? {
-            return Ok(v);
-        }
-        if Instant::now() >= deadline {
-            bail!("timed out after {limit:?} waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
 }
 
 /// Waits until the backup holds everything, then until both tables are equal (a client ACK may
@@ -338,7 +299,7 @@ struct Client {
 }
 
 impl Client {
-    fn connect(bed: &Bed) -> Result<Client> {
+    fn connect(bed: &Testbed) -> Result<Client> {
         let stream = in_ns(&bed.ns("client"), || {
             Ok(std::net::TcpStream::connect_timeout(&SocketAddr::from((VIP, PORT)), PROMPT)?)
         })?;
@@ -417,7 +378,7 @@ struct Capture {
 }
 
 impl Capture {
-    fn start(bed: &Bed) -> Result<Capture> {
+    fn start(bed: &Testbed) -> Result<Capture> {
         let ns = bed.ns("client");
         let stop = Arc::new(AtomicBool::new(false));
         let packets = Arc::new(Mutex::new(Vec::new()));
@@ -566,7 +527,7 @@ fn since(a: SystemTime, b: SystemTime) -> Duration {
 /// backup's table equals the primary's.
 #[test]
 fn stalled_backup_holds_client_segments_and_reply_bytes_then_everything_arrives_and_tables_match() -> Result<()> {
-    let bed = Bed::up('a')?;
+    let bed = up_bed('a')?;
     let _origin = start_origin(&bed)?;
     let (_primary_node, primary) = start_primary(&bed, Duration::from_secs(2))?;
     let (_backup_node, backup) = start_backup(&bed, "backup-b")?;
@@ -659,7 +620,7 @@ fn stalled_backup_holds_client_segments_and_reply_bytes_then_everything_arrives_
 /// ends equal to the primary's; a second spare is refused while the first is connected.
 #[test]
 fn spare_joining_a_live_connection_gets_the_snapshot_then_the_stream_and_matches_the_primary() -> Result<()> {
-    let bed = Bed::up('c')?;
+    let bed = up_bed('c')?;
     let _origin = start_origin(&bed)?;
     let (_primary_node, primary) = start_primary(&bed, Duration::from_secs(2))?;
     let mut client = Client::connect(&bed)?;
@@ -722,7 +683,7 @@ struct Load {
 }
 
 impl Load {
-    fn start(bed: &Bed) -> Result<Load> {
+    fn start(bed: &Testbed) -> Result<Load> {
         let mut client = Client::connect(bed)?;
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
@@ -766,7 +727,7 @@ fn longest(done: &[(Instant, Duration)], from: Instant, to: Instant) -> Duration
 /// cut silently (the lease runs out). The client sees no error.
 #[test]
 fn backup_loss_releases_what_is_held_and_serving_continues_unprotected() -> Result<()> {
-    let bed = Bed::up('d')?;
+    let bed = up_bed('d')?;
     let _origin = start_origin(&bed)?;
     let lease = Duration::from_millis(150);
     let (_primary_node, primary) = start_primary(&bed, lease)?;

@@ -2,7 +2,6 @@
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use clap::{CommandFactory, Parser};
@@ -10,19 +9,16 @@ use shared::config::{
     BackupArgs, ConfigError, NodeConfig, PrimaryArgs, RetryPolicy, Setting, Upstream, Vip, format_duration,
 };
 use shared::protocol::Role;
+use understudy_tests::tempdir::TempDir;
 
 const EXAMPLE: &str = include_str!("fixtures/example.toml");
 
-/// A scratch directory under the system temp dir, unique per process and test, removed on drop.
-struct Scratch(PathBuf);
+/// A scratch directory (`understudy_tests::tempdir`), unique per process and test, removed on drop.
+struct Scratch(TempDir);
 
 impl Scratch {
     fn new() -> Scratch {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("understudy-config-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("create scratch dir");
-        Scratch(dir)
+        Scratch(TempDir::new("config").expect("create scratch dir"))
     }
 
     fn file(&self, name: &str, text: &str) -> PathBuf {
@@ -32,13 +28,7 @@ impl Scratch {
     }
 
     fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        self.0.path()
     }
 }
 

@@ -10,12 +10,11 @@
 use anyhow::{Context, Result, bail, ensure};
 use shared::vip::arp::{ArpFrame, ArpKind, Mac};
 use shared::vip::{ArpSocket, KernelArpSilence, ProbeOutcome, Responder, addr, announce_on, probe, probe_on, rules};
-use std::fs::File;
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::ops::Deref;
 use std::time::{Duration, Instant};
+use understudy_tests::harness::{Testbed, is_root, parse_mac, testbed_id, wait_until_async};
+use understudy_tests::netns::Netns;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
 const PREFIX: u8 = 24;
@@ -24,37 +23,21 @@ const IFACE: &str = "eth0";
 const PROBES: u32 = 3;
 const PROBE_TIME: Duration = Duration::from_millis(300);
 
-/// A test bed from `scripts/testbed`; dropped, it is taken down.
-struct Bed {
-    id: String,
-    script: PathBuf,
+/// A test bed from `scripts/testbed`, with this test's queries; dropped, it is taken down.
+struct Bed(Testbed);
+
+impl Deref for Bed {
+    type Target = Testbed;
+    fn deref(&self) -> &Testbed {
+        &self.0
+    }
 }
 
 impl Bed {
     /// Test bed `v<tag><pid in base 36>`: unique per test and per process.
     fn up(tag: char) -> Result<Bed> {
-        // SAFETY: geteuid has no preconditions.
-        ensure!(unsafe { libc::geteuid() } == 0, "the VIP tests need root (network namespaces, raw sockets)");
-        let mut pid = std::process::id();
-        let mut digits = Vec::new();
-        while {
-            digits.push(char::from_digit(pid % 36, 36).expect("digit below 36"));
-            pid /= 36;
-            pid > 0
-        } {}
-        let id: String = ['v', tag].into_iter().chain(digits.into_iter().rev()).collect();
-        let script = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/testbed"));
-        run(Command::new(&script).args(["up", &id]))?;
-        Ok(Bed { id, script })
-    }
-
-    fn ns(&self, host: &str) -> String {
-        format!("us{}-{host}", self.id)
-    }
-
-    /// Runs `args` in `host` to completion.
-    fn exec(&self, host: &str, args: &[&str]) -> Result<String> {
-        run(Command::new(&self.script).args(["exec", &self.id, host]).args(args))
+        ensure!(is_root(), "the VIP tests need root (network namespaces, raw sockets)");
+        Ok(Bed(Testbed::up(&testbed_id('v', tag))?))
     }
 
     /// Runs `f` with this thread in `host`'s network namespace.
@@ -65,16 +48,14 @@ impl Bed {
 
     /// The hardware address of `host`'s eth0, as `ip` reports it.
     fn mac(&self, host: &str) -> Result<Mac> {
-        let out = self.exec(host, &["ip", "-j", "link", "show", "dev", IFACE])?;
-        let v: serde_json::Value = serde_json::from_str(&out)?;
-        parse_mac(v[0]["address"].as_str().context("no address in ip link output")?)
+        Ok(Mac(self.hw_addr(host, IFACE)?))
     }
 
     /// The client's neighbour entry for the VIP: its MAC, if it has one.
     fn client_neighbour(&self) -> Result<Option<Mac>> {
         let out = self.exec("client", &["ip", "-j", "neigh", "show", &VIP.to_string(), "dev", IFACE])?;
         let v: serde_json::Value = serde_json::from_str(&out)?;
-        v.get(0).and_then(|n| n.get("lladdr")).and_then(|l| l.as_str()).map(parse_mac).transpose()
+        v.get(0).and_then(|n| n.get("lladdr")).and_then(|l| l.as_str()).map(|s| parse_mac(s).map(Mac)).transpose()
     }
 
     /// Whether the client's kernel reaches the VIP: a TCP connect to a closed port is
@@ -88,73 +69,6 @@ impl Bed {
             Ok(Err(e)) => e.kind() == std::io::ErrorKind::ConnectionRefused,
             Err(_elapsed) => false,
         })
-    }
-}
-
-impl Drop for Bed {
-    fn drop(&mut self) {
-        match Command::new(&self.script).args(["down", &self.id]).output() {
-            Ok(o) if o.status.success() => {}
-            Ok(o) => eprintln!("testbed down {} failed: {}", self.id, String::from_utf8_lossy(&o.stderr)),
-            Err(e) => eprintln!("testbed down {} failed: {e}", self.id),
-        }
-    }
-}
-
-/// This thread inside another network namespace until dropped.
-struct Netns {
-    home: File,
-}
-
-impl Netns {
-    fn enter(ns: &str) -> Result<Netns> {
-        let home = File::open("/proc/thread-self/ns/net").context("opening this thread's namespace")?;
-        let target = File::open(format!("/run/netns/{ns}")).with_context(|| format!("opening namespace {ns}"))?;
-        // SAFETY: setns(2) on a namespace descriptor we hold; it affects this thread only.
-        if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(std::io::Error::last_os_error()).with_context(|| format!("setns into {ns}"));
-        }
-        Ok(Netns { home })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        // SAFETY: as above, back to where the thread was.
-        let rc = unsafe { libc::setns(self.home.as_raw_fd(), libc::CLONE_NEWNET) };
-        // A thread left in a test namespace would act on the wrong network: stop here.
-        assert_eq!(rc, 0, "cannot return to the original network namespace: {}", std::io::Error::last_os_error());
-    }
-}
-
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("starting {cmd:?}"))?;
-    ensure!(
-        out.status.success(),
-        "{cmd:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn parse_mac(s: &str) -> Result<Mac> {
-    let bytes: Vec<u8> = s.split(':').map(|b| u8::from_str_radix(b, 16)).collect::<Result<_, _>>()?;
-    Ok(Mac(bytes.try_into().map_err(|_| anyhow::anyhow!("not a MAC: {s}"))?))
-}
-
-/// Polls `probe` until it yields a value or `timeout` passes.
-async fn wait_until<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Result<Option<T>>) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = probe()? {
-            return Ok(v);
-        }
-        if Instant::now() >= deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(3)).await;
     }
 }
 
@@ -288,7 +202,7 @@ async fn gratuitous_arp_moves_the_clients_neighbour_entry_to_the_new_holder() ->
     let spare_socket = bed.within("spare", || ArpSocket::open(IFACE))??;
     let sent = Instant::now();
     spare_socket.send(&ArpFrame::announcement(spare, VIP).emit()).await?;
-    wait_until("the client's entry to move to the spare (request form)", Duration::from_secs(2), || {
+    wait_until_async("the client's entry to move to the spare (request form)", Duration::from_secs(2), || {
         Ok((bed.client_neighbour()? == Some(spare)).then_some(()))
     })
     .await?;
@@ -299,7 +213,7 @@ async fn gratuitous_arp_moves_the_clients_neighbour_entry_to_the_new_holder() ->
     // entry's locktime (1 s by default) of the last update: gratuitous ARP overrides it.
     bed.within("spare", || addr::remove(IFACE, VIP, PREFIX))??;
     bed.exec("server", &["ip", "link", "set", IFACE, "up"])?;
-    wait_until("the server's link to be up", Duration::from_secs(5), || {
+    wait_until_async("the server's link to be up", Duration::from_secs(5), || {
         let out = bed.exec("server", &["ip", "-o", "link", "show", "dev", IFACE])?;
         Ok(out.contains("state UP").then_some(()))
     })
@@ -307,7 +221,7 @@ async fn gratuitous_arp_moves_the_clients_neighbour_entry_to_the_new_holder() ->
     let server_socket = bed.within("server", || ArpSocket::open(IFACE))??;
     let sent = Instant::now();
     server_socket.send(&ArpFrame::gratuitous_reply(server, VIP).emit()).await?;
-    wait_until("the client's entry to move back to the server (reply form)", Duration::from_secs(2), || {
+    wait_until_async("the client's entry to move back to the server (reply form)", Duration::from_secs(2), || {
         Ok((bed.client_neighbour()? == Some(server)).then_some(()))
     })
     .await?;
@@ -318,7 +232,7 @@ async fn gratuitous_arp_moves_the_clients_neighbour_entry_to_the_new_holder() ->
     bed.within("spare", || addr::add(IFACE, VIP, PREFIX))??;
     let sent = Instant::now();
     assert_eq!(announce_on(&spare_socket, VIP, 2, Duration::from_millis(20)).await?, 4);
-    wait_until("the client's entry to move to the spare (announce)", Duration::from_secs(2), || {
+    wait_until_async("the client's entry to move to the spare (announce)", Duration::from_secs(2), || {
         Ok((bed.client_neighbour()? == Some(spare)).then_some(()))
     })
     .await?;
@@ -413,7 +327,7 @@ async fn responder_survives_hostile_frames_and_reports_another_node_claiming_the
         injector.send(f).await?;
     }
     // Every malformed frame reaches the responder (bridge and veth pass short frames).
-    wait_until("the responder to count the malformed frames", Duration::from_secs(2), || {
+    wait_until_async("the responder to count the malformed frames", Duration::from_secs(2), || {
         Ok((responder.counts().malformed == hostile.len() as u64).then_some(()))
     })
     .await?;

@@ -1,12 +1,12 @@
-//! Namespace plumbing for the kernel tests: the `scripts/testbed` bed, processes
-//! started in its hosts (ended by PID on every exit path), packet captures, bounded
-//! waits, and taking a socket out of another process (`pidfd_getfd`).
+//! Plumbing for the kernel and end-to-end tests: the `scripts/testbed` bed, processes
+//! started in its hosts (ended by PID on every exit path), packet captures, commands,
+//! bounded waits, unique names, and taking a socket out of another process (`pidfd_getfd`).
 
 use anyhow::{Context, Result, bail, ensure};
 use std::fs::{self, File};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// The workspace root (the root package's manifest directory).
@@ -19,33 +19,99 @@ pub fn workspace_root() -> PathBuf {
 pub fn wait_until<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Result<Option<T>>) -> Result<T> {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Some(v) = probe()? {
+        if let Some(v) = poll(what, timeout, deadline, &mut probe)? {
             return Ok(v);
         }
-        if Instant::now() >= deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(3));
+        std::thread::sleep(POLL);
     }
+}
+
+/// [`wait_until`] for async tests: sleeps on the Tokio timer, so tasks of the same runtime (a
+/// responder, a server) run while it waits.
+pub async fn wait_until_async<T>(
+    what: &str,
+    timeout: Duration,
+    mut probe: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = poll(what, timeout, deadline, &mut probe)? {
+            return Ok(v);
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+const POLL: Duration = Duration::from_millis(3);
+
+/// One look of a bounded wait: the value, none yet, or the timeout.
+fn poll<T>(
+    what: &str,
+    timeout: Duration,
+    deadline: Instant,
+    probe: &mut impl FnMut() -> Result<Option<T>>,
+) -> Result<Option<T>> {
+    let v = probe()?;
+    if v.is_none() && Instant::now() >= deadline {
+        bail!("timed out after {timeout:?} waiting for {what}");
+    }
+    Ok(v)
+}
+
+/// Whether this process runs as root (namespaces, raw sockets, iptables and NFQUEUE need it).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// `n` in base 36 (short unique suffixes for namespace and test bed names).
+pub fn base36(mut n: u32) -> String {
+    let mut digits = Vec::new();
+    loop {
+        digits.push(char::from_digit(n % 36, 36).unwrap_or('0'));
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    digits.iter().rev().collect()
+}
+
+/// A test bed ID unique to this process: `prefix` (which test file), `tag` (which test), and the
+/// PID in base 36; at most 7 characters.
+pub fn testbed_id(prefix: char, tag: char) -> String {
+    format!("{prefix}{tag}{}", base36(std::process::id()))
 }
 
 /// A test bed ID unique to this process: `t`, `tag`, and the PID in base 36.
 pub fn unique_id(tag: char) -> String {
-    let mut pid = std::process::id();
-    let mut digits = Vec::new();
-    loop {
-        digits.push(char::from_digit(pid % 36, 36).unwrap_or('0'));
-        pid /= 36;
-        if pid == 0 {
-            break;
-        }
+    testbed_id('t', tag)
+}
+
+/// A loopback port that nothing listened on a moment ago (the OS's choice of an ephemeral port).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind an ephemeral port").port()
+}
+
+/// Runs a command to completion, whatever its exit status.
+pub fn output(cmd: &mut Command) -> Result<Output> {
+    cmd.stdin(Stdio::null()).output().with_context(|| format!("starting {cmd:?}"))
+}
+
+/// Parses a hardware address as `ip` prints it (`02:00:0a:00:00:01`).
+pub fn parse_mac(s: &str) -> Result<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let parts: Vec<&str> = s.split(':').collect();
+    ensure!(parts.len() == 6, "not a MAC: {s}");
+    for (b, p) in mac.iter_mut().zip(parts) {
+        *b = u8::from_str_radix(p, 16).with_context(|| format!("not a MAC: {s}"))?;
     }
-    std::iter::once('t').chain(std::iter::once(tag)).chain(digits.into_iter().rev()).collect()
+    Ok(mac)
 }
 
 /// Runs a command to completion; fails with its output unless it exits 0.
 pub fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("starting {cmd:?}"))?;
+    let out = output(cmd)?;
     ensure!(
         out.status.success(),
         "{cmd:?} failed ({}): {}{}",
@@ -94,6 +160,18 @@ impl Testbed {
         run(&mut self.command(host, args))
     }
 
+    /// The network namespace of `host` (`/run/netns/<name>`), for threads that enter it.
+    pub fn ns(&self, host: &str) -> String {
+        format!("us{}-{host}", self.id)
+    }
+
+    /// The hardware address of `iface` in `host`, as `ip` reports it.
+    pub fn hw_addr(&self, host: &str, iface: &str) -> Result<[u8; 6]> {
+        let out = self.exec(host, &["ip", "-j", "link", "show", "dev", iface])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        parse_mac(v[0]["address"].as_str().context("no address in `ip link` output")?)
+    }
+
     /// Moves the VIP to `host` (with gratuitous ARP).
     pub fn vip(&self, host: &str) -> Result<()> {
         run(Command::new(&self.script).args(["vip", &self.id, host])).map(drop)
@@ -101,9 +179,14 @@ impl Testbed {
 
     /// Starts `args` in `host`, stdout and stderr to `log`.
     pub fn spawn(&self, name: &str, host: &str, args: &[&str], log: &Path) -> Result<Proc> {
+        self.spawn_command(name, self.command(host, args), log)
+    }
+
+    /// Starts `cmd` (made by [`Testbed::command`], then given an environment for example), stdout
+    /// and stderr to `log`.
+    pub fn spawn_command(&self, name: &str, mut cmd: Command, log: &Path) -> Result<Proc> {
         let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let child = self
-            .command(host, args)
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -143,12 +226,25 @@ impl Proc {
         }
     }
 
-    /// Waits (bounded) for the process to exit.
+    /// Waits (bounded) for the process to exit; a timeout reports its log.
     pub fn wait(&mut self, timeout: Duration) -> Result<ExitStatus> {
         let name = self.name.clone();
-        let status = wait_until(&format!("{name} to exit"), timeout, || self.try_wait())?;
+        let status = wait_until(&format!("{name} to exit"), timeout, || self.try_wait())
+            .with_context(|| format!("log of {name}:\n{}", self.log_text()))?;
         self.child = None;
         Ok(status)
+    }
+
+    /// Waits until the log contains `needle`; fails early (with the log) if the process exits.
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> Result<()> {
+        let name = self.name.clone();
+        wait_until(&format!("{name} to log {needle:?}"), timeout, || {
+            if let Some(status) = self.try_wait()? {
+                bail!("{name} exited ({status}) before logging {needle:?}:\n{}", self.log_text());
+            }
+            Ok(self.log_text().contains(needle).then_some(()))
+        })
+        .with_context(|| format!("log of {name}:\n{}", self.log_text()))
     }
 
     /// Sends `signal` to the process.
@@ -281,6 +377,26 @@ mod tests {
         let id = unique_id('d');
         assert!(id.starts_with("td") && id.len() <= 8, "{id}");
         assert!(id.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()), "{id}");
+    }
+
+    #[test]
+    fn base36_and_mac_parsing() {
+        assert_eq!(
+            (base36(0), base36(35), base36(36), base36(u32::MAX)),
+            ("0".into(), "z".into(), "10".into(), "1z141z3".into())
+        );
+        assert_eq!(parse_mac("02:00:0a:00:00:ff").unwrap(), [2, 0, 10, 0, 0, 255]);
+        for bad in ["02:00:0a:00:00", "02:00:0a:00:00:ff:01", "02:00:0a:00:00:zz", ""] {
+            assert!(parse_mac(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn wait_until_async_lets_the_runtime_run_meanwhile() {
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move { tx.send(7).ok() });
+        let got = wait_until_async("the task's value", Duration::from_secs(5), || Ok(rx.try_recv().ok())).await;
+        assert_eq!(got.unwrap(), 7);
     }
 
     #[test]

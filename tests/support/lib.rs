@@ -1,12 +1,28 @@
-//! End-to-end test support: the `us-testapp` application (protocol, record,
-//! resume), deterministic payloads, and the namespace harness of the kernel
-//! takeover tests (`tests/takeover.rs`).
+//! Test support for the whole workspace: the one home of helpers that more than one test uses. The
+//! end-to-end tests (`tests/`) and the crates' own tests (`primary`, `backup` and `shared` have it as
+//! a dev-dependency) share it.
+//!
+//! * [`harness`]: the `scripts/testbed` bed, processes in its hosts, packet captures, commands,
+//!   bounded waits ([`harness::wait_until`]), unique names.
+//! * [`netns`]: threads inside network namespaces.
+//! * [`tempdir`]: directories removed on drop.
+//! * [`nginx`]: nginx as a real origin; [`hyper_origin`]: a small origin in the test's process.
+//! * [`pattern`]: deterministic payloads generated from any offset.
+//! * [`app`], [`derive`], [`takeover`]: the `us-testapp` application and the kernel takeover tests
+//!   (`tests/takeover.rs`); [`pair`]: the replicated pair in a test bed (`tests/pair.rs`).
+//!
+//! It depends on no crate of ours but `tcp-replay`, so any crate can take it as a dev-dependency.
 
 pub mod app;
 pub mod derive;
 pub mod harness;
+pub mod hyper_origin;
+#[cfg(target_os = "linux")]
+pub mod netns;
+pub mod nginx;
 #[cfg(target_os = "linux")]
 pub mod pair;
 pub mod pattern;
 #[cfg(target_os = "linux")]
 pub mod takeover;
+pub mod tempdir;
