@@ -31,9 +31,6 @@ fn file_len(path: &Path) -> u64 {
 #[derive(Clone, Copy, Debug)]
 enum Failure {
     PowerCut,
-    // The kill -9 download test is out of the suite until a killed primary's orphaned sockets are
-    // silenced (README, Limitations): their kernel retransmissions draw resets from the new primary.
-    #[allow(dead_code)]
     Kill,
 }
 
@@ -158,6 +155,11 @@ fn download_port(pcap: &Path) -> Result<String> {
 #[test]
 fn download_200mb_survives_a_power_cut_of_the_primary() -> Result<()> {
     download_survives('p', Failure::PowerCut)
+}
+
+#[test]
+fn download_200mb_survives_kill_9_of_the_primary_with_no_fin_or_rst() -> Result<()> {
+    download_survives('k', Failure::Kill)
 }
 
 /// 64 keep-alive clients doing sequential requests of varied sizes across a failover.

@@ -247,15 +247,7 @@ async fn run_in_span(config: NodeConfig, shutdown: impl Future<Output = ()> + Se
     probe_vip(&config.iface, vip, config.fencing.arp_probes, probe_time).await?;
 
     // 3. The gate, before the address exists: no VIP segment ever reaches the kernel ungated.
-    let gate_config = gate_config(&config);
-    if config.queues.outbound != config.queues.inbound {
-        info!(
-            queue = gate_config.queue,
-            unused = config.queues.outbound,
-            "the gate carries both directions on the inbound queue (one ordered stream); queues.outbound is unused"
-        );
-    }
-    let (gate, diverted) = Gate::start(gate_config)?;
+    let (gate, diverted) = Gate::start(gate_config(&config))?;
     let gate = GateFeed { gate: Arc::new(gate), diverted };
 
     // 4. Claim the VIP. Whatever was done is undone if a later step fails.
@@ -323,10 +315,13 @@ async fn claim_vip(claim: &mut VipClaim, service: SocketAddr) -> Result<TcpListe
 }
 
 /// The gate of a node: VIP:port, rules tagged with the node's name (so the next start of the same node
-/// removes rules a crash or a step-down left), queue `queues.inbound` for both directions.
+/// removes rules a crash or a step-down left), queue `queues.inbound` for both directions (one ordered
+/// stream), `queues.outbound` for the segments of closed sockets (passed while this process lives,
+/// dropped once it died).
 pub fn gate_config(config: &NodeConfig) -> GateConfig {
     let mut g = GateConfig::new(config.vip.addr, config.port, config.node.clone());
     g.queue = config.queues.inbound;
+    g.orphan_queue = Some(config.queues.outbound);
     g
 }
 
@@ -834,7 +829,7 @@ mod tests {
     use shared::vip::Mac;
 
     #[test]
-    fn gate_config_tags_rules_with_the_node_and_uses_the_inbound_queue() {
+    fn gate_config_tags_rules_with_the_node_and_uses_both_queues() {
         let config = NodeConfig::from_toml_str(
             Role::Primary,
             "vip = '10.0.0.100/24'\niface = 'eth0'\nport = 8080\nrepl_listen = '10.1.0.2:7700'\nroot = '.'\n\
@@ -842,7 +837,7 @@ mod tests {
         )
         .expect("valid config");
         let g = gate_config(&config);
-        assert_eq!((g.vip, g.port, g.queue), (Ipv4Addr::new(10, 0, 0, 100), 8080, 11));
+        assert_eq!((g.vip, g.port, g.queue, g.orphans()), (Ipv4Addr::new(10, 0, 0, 100), 8080, 11, Some(12)));
         assert_eq!(g.instance, "p-1.a");
         assert!(g.outbound_control && !g.gso, "outbound control on, segments wire-sized");
         g.validate().expect("every valid node name is a valid gate instance");

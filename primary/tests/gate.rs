@@ -78,7 +78,10 @@ impl Drop for Net {
 }
 
 /// Runs the future made by `make` on a current-thread runtime, on a thread inside namespace `ns`.
-fn run_in_ns<F: Future<Output = Result<()>>>(ns: &str, make: impl FnOnce() -> F + Send + 'static) -> Result<()> {
+fn run_in_ns<T: Send + 'static, F: Future<Output = Result<T>>>(
+    ns: &str,
+    make: impl FnOnce() -> F + Send + 'static,
+) -> Result<T> {
     in_ns(ns, move || {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -416,12 +419,45 @@ fn child_gate(instance: &str) -> Result<()> {
 struct ChildProc(Option<Child>);
 
 impl ChildProc {
+    /// Runs this test binary's test `name` alone in namespace `ns`, with `env=value` set, and collects
+    /// its standard output lines.
+    fn spawn(ns: &str, name: &str, env: &str, value: &str) -> Result<(ChildProc, std_mpsc::Receiver<String>)> {
+        let exe = std::env::current_exe()?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns]).arg(&exe).args([name, "--exact", "--nocapture", "--test-threads=1"]);
+        cmd.env(env, value).stdin(Stdio::null()).stdout(Stdio::piped());
+        let mut child = ChildProc(Some(cmd.spawn().with_context(|| format!("starting {name} in {ns}"))?));
+        let stdout = child.0.as_mut().and_then(|c| c.stdout.take()).context("child stdout")?;
+        let (tx, lines) = std_mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Ok((child, lines))
+    }
+
+    /// SIGKILL, then reap.
     fn kill(&mut self) -> Result<()> {
         if let Some(mut c) = self.0.take() {
             c.kill()?;
             c.wait()?;
         }
         Ok(())
+    }
+}
+
+/// The child's next output line containing `prefix`, from `prefix` on (libtest's "test NAME ... " may
+/// share the line).
+fn wait_line(lines: &std_mpsc::Receiver<String>, prefix: &str) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(l) if l.contains(prefix) => return Ok(l[l.find(prefix).unwrap_or(0)..].to_string()),
+            Ok(_) => continue,
+            Err(e) => bail!("child process: no {prefix:?} line: {e}"),
+        }
     }
 }
 
@@ -443,31 +479,8 @@ fn with_the_gate_process_gone_segments_are_dropped_never_accepted() -> Result<()
     run_in_ns(&net.server, move || async move {
         let instance = "tb";
         let listener = TcpListener::bind(vip_addr()).await?;
-        let exe = std::env::current_exe()?;
-        let mut child = Command::new("ip");
-        child.args(["netns", "exec", &server_ns]).arg(&exe).args([NAME, "--exact", "--nocapture", "--test-threads=1"]);
-        child.env(CHILD_ENV, instance).stdin(Stdio::null()).stdout(Stdio::piped());
-        let mut child = ChildProc(Some(child.spawn().context("starting the gate process")?));
-        let stdout = child.0.as_mut().and_then(|c| c.stdout.take()).context("child stdout")?;
-        let (tx, lines) = std_mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let wait_line = |prefix: &'static str| {
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
-                let left = deadline.saturating_duration_since(Instant::now());
-                match lines.recv_timeout(left) {
-                    // libtest's "test NAME ... " may share the line.
-                    Ok(l) if l.contains(prefix) => return Ok(l[l.find(prefix).unwrap_or(0)..].to_string()),
-                    Ok(_) => continue,
-                    Err(e) => bail!("gate process: no {prefix:?} line: {e}"),
-                }
-            }
-        };
-        wait_line(CHILD_READY)?;
+        let (mut child, lines) = ChildProc::spawn(&server_ns, NAME, CHILD_ENV, instance)?;
+        wait_line(&lines, CHILD_READY)?;
         let ipt = Iptables::here(Path::new("iptables"))?;
         let tag = format!("understudy:{instance}");
 
@@ -478,13 +491,13 @@ fn with_the_gate_process_gone_segments_are_dropped_never_accepted() -> Result<()
 
         // Data is queued in the gate process, which then dies with it.
         client.write_all(b"bytes held by a gate that dies").await?;
-        let held = wait_line(CHILD_HELD)?;
+        let held = wait_line(&lines, CHILD_HELD)?;
         let in_segs = tcp_mib("InSegs")?;
         let killed = Instant::now();
         child.kill()?;
         wait_for("the queue instance to go", PROMPT, || Ok(KernelQueueStats::read_here(0)?.is_none().then_some(())))
             .await?;
-        ensure!(ipt.count_tagged(&tag)? == 4, "a killed process leaves its rules behind");
+        ensure!(ipt.count_tagged(&tag)? == 5, "a killed process leaves its rules behind");
 
         // Nothing gets through: neither the held segment nor the client's retransmissions, nor a new SYN.
         let connect2 = tokio::spawn(client_socket(&client_ns)?.connect(vip_addr()));
@@ -511,7 +524,7 @@ fn with_the_gate_process_gone_segments_are_dropped_never_accepted() -> Result<()
 
         // A new run of the same instance removes the stale rules, and the connection resumes.
         let (gate, rx) = Gate::start(config(instance))?;
-        ensure!(ipt.count_tagged(&tag)? == 4, "stale rules were not replaced: {}", ipt.count_tagged(&tag)?);
+        ensure!(ipt.count_tagged(&tag)? == 5, "stale rules were not replaced: {}", ipt.count_tagged(&tag)?);
         let started = Instant::now();
         let pilot = autopilot(Arc::new(gate), rx, Arc::new(Mutex::new(Vec::new())));
         let n = timeout(Duration::from_secs(15), server.read(&mut buf)).await??;
@@ -522,6 +535,208 @@ fn with_the_gate_process_gone_segments_are_dropped_never_accepted() -> Result<()
         pilot.abort();
         let _ = pilot.await;
         ensure!(ipt.count_tagged(&tag)? == 0, "rules left after the gate was dropped");
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------------------------------------------
+// (f) Orphans: what TCP still sends for a closed socket passes a live gate, and never a dead one.
+
+const ORPHAN_CHILD_ENV: &str = "UNDERSTUDY_GATE_TEST_ORPHAN_CHILD";
+const ORPHAN_CHILD_WRITING: &str = "orphan-child: writing";
+
+/// The packet counters of the rules in `table`/`chain` of namespace `ns`, in rule order.
+fn rule_packets(ns: &str, table: &str, chain: &str) -> Result<Vec<u64>> {
+    let out =
+        run(Command::new("ip")
+            .args(["netns", "exec", ns, "iptables", "-w", "-t", table, "-L", chain, "-n", "-v", "-x"]))?;
+    // "Chain X (policy ...)", the column header, then the rules.
+    let counter = |l: &str| l.split_whitespace().next().context("empty rule line")?.parse().context("packet counter");
+    out.lines().skip(2).map(counter).collect()
+}
+
+/// The server process of the kill test: a gate that passes everything (orphans too when the spec ends
+/// in `:orphans`), a listener, and one connection on which it writes 256 KiB once the client said "go".
+fn orphan_child(spec: &str) -> Result<()> {
+    let (instance, mode) = spec.split_once(':').context("spec is INSTANCE:MODE")?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let listener = TcpListener::bind(vip_addr()).await?;
+        let mut cfg = config(instance);
+        if mode != "orphans" {
+            cfg.orphan_queue = None;
+        }
+        let (gate, rx) = Gate::start(cfg)?;
+        let pilot = autopilot(Arc::new(gate), rx, Arc::new(Mutex::new(Vec::new())));
+        println!("{CHILD_READY}");
+        let (mut conn, _) = listener.accept().await?;
+        let mut go = [0u8; 2];
+        conn.read_exact(&mut go).await?;
+        println!("{ORPHAN_CHILD_WRITING}");
+        // The client acknowledges nothing from here on: this never completes.
+        conn.write_all(&pattern(256 * 1024)).await?;
+        pilot.await?;
+        bail!("the gate's pilot ended")
+    })
+}
+
+/// What the server's kernel sent for a killed process's connection, and what of it reached the client.
+#[derive(Debug)]
+struct AfterKill {
+    /// Segments from VIP:PORT the server's TCP emitted after the kill (raw OUTPUT, before the gate).
+    emitted: u64,
+    /// Of those, segments that arrived at the client.
+    reached: u64,
+    waited: Duration,
+}
+
+/// Starts `orphan_child` in a fresh test bed, lets its connection get data in flight that the client
+/// never acknowledges (the client drops every segment from VIP:PORT, counting them), SIGKILLs it, and
+/// counts for as long as it takes the server's kernel to emit at least two more segments.
+fn kill_with_data_in_flight(test: char, name: &str, orphans: bool) -> Result<AfterKill> {
+    let net = Net::up(test)?;
+    let (client_ns, server_ns) = (net.client.clone(), net.server.clone());
+    let from_vip: Vec<String> =
+        ["-p", "tcp", "-s", &format!("{VIP}/32"), "--sport", &PORT.to_string()].map(String::from).to_vec();
+    let iptables = |ns: &str| {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns, "iptables", "-w"]);
+        c
+    };
+    // Counts what TCP emits from VIP:PORT, before the gate's mangle rules see it.
+    run(iptables(&server_ns).args(["-t", "raw", "-I", "OUTPUT"]).args(&from_vip))?;
+    let mode = if orphans { "orphans" } else { "none" };
+    let (mut child, lines) = ChildProc::spawn(&server_ns, name, ORPHAN_CHILD_ENV, &format!("tk{test}:{mode}"))?;
+    wait_line(&lines, CHILD_READY)?;
+    let mut client = run_in_ns(&client_ns, {
+        let client_ns = client_ns.clone();
+        move || async move { Ok(timeout(PROMPT, client_socket(&client_ns)?.connect(vip_addr())).await??.into_std()?) }
+    })?;
+    // From now on the client sees nothing from VIP:PORT (each segment counted) and ACKs nothing.
+    // Rule 1 counts the segments that carry data, rule 2 the others.
+    for data in [&["-m", "length", "--length", "100:65535"][..], &[]] {
+        run(iptables(&client_ns).args(["-A", "INPUT"]).args(&from_vip).args(data).args(["-j", "DROP"]))?;
+    }
+    let at_client = || -> Result<(u64, u64)> {
+        let c = rule_packets(&client_ns, "filter", "INPUT")?;
+        ensure!(c.len() == 2, "expected the client's 2 rules: {c:?}");
+        Ok((c[0], c[0] + c[1]))
+    };
+    let emitted_here =
+        || -> Result<u64> { rule_packets(&server_ns, "raw", "OUTPUT")?.first().copied().context("no raw rule") };
+    std::io::Write::write_all(&mut client, b"go")?;
+    wait_line(&lines, ORPHAN_CHILD_WRITING)?;
+    let deadline = Instant::now() + PROMPT;
+    while at_client()?.0 == 0 {
+        ensure!(Instant::now() < deadline, "no server data reached the client within {PROMPT:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let killed = Instant::now();
+    child.kill()?;
+    let (emitted0, reached0) = (emitted_here()?, at_client()?.1);
+    // Each retransmission comes at least 200 ms after the one before, long after a veth delivered that
+    // one: the client's count covers every segment but the last.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let emitted = loop {
+        let n = emitted_here()? - emitted0;
+        if n >= 3 {
+            break n;
+        }
+        ensure!(Instant::now() < deadline, "the dead process's socket emitted {n} segments in 15 s, expected 3");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let reached = at_client()?.1 - reached0;
+    let after = AfterKill { emitted, reached, waited: killed.elapsed() };
+    println!("orphan diversion {mode}: {after:?}");
+    drop(client);
+    drop(net);
+    Ok(after)
+}
+
+#[test]
+fn killed_server_process_sends_nothing_from_the_vip_when_orphans_are_diverted() -> Result<()> {
+    const NAME: &str = "killed_server_process_sends_nothing_from_the_vip_when_orphans_are_diverted";
+    if let Ok(spec) = std::env::var(ORPHAN_CHILD_ENV) {
+        return orphan_child(&spec);
+    }
+    // The defect, first: without the orphan rule, the dead process's socket keeps sending its data.
+    let without = kill_with_data_in_flight('k', NAME, false)?;
+    ensure!(without.reached > 0, "without the orphan rule nothing reached the client: {without:?}");
+    let with = kill_with_data_in_flight('K', NAME, true)?;
+    ensure!(with.reached == 0, "segments of a dead process's socket reached the client: {with:?}");
+    println!(
+        "after SIGKILL: without the orphan queue {} of {} segments the server's TCP emitted reached the client \
+         (in {:?}); with it, 0 of {} (in {:?})",
+        without.reached, without.emitted, without.waited, with.emitted, with.waited
+    );
+    Ok(())
+}
+
+#[test]
+fn socket_closed_with_data_queued_delivers_all_of_it_and_its_fin_through_a_live_gate() -> Result<()> {
+    let net = Net::up('f')?;
+    let client_ns = net.client.clone();
+    run_in_ns(&net.server, move || async move {
+        let listener = TcpListener::bind(vip_addr()).await?;
+        let (gate, rx) = Gate::start(config("tf"))?;
+        let gate = Arc::new(gate);
+        let orphan_queue = gate.orphan_queue().context("no orphan queue")?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let pilot = autopilot(gate.clone(), rx, log.clone());
+        // A small receive buffer and no reading: the server's data backs up in its send queue.
+        let socket = client_socket(&client_ns)?;
+        socket.set_recv_buffer_size(4096)?;
+        let mut client = timeout(PROMPT, socket.connect(vip_addr())).await??;
+        let (server, _) = timeout(PROMPT, listener.accept()).await??;
+
+        let data = pattern(4 << 20);
+        let mut written = 0;
+        loop {
+            match server.try_write(&data[written..]) {
+                Ok(n) => written += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        drop(server); // the socket is orphaned with its send queue full and its FIN behind it
+        let here = SocketAddrV4::new(VIP, PORT);
+        let table = std::fs::read_to_string("/proc/thread-self/net/tcp")?;
+        ensure!(primary::node::unflushed(&table, here) == 1, "no closed socket owes the client bytes:\n{table}");
+        sleep(HOLD).await;
+
+        let started = Instant::now();
+        let mut got = Vec::new();
+        timeout(Duration::from_secs(20), client.read_to_end(&mut got)).await??;
+        let took = started.elapsed();
+        ensure!(got.len() == written, "the client read {} bytes of {written}", got.len());
+        ensure!(got == data[..written], "the bytes changed in transit");
+        let stats = gate.stats();
+        ensure!(stats.orphans > 0, "no segment went through the orphan queue: {stats:?}");
+        let outbound: Vec<String> =
+            log.lock().unwrap().iter().filter(|d| d.hook == Hook::LocalOut).map(flags).collect();
+        let fins = outbound.iter().filter(|f| f.contains("FIN")).count();
+        ensure!(fins >= 1, "the FIN did not go through the gate's own queue: {outbound:?}");
+        ensure!(
+            outbound.iter().all(|f| ["FIN", "RST", "SYN"].iter().any(|c| f.contains(c))),
+            "orphan data reached the owner's channel: {outbound:?}"
+        );
+        // The client's last ACKs pass the gate's own queue (the pilot) before the socket sees them.
+        wait_for("the client's ACK of the last bytes and the FIN", PROMPT, || {
+            let table = std::fs::read_to_string("/proc/thread-self/net/tcp")?;
+            Ok((primary::node::unflushed(&table, here) == 0).then_some(()))
+        })
+        .await?;
+        let kernel = KernelQueueStats::read_here(orphan_queue)?.context("orphan queue not bound")?;
+        ensure!(kernel.queued == 0 && kernel.dropped_full == 0 && kernel.dropped_user == 0, "{kernel:?}");
+        println!(
+            "server wrote {} KiB, then closed with its send queue full: all of it and the FIN arrived in \
+             {took:?}; {} segments passed the orphan queue, the FIN ({fins}) went through queue {}",
+            written / 1024,
+            stats.orphans,
+            gate.queue()
+        );
+        pilot.abort();
+        let _ = pilot.await;
         Ok(())
     })
 }
@@ -675,9 +890,17 @@ fn stale_rules_are_removed_at_start_and_ours_on_drop() -> Result<()> {
 
         let mut cfg = config("te");
         cfg.queue = 7;
+        cfg.orphan_queue = Some(8);
         let (gate, _rx) = Gate::start(cfg.clone())?;
         let save = ipt.run(&["-S"])?;
-        ensure!(ipt.count_tagged(tag)? == 4, "expected exactly our 4 rules:\n{save}");
+        ensure!(ipt.count_tagged(tag)? == 5, "expected exactly our 5 rules:\n{save}");
+        let output: Vec<&str> = save.lines().filter(|l| l.starts_with("-A OUTPUT")).collect();
+        ensure!(
+            output.iter().position(|l| l.contains("--socket-exists")) == Some(3)
+                && output[3].ends_with("--queue-num 8")
+                && output[..3].iter().all(|l| l.contains("--tcp-flags") && l.ends_with("--queue-num 7")),
+            "the orphan rule must follow the three control rules:\n{save}"
+        );
         ensure!(
             ipt.count_tagged("understudy:te2")? == 1 && save.contains("--dport 22"),
             "foreign rules touched:\n{save}"
@@ -692,17 +915,26 @@ fn stale_rules_are_removed_at_start_and_ours_on_drop() -> Result<()> {
             }
             other => bail!("a second gate on a bound queue: {other:?}"),
         }
-        ensure!(ipt.count_tagged(tag)? == 4, "the refused gate changed the rules");
+        ensure!(ipt.count_tagged(tag)? == 5, "the refused gate changed the rules");
+        let mut orphans_taken = cfg.clone();
+        orphans_taken.queue = 9;
+        match Gate::start(orphans_taken) {
+            Err(GateError::Queue(QueueError::Busy { queue: 8, .. })) => {}
+            other => bail!("a gate whose orphan queue is bound elsewhere: {other:?}"),
+        }
+        ensure!(KernelQueueStats::read_here(9)?.is_none(), "the refused gate left its first queue bound");
+        ensure!(ipt.count_tagged(tag)? == 5, "the refused gate changed the rules");
 
         drop(gate);
         ensure!(ipt.count_tagged(tag)? == 0, "rules left after drop:\n{}", ipt.run(&["-S"])?);
         ensure!(ipt.count_tagged("understudy:te2")? == 1, "drop removed a foreign rule");
 
         let (gate, _rx) = Gate::start(cfg)?;
-        ensure!(KernelQueueStats::read_here(7)?.is_some());
+        ensure!(KernelQueueStats::read_here(7)?.is_some() && KernelQueueStats::read_here(8)?.is_some());
         gate.shutdown()?;
         ensure!(ipt.count_tagged(tag)? == 0, "rules left after shutdown");
         ensure!(KernelQueueStats::read_here(7)?.is_none(), "queue still bound after shutdown");
+        ensure!(KernelQueueStats::read_here(8)?.is_none(), "orphan queue still bound after shutdown");
         println!("stale rules replaced, ours removed on drop and on shutdown, foreign rules untouched");
         Ok(())
     })

@@ -386,8 +386,12 @@ fn primary_serves_vip_through_the_gate_refuses_second_primary_and_releases_vip_a
     ensure!(tb.has_vip("server")?, "the VIP is not on the server's eth0");
     ensure!(tb.vip_arp_rules("server")?.len() == 1, "want one arptables rule: {:?}", tb.vip_arp_rules("server")?);
     let rules = tb.gate_rules("server")?;
-    ensure!(rules.len() == 4, "want the gate's 4 rules (inbound; SYN-ACK, FIN, RST out): {rules:#?}");
-    ensure!(rules.iter().all(|r| r.contains("--queue-num 7701")), "the gate uses queues.inbound: {rules:#?}");
+    ensure!(rules.len() == 5, "want the gate's 5 rules (inbound; SYN-ACK, FIN, RST, orphans out): {rules:#?}");
+    ensure!(rules[..4].iter().all(|r| r.contains("--queue-num 7701")), "the gate uses queues.inbound: {rules:#?}");
+    ensure!(
+        rules[4].contains("! --socket-exists") && rules[4].contains("--queue-num 7702"),
+        "orphans go to queues.outbound: {rules:#?}"
+    );
 
     // Through the VIP from the client, two requests on one connection (keep-alive).
     let (f1, f2) = (dir.join("got-big"), dir.join("got-small"));
@@ -714,7 +718,7 @@ fn primary_steps_down_when_another_node_answers_for_the_vip_after_its_backup_is_
     );
     ensure!(!tb.has_vip("server")?, "the VIP is still on the server");
     let rules = tb.gate_rules("server")?;
-    ensure!(rules.len() == 4, "the gate's fail-closed rules stay after a step-down: {rules:#?}");
+    ensure!(rules.len() == 5, "the gate's fail-closed rules stay after a step-down: {rules:#?}");
 
     // Nothing reached the client: the connection neither closed nor reset, the transfer is stuck.
     std::thread::sleep(Duration::from_millis(300));
@@ -732,7 +736,7 @@ fn primary_steps_down_when_another_node_answers_for_the_vip_after_its_backup_is_
     let log = again.log_text();
     ensure!(log.contains("removed iptables rules left by an earlier run"), "{log}");
     let rules = tb.gate_rules("server")?;
-    ensure!(rules.len() == 4, "one set of gate rules after the restart: {rules:#?}");
+    ensure!(rules.len() == 5, "one set of gate rules after the restart: {rules:#?}");
     let body = tb.exec("client", &["curl", "-sS", "--fail", "http://10.0.0.100/small.txt"])?;
     ensure!(body == "small file from the origin\n", "{body:?}");
 

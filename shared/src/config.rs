@@ -66,7 +66,7 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
 /// NFQUEUE number of the inbound gate.
 pub const DEFAULT_INBOUND_QUEUE: u16 = 7701;
-/// NFQUEUE number of the outbound control (the primary's SYN-ACK, FIN and RST).
+/// NFQUEUE number for the segments of the primary's closed sockets (orphans; see `QueuesConfig::outbound`).
 pub const DEFAULT_OUTBOUND_QUEUE: u16 = 7702;
 /// Largest replication frame, in bytes, enforced when encoding and decoding.
 pub const DEFAULT_MAX_FRAME_BYTES: u32 = 4 * 1024 * 1024;
@@ -675,7 +675,8 @@ impl Default for LimitsConfig {
 pub struct QueuesConfig {
     /// Queue of the inbound gate (client segments to VIP:port). Number 0..=65535. Default 7701.
     pub inbound: u16,
-    /// Queue of the outbound control (the primary's SYN-ACK, FIN, RST). Number 0..=65535. Default 7702.
+    /// Queue for what the primary's closed sockets still send from VIP:port (passed while the process
+    /// lives, dropped once it died; their FINs and RSTs use `inbound`). Number 0..=65535. Default 7702.
     pub outbound: u16,
 }
 

@@ -7,7 +7,15 @@
 //! stack in queue order, [`Gate::drop`] discards it. The owner (the replication sender) releases a
 //! segment only after the backup acknowledged it. The gate knows nothing of the replication link.
 //!
-//! Fail-closed: the queue is never fail-open and the rules have no `--queue-bypass`, so when this
+//! Orphans: what TCP still sends from VIP:port for sockets no process holds any more (closed, or left
+//! behind by a process that died: their retransmissions and unsent data) is diverted into a second
+//! queue, [`GateConfig::orphan_queue`], on the same netlink socket. The gate accepts those at once,
+//! itself, without handing them to the owner: the bytes were committed before they were written, and a
+//! clean stop needs closed connections' last bytes to reach their clients. Their FINs and RSTs still go
+//! through the first queue like every other control segment. Once the process is dead the orphan queue
+//! has no reader either, and the kernel drops what the dead process's sockets still try to send.
+//!
+//! Fail-closed: the queues are never fail-open and the rules have no `--queue-bypass`, so when this
 //! process dies, or stops reading, the kernel drops matching segments instead of accepting them. Its
 //! socket closing drops whatever was still queued. A full queue or a full socket buffer drops too; both
 //! are counted (kernel: [`KernelQueueStats`], here: [`GateStats::enobufs`]).
@@ -27,7 +35,7 @@ pub mod nfqueue;
 pub mod rules;
 
 use bytes::Bytes;
-use netlink::{Event, Verdict};
+use netlink::{Event, MAX_COPY_RANGE, Verdict};
 use nfqueue::{QueueError, QueueParams, QueueSocket, RecvBatch};
 use rules::{Iptables, Rules, RulesError};
 use serde::Serialize;
@@ -46,6 +54,9 @@ use tracing::{debug, error, info, warn};
 
 /// How long the kernel may take to answer a queue configuration request.
 const CONFIG_TIMEOUT: Duration = Duration::from_secs(2);
+/// Bytes copied of each orphan segment: the IPv4 and TCP headers with any options (60 + 60 at most).
+/// Nothing reads the payload; the verdict only needs the id.
+const ORPHAN_COPY_RANGE: u32 = 120;
 
 /// What the gate diverts and how. Build with [`GateConfig::new`], adjust fields, then
 /// [`GateConfig::validate`] (also done by [`Gate::start`]).
@@ -60,6 +71,10 @@ pub struct GateConfig {
     pub instance: String,
     /// NFQUEUE number (per network namespace). Default 0.
     pub queue: u16,
+    /// NFQUEUE for the segments from VIP:port of sockets without an open file (orphans: closed by this
+    /// process, or left behind when it died), passed at once by the gate while it runs. `None`: not
+    /// diverted (a dead process's sockets then keep sending). Only with `outbound_control`. Default 1.
+    pub orphan_queue: Option<u16>,
     /// Packets the kernel holds in the queue before it drops new ones (the queue is never fail-open).
     /// Bounds the segments awaiting the backup's ack. Default 16384.
     pub queue_max_len: u32,
@@ -83,6 +98,7 @@ impl GateConfig {
             port,
             instance: instance.into(),
             queue: 0,
+            orphan_queue: Some(1),
             queue_max_len: 16384,
             recv_buffer: 16 << 20,
             recv_batch: 16,
@@ -101,6 +117,9 @@ impl GateConfig {
         if self.vip.is_unspecified() || self.vip.is_broadcast() || self.vip.is_multicast() {
             return bad("vip", "must be a unicast address");
         }
+        if self.orphan_queue == Some(self.queue) {
+            return bad("orphan_queue", "must differ from queue");
+        }
         if self.queue_max_len == 0 {
             return bad("queue_max_len", "must be at least 1");
         }
@@ -112,6 +131,11 @@ impl GateConfig {
         }
         rules::tag(&self.instance)?;
         Ok(())
+    }
+
+    /// The orphan queue in use: `orphan_queue` when outbound control is on.
+    pub fn orphans(&self) -> Option<u16> {
+        self.orphan_queue.filter(|_| self.outbound_control)
     }
 }
 
@@ -200,6 +224,8 @@ pub struct GateStats {
     pub malformed: u64,
     /// Packets handed over truncated (`original_len` set).
     pub truncated: u64,
+    /// Orphan segments the gate accepted itself (never handed over).
+    pub orphans: u64,
 }
 
 #[derive(Debug, Default)]
@@ -212,6 +238,7 @@ struct Counters {
     verdict_errors: AtomicU64,
     malformed: AtomicU64,
     truncated: AtomicU64,
+    orphans: AtomicU64,
 }
 
 impl Counters {
@@ -226,6 +253,7 @@ impl Counters {
             verdict_errors: g(&self.verdict_errors),
             malformed: g(&self.malformed),
             truncated: g(&self.truncated),
+            orphans: g(&self.orphans),
         }
     }
 }
@@ -319,11 +347,12 @@ pub enum VerdictError {
 struct Shared {
     sock: AsyncFd<QueueSocket>,
     queue: u16,
+    orphans: Option<u16>,
     counters: Counters,
 }
 
-/// A running gate: the bound queue, its rules, and the task that reads the queue. Dropping it removes
-/// the rules (blocking on iptables) and closes the queue, which drops whatever was still held.
+/// A running gate: the bound queues, its rules, and the task that reads them. Dropping it removes the
+/// rules (blocking on iptables) and closes the queues, which drops whatever was still held.
 pub struct Gate {
     shared: Arc<Shared>,
     reader: tokio::task::JoinHandle<()>,
@@ -340,7 +369,8 @@ impl std::fmt::Debug for Gate {
 }
 
 impl Gate {
-    /// Binds the queue, removes stale rules of this instance, installs the rules, and starts reading.
+    /// Binds the queue (and the orphan queue), removes stale rules of this instance, installs the rules,
+    /// and starts reading.
     ///
     /// Call inside a Tokio runtime (the socket registers with its reactor and the reader is spawned on
     /// it). Works in the calling thread's network namespace: the socket is created there and iptables
@@ -360,20 +390,27 @@ impl Gate {
         // SAFETY: QueueSocket owns its descriptor for its whole life and always returns that one.
         let sock = unsafe { AsyncFd::register_with_interest(sock, Interest::READABLE) }
             .map_err(|e| GateError::Runtime(e.into_parts().1))?;
-        let params = QueueParams { max_len: config.queue_max_len, gso: config.gso };
-        let early = sock.get_ref().bind_queue(config.queue, params, CONFIG_TIMEOUT)?;
-        // Only a process that could bind the queue may clean up: a live owner would have made bind fail.
-        let specs = rules::gate_rules(config.vip, config.port, config.queue, &tag, config.outbound_control);
+        let params = QueueParams { max_len: config.queue_max_len, gso: config.gso, copy_range: MAX_COPY_RANGE };
+        let mut early = sock.get_ref().bind_queue(config.queue, params, CONFIG_TIMEOUT)?;
+        let orphans = config.orphans();
+        if let Some(q) = orphans {
+            // Whole GSO packets and headers only: nothing is segmented or copied just to be accepted.
+            let params = QueueParams { max_len: config.queue_max_len, gso: true, copy_range: ORPHAN_COPY_RANGE };
+            early.extend(sock.get_ref().bind_queue(q, params, CONFIG_TIMEOUT)?);
+        }
+        // Only a process that could bind the queues may clean up: a live owner would have made bind fail.
+        let specs = rules::gate_rules(config.vip, config.port, config.queue, &tag, config.outbound_control, orphans);
         let (rules, stale) = Rules::install(ipt, &tag, specs)?;
         if stale > 0 {
             warn!(instance = %config.instance, stale, "removed iptables rules left by an earlier run");
         }
         let proc_stats = File::open("/proc/thread-self/net/netfilter/nfnetlink_queue").ok();
         info!(
-            instance = %config.instance, queue = config.queue, portid = sock.get_ref().portid(),
-            vip = %config.vip, port = config.port, gso = config.gso, "gate started"
+            instance = %config.instance, queue = config.queue, orphan_queue = ?orphans,
+            portid = sock.get_ref().portid(), vip = %config.vip, port = config.port, gso = config.gso,
+            "gate started"
         );
-        let shared = Arc::new(Shared { sock, queue: config.queue, counters: Counters::default() });
+        let shared = Arc::new(Shared { sock, queue: config.queue, orphans, counters: Counters::default() });
         let (tx, rx) = mpsc::channel(config.queue_max_len.clamp(1, 1 << 20) as usize);
         let reader = tokio::spawn(read_loop(shared.clone(), tx, early, config.recv_batch));
         let gate =
@@ -422,6 +459,11 @@ impl Gate {
         self.shared.queue
     }
 
+    /// The orphan queue, when bound (the gate answers it itself).
+    pub fn orphan_queue(&self) -> Option<u16> {
+        self.shared.orphans
+    }
+
     pub fn config(&self) -> &GateConfig {
         &self.config
     }
@@ -446,17 +488,25 @@ impl Gate {
         self.rules.as_ref().map_or(&[], |r| r.specs())
     }
 
-    /// Removes the rules and unbinds the queue (dropping what it still holds), reporting failures.
+    /// Removes the rules and unbinds the queues (dropping what they still hold), reporting failures.
     /// (Dropping the gate does the same and logs failures instead.)
     pub fn shutdown(mut self) -> Result<(), GateError> {
         let removed = self.rules.take().map_or(Ok(()), Rules::remove);
         self.reader.abort();
-        let unbound = self.shared.sock.get_ref().unbind_queue(self.shared.queue);
-        self.unbound = true;
+        let unbound = self.unbind();
         info!(instance = %self.config.instance, queue = self.shared.queue, "gate stopped");
         removed?;
         unbound.map_err(|source| QueueError::Io { call: "send(unbind)", source })?;
         Ok(())
+    }
+
+    /// Unbinds both queues (both are tried); the first failure is returned.
+    fn unbind(&mut self) -> io::Result<()> {
+        self.unbound = true;
+        let sock = self.shared.sock.get_ref();
+        let main = sock.unbind_queue(self.shared.queue);
+        let orphans = self.shared.orphans.map_or(Ok(()), |q| sock.unbind_queue(q));
+        main.and(orphans)
     }
 }
 
@@ -470,8 +520,8 @@ impl Drop for Gate {
         if self.unbound {
             return;
         }
-        if let Err(e) = self.shared.sock.get_ref().unbind_queue(self.shared.queue) {
-            warn!(queue = self.shared.queue, error = %e, "gate: unbinding the queue failed");
+        if let Err(e) = self.unbind() {
+            warn!(queue = self.shared.queue, error = %e, "gate: unbinding the queues failed");
         }
     }
 }
@@ -479,9 +529,11 @@ impl Drop for Gate {
 async fn read_loop(shared: Arc<Shared>, tx: mpsc::Sender<Diverted>, early: Vec<Vec<u8>>, slots: usize) {
     let queue = shared.queue;
     let mut out = Vec::with_capacity(slots);
+    let mut orphans = None;
     for d in &early {
-        handle_datagram(&shared, d, Instant::now(), &mut out);
+        handle_datagram(&shared, d, Instant::now(), &mut out, &mut orphans);
     }
+    pass_orphans(&shared, &tx, orphans.take());
     if !forward(&tx, &mut out).await {
         return;
     }
@@ -502,7 +554,7 @@ async fn read_loop(shared: Arc<Shared>, tx: mpsc::Sender<Diverted>, early: Vec<V
                 let now = Instant::now();
                 for d in batch.datagrams() {
                     match d {
-                        Ok(d) => handle_datagram(&shared, d, now, &mut out),
+                        Ok(d) => handle_datagram(&shared, d, now, &mut out, &mut orphans),
                         Err(e) => {
                             bump(&shared.counters.malformed, 1);
                             warn!(queue, error = %e, "gate reader: unusable datagram");
@@ -522,6 +574,8 @@ async fn read_loop(shared: Arc<Shared>, tx: mpsc::Sender<Diverted>, early: Vec<V
                 return;
             }
         }
+        // Before waiting on the owner: orphans never wait for the channel.
+        pass_orphans(&shared, &tx, orphans.take());
         if !forward(&tx, &mut out).await {
             return;
         }
@@ -539,7 +593,22 @@ async fn forward(tx: &mpsc::Sender<Diverted>, out: &mut Vec<Diverted>) -> bool {
     true
 }
 
-fn handle_datagram(shared: &Shared, dgram: &[u8], now: Instant, out: &mut Vec<Diverted>) {
+/// Accepts every orphan segment queued up to `last` (one batch verdict), while the owner still takes
+/// the gate's segments: an owner that stopped (a step-down) releases nothing, orphans included.
+fn pass_orphans(shared: &Shared, tx: &mpsc::Sender<Diverted>, last: Option<u32>) {
+    let (Some(queue), Some(id)) = (shared.orphans, last) else { return };
+    if tx.is_closed() {
+        return;
+    }
+    if let Err(e) = shared.sock.get_ref().verdict_batch(queue, id, Verdict::Accept) {
+        bump(&shared.counters.verdict_errors, 1);
+        warn!(queue, id, error = %e, "gate: accepting orphan segments failed; the kernel keeps them queued");
+    }
+}
+
+/// Parses one datagram: packets of the gate's queue go to `out`; the last orphan id seen is kept in
+/// `orphans` for [`pass_orphans`].
+fn handle_datagram(shared: &Shared, dgram: &[u8], now: Instant, out: &mut Vec<Diverted>, orphans: &mut Option<u32>) {
     let c = &shared.counters;
     for msg in netlink::messages(dgram) {
         let event = match msg.and_then(|m| netlink::parse_event(&m)) {
@@ -551,6 +620,10 @@ fn handle_datagram(shared: &Shared, dgram: &[u8], now: Instant, out: &mut Vec<Di
             }
         };
         match event {
+            Event::Packet(p) if Some(p.queue) == shared.orphans => {
+                bump(&c.orphans, 1);
+                *orphans = Some(p.id);
+            }
             Event::Packet(p) => {
                 if p.queue != shared.queue {
                     bump(&c.malformed, 1);
@@ -638,8 +711,9 @@ mod tests {
         let ok = GateConfig::new(Ipv4Addr::new(10, 0, 0, 100), 80, "n1");
         ok.validate().unwrap();
         type Breaker = fn(&mut GateConfig);
-        let cases: [(&str, Breaker); 5] = [
+        let cases: [(&str, Breaker); 6] = [
             ("port", |c| c.port = 0),
+            ("orphan_queue", |c| c.orphan_queue = Some(c.queue)),
             ("vip", |c| c.vip = Ipv4Addr::UNSPECIFIED),
             ("queue_max_len", |c| c.queue_max_len = 0),
             ("recv_batch", |c| c.recv_batch = 0),
@@ -650,6 +724,10 @@ mod tests {
             f(&mut c);
             assert!(matches!(c.validate(), Err(GateError::Config { field: got, .. }) if got == field), "{field}");
         }
+        let mut c = ok.clone();
+        c.outbound_control = false;
+        assert_eq!(c.orphans(), None, "orphans are part of outbound control");
+        assert_eq!(ok.orphans(), Some(1));
         let mut c = ok.clone();
         c.instance = "bad name".into();
         assert!(matches!(c.validate(), Err(GateError::Rules(RulesError::BadInstance { .. }))));

@@ -29,6 +29,9 @@ pub struct QueueParams {
     /// Hand GSO packets over whole, with unfinished checksums (`NFQA_CFG_F_GSO`), instead of letting
     /// the kernel segment them and finish their checksums.
     pub gso: bool,
+    /// Bytes of each packet copied to user space (at most [`MAX_COPY_RANGE`]; longer packets arrive cut,
+    /// with their real length).
+    pub copy_range: u32,
 }
 
 /// Why opening or configuring the queue socket failed.
@@ -116,8 +119,8 @@ impl QueueSocket {
         self.portid
     }
 
-    /// Binds `queue` to this socket and configures it: whole-packet copies, `params.max_len`, never
-    /// fail-open, GSO as `params.gso`. Waits (at most `timeout`) for the kernel's answer to each step.
+    /// Binds `queue` to this socket and configures it: packet copies of `params.copy_range` bytes,
+    /// `params.max_len`, never fail-open, GSO as `params.gso`. One socket may bind several queues. Waits (at most `timeout`) for the kernel's answer to each step.
     /// Packets the kernel queued meanwhile are returned as raw datagrams, in order, for the caller to
     /// handle before anything it receives later.
     pub fn bind_queue(&self, queue: u16, params: QueueParams, timeout: Duration) -> Result<Vec<Vec<u8>>, QueueError> {
@@ -140,7 +143,8 @@ impl QueueSocket {
         let flags = if params.gso { netlink::CFG_F_GSO } else { 0 };
         let mask = netlink::CFG_F_GSO | netlink::CFG_F_FAIL_OPEN;
         let seq = self.next_seq();
-        let msg = netlink::request::params(seq, queue, MAX_COPY_RANGE, params.max_len, flags, mask);
+        let range = params.copy_range.min(MAX_COPY_RANGE);
+        let msg = netlink::request::params(seq, queue, range, params.max_len, flags, mask);
         self.send(&msg).map_err(|source| QueueError::Io { call: "send(params)", source })?;
         self.await_ack(seq, timeout, &mut early).map_err(|e| e.into_queue_error(queue, "configure", timeout))?;
         Ok(early)

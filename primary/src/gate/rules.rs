@@ -10,10 +10,20 @@
 //! * Outbound control: `mangle OUTPUT` for segments from VIP:port carrying SYN+ACK, FIN or RST. OUTPUT
 //!   is where locally generated segments enter netfilter (SYN-ACKs from the listener, FINs and RSTs from
 //!   sockets, and RSTs the kernel sends for segments that match no socket), before they are routed out.
-//!   Plain data segments and pure ACKs match none of the rules and are not diverted.
+//!   Plain data segments and pure ACKs of a live socket match none of the rules and are not diverted.
+//! * Orphans: `mangle OUTPUT` for segments from VIP:port whose socket has no open file
+//!   (`-m owner ! --socket-exists`), to a queue of their own, after the control rules. xt_owner matches
+//!   when `skb_to_full_sk(skb)` is NULL or its `sk_socket` is NULL, and `tcp_close()` ends with
+//!   `sock_orphan()`, which clears `sk_socket`: from then on everything TCP sends for that connection
+//!   (retransmissions, the rest of its send queue, window probes, ACKs in FIN_WAIT2) matches, whether the
+//!   process closed the socket or died (`kill -9` closes every descriptor). A live socket never matches,
+//!   nor a SYN-ACK (its request socket maps to the listener). The orphan queue's reader accepts at once
+//!   while the process lives; when it is dead the queue has no reader and the kernel drops them, so a
+//!   dead primary's host cannot keep sending data from the VIP after the backup took over.
 //! * Rules are inserted at the top of their chain so an earlier `ACCEPT` in mangle cannot let a segment
 //!   bypass the gate. An accepted packet continues with the next hook, not the next rule, so a segment
-//!   matching two of our rules (FIN+RST) is queued once.
+//!   matching two of our rules (FIN+RST, or an orphan's FIN) is queued once, by the first: control
+//!   segments of orphans go to the replicated queue, not the orphan queue.
 //! * No `--queue-bypass`: with no reader, the kernel drops what the rules match (fail-closed).
 //!
 //! Every rule carries `-m comment --comment understudy:<instance>`. Before installing, every mangle
@@ -75,25 +85,37 @@ pub fn tag(instance: &str) -> Result<String, RulesError> {
     if ok { Ok(format!("understudy:{instance}")) } else { Err(RulesError::BadInstance { instance: instance.into() }) }
 }
 
-/// The gate's rules: inbound segments for `vip:port`, and (when `outbound`) the server's SYN-ACK, FIN and
-/// RST from `vip:port`, all to queue `queue`, tagged with `tag`.
-pub fn gate_rules(vip: Ipv4Addr, port: u16, queue: u16, tag: &str, outbound: bool) -> Vec<RuleSpec> {
-    let target = ["-m", "comment", "--comment", tag, "-j", "NFQUEUE", "--queue-num", &queue.to_string()]
-        .map(String::from)
-        .to_vec();
+/// The gate's rules, tagged with `tag`, in installation order: inbound segments for `vip:port`, and (when
+/// `outbound`) the server's SYN-ACK, FIN and RST from `vip:port`, all to queue `queue`; then (when
+/// `outbound` and `orphans` is set) every other segment from `vip:port` of a socket without an open file,
+/// to queue `orphans`.
+pub fn gate_rules(
+    vip: Ipv4Addr,
+    port: u16,
+    queue: u16,
+    tag: &str,
+    outbound: bool,
+    orphans: Option<u16>,
+) -> Vec<RuleSpec> {
     let vip = format!("{vip}/32");
     let port = port.to_string();
-    let spec = |chain, matches: &[&str]| {
+    let spec = |chain, matches: &[&str], queue: u16| {
         let mut args: Vec<String> = matches.iter().map(|s| s.to_string()).collect();
-        args.extend(target.iter().cloned());
+        let target = ["-m", "comment", "--comment", tag, "-j", "NFQUEUE", "--queue-num", &queue.to_string()];
+        args.extend(target.map(String::from));
         RuleSpec { chain, args }
     };
-    let mut rules = vec![spec("PREROUTING", &["-p", "tcp", "-d", &vip, "--dport", &port])];
+    let mut rules = vec![spec("PREROUTING", &["-p", "tcp", "-d", &vip, "--dport", &port], queue)];
     if outbound {
-        let from = ["-p", "tcp", "-s", &vip, "--sport", &port, "--tcp-flags"];
+        let from = ["-p", "tcp", "-s", &vip, "--sport", &port];
         for flags in [["SYN,ACK", "SYN,ACK"], ["FIN", "FIN"], ["RST", "RST"]] {
-            let m: Vec<&str> = from.iter().copied().chain(flags).collect();
-            rules.push(spec("OUTPUT", &m));
+            let m: Vec<&str> = from.iter().copied().chain(["--tcp-flags"]).chain(flags).collect();
+            rules.push(spec("OUTPUT", &m, queue));
+        }
+        // After the control rules: an orphan's FIN or RST is replicated like any other.
+        if let Some(orphans) = orphans {
+            let m: Vec<&str> = from.iter().copied().chain(["-m", "owner", "!", "--socket-exists"]).collect();
+            rules.push(spec("OUTPUT", &m, orphans));
         }
     }
     rules
@@ -299,8 +321,8 @@ mod tests {
     }
 
     #[test]
-    fn gate_rules_divert_inbound_and_outbound_control_only() {
-        let r = gate_rules(Ipv4Addr::new(10, 0, 0, 100), 80, 5, "understudy:t", true);
+    fn gate_rules_divert_inbound_outbound_control_then_orphans() {
+        let r = gate_rules(Ipv4Addr::new(10, 0, 0, 100), 80, 5, "understudy:t", true, Some(6));
         let text: Vec<String> = r.iter().map(|r| r.to_string()).collect();
         assert_eq!(
             text,
@@ -309,10 +331,13 @@ mod tests {
                 "-t mangle OUTPUT -p tcp -s 10.0.0.100/32 --sport 80 --tcp-flags SYN,ACK SYN,ACK -m comment --comment understudy:t -j NFQUEUE --queue-num 5",
                 "-t mangle OUTPUT -p tcp -s 10.0.0.100/32 --sport 80 --tcp-flags FIN FIN -m comment --comment understudy:t -j NFQUEUE --queue-num 5",
                 "-t mangle OUTPUT -p tcp -s 10.0.0.100/32 --sport 80 --tcp-flags RST RST -m comment --comment understudy:t -j NFQUEUE --queue-num 5",
+                "-t mangle OUTPUT -p tcp -s 10.0.0.100/32 --sport 80 -m owner ! --socket-exists -m comment --comment understudy:t -j NFQUEUE --queue-num 6",
             ]
         );
-        assert_eq!(gate_rules(Ipv4Addr::LOCALHOST, 1, 0, "t", false).len(), 1);
         assert!(r.iter().all(|r| !r.args.iter().any(|a| a.contains("bypass"))));
+        assert_eq!(gate_rules(Ipv4Addr::LOCALHOST, 1, 0, "t", false, Some(1)).len(), 1, "orphans are outbound");
+        let no_orphans = gate_rules(Ipv4Addr::new(10, 0, 0, 100), 80, 5, "understudy:t", true, None);
+        assert_eq!(no_orphans, r[..4]);
     }
 
     #[test]
