@@ -1387,7 +1387,10 @@ impl Driver {
 
     fn join(&mut self, now: Instant, accepted: Accepted<TcpStream>, granted_at: Instant) {
         let node = accepted.peer().node.clone();
-        let snapshot = lock(&self.table).snapshot();
+        let (snapshot, conns) = {
+            let table = lock(&self.table);
+            (table.snapshot(self.cfg.link.max_frame), table.len())
+        };
         let first = match self.core.handle_link_up(granted_at, snapshot.len() as u64) {
             Ok(first) => first,
             Err(e) => {
@@ -1401,7 +1404,6 @@ impl Driver {
             return;
         };
         let link = accepted.start(first_seq);
-        let conns = snapshot.len().saturating_sub(2);
         self.link = Some(Linked {
             sender: link.sender(),
             acked: link.acked(),

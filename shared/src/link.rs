@@ -1746,7 +1746,7 @@ mod tests {
             Message::ExchangeEnd { conn, exchange: big, status: 599 },
             Message::ConnClosed { conn },
             Message::SnapshotBegin { connections: big },
-            Message::SnapshotConn { conn, state: vec![4; 70_000] },
+            Message::SnapshotConn { conn, state: vec![4; 70_000], more: false },
             Message::SnapshotEnd,
         ];
         for msg in msgs {

@@ -18,9 +18,9 @@ use std::net::SocketAddrV4;
 use tcp_replay::Dir;
 
 /// Protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
-/// Oldest peer version this build can work with.
-pub const MIN_PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
+/// Oldest peer version this build can work with (2: snapshot states in parts).
+pub const MIN_PROTOCOL_VERSION: u16 = 2;
 
 /// Identifies a client connection: the client's address and the VIP:port it reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -108,11 +108,14 @@ pub enum Message {
     ConnClosed { conn: ConnKey },
     /// A joining spare's snapshot starts; `connections` entries follow.
     SnapshotBegin { connections: u64 },
-    /// One connection's replica state, encoded by the replica module.
+    /// One connection's replica state, encoded by the replica module, in one or more consecutive
+    /// parts (a connection's state may hold megabytes of unacknowledged reply bytes, more than a
+    /// frame): `more` is set on every part but the last.
     SnapshotConn {
         conn: ConnKey,
         #[serde(with = "crate::codec::bytes")]
         state: Vec<u8>,
+        more: bool,
     },
     /// The snapshot is complete; the stream continues from the next record.
     SnapshotEnd,

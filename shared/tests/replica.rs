@@ -609,10 +609,22 @@ fn snapshot_errors_are_typed() {
     assert_eq!(t.apply(&rec(1, Message::SnapshotEnd)), Err(SnapshotError::NotInSnapshot("SnapshotEnd").into()));
     t.apply(&rec(1, Message::SnapshotBegin { connections: 2 })).unwrap();
     let key = ConnKey { client: "10.0.0.1:1".parse().unwrap(), server: SERVER.parse().unwrap() };
-    let bad = Message::SnapshotConn { conn: key, state: b"\xffnot a state".to_vec() };
+    let bad = Message::SnapshotConn { conn: key, state: b"\xffnot a state".to_vec(), more: false };
     assert!(matches!(t.apply(&rec(2, bad)), Err(ApplyError::Snapshot(SnapshotError::Decode { .. }))));
     assert_eq!(t.apply(&rec(2, Message::ConnClosed { conn: key })), Err(SnapshotError::Interrupted.into()));
     assert_eq!(t.apply(&rec(2, Message::SnapshotEnd)), Err(SnapshotError::Count { announced: 2, received: 1 }.into()));
+
+    // A connection's parts cut by another connection's part, or by the end.
+    let other = ConnKey { client: "10.0.0.1:2".parse().unwrap(), server: SERVER.parse().unwrap() };
+    let part = |conn, more| Message::SnapshotConn { conn, state: vec![0; 4], more };
+    let mut t = ReplicaTable::new();
+    t.apply(&rec(1, Message::SnapshotBegin { connections: 2 })).unwrap();
+    t.apply(&rec(2, part(key, true))).unwrap();
+    assert_eq!(t.apply(&rec(3, part(other, false))), Err(SnapshotError::PartsCut { conn: key }.into()));
+    let mut t = ReplicaTable::new();
+    t.apply(&rec(1, Message::SnapshotBegin { connections: 1 })).unwrap();
+    t.apply(&rec(2, part(key, true))).unwrap();
+    assert_eq!(t.apply(&rec(3, Message::SnapshotEnd)), Err(SnapshotError::PartsCut { conn: key }.into()));
 }
 
 /// Stream A: several connections in every state worth carrying.
@@ -705,7 +717,11 @@ fn snapshot_applied_to_an_empty_table_yields_an_equal_table_that_stays_equal() {
     assert_eq!(primary.unprotected(), 1);
     // The spare joins: snapshot records, then the stream from there on.
     let mut spare = ReplicaTable::new();
-    for msg in primary.snapshot() {
+    // Parts far smaller than any state: every connection arrives in several.
+    let snapshot = primary.snapshot(353);
+    let parts = snapshot.iter().filter(|m| matches!(m, Message::SnapshotConn { .. })).count();
+    assert!(parts > 6 * 3, "{parts} parts for 6 connections");
+    for msg in snapshot {
         let n = log.records.len();
         log.push(msg);
         assert_eq!(spare.apply(&log.records[n]), Ok(Applied::Taken));
@@ -757,8 +773,15 @@ fn snapshot_carries_a_connection_with_timestamps_across_the_sequence_wrap() {
     p.send(&mut log, b"GET /again HTTP/1.1\r\n\r\n");
     let primary = fresh(&log);
     let mut spare = ReplicaTable::new();
-    for (i, msg) in primary.snapshot().into_iter().enumerate() {
-        spare.apply(&Record { seq: 100 + i as u64, epoch: 1, msg }).unwrap();
+    // Frames smaller than the connection's state: it comes in parts that each fit one.
+    let max_frame = 320;
+    let snapshot = primary.snapshot(max_frame);
+    assert!(snapshot.len() > 3, "{} records", snapshot.len());
+    for (i, msg) in snapshot.into_iter().enumerate() {
+        let rec = Record { seq: 100 + i as u64, epoch: 1, msg };
+        let len = shared::codec::encode(&rec).unwrap().len();
+        assert!(len <= max_frame, "record {i} is {len} bytes, over a {max_frame}-byte frame");
+        spare.apply(&rec).unwrap();
     }
     assert!(primary == spare);
     let (a, b) = (primary.conn(&p.key).unwrap().tracked().unwrap(), spare.conn(&p.key).unwrap().tracked().unwrap());
@@ -831,7 +854,7 @@ fn assert_snapshots_faithful_at_every_step(log: &Log) {
     for (i, rec) in log.records.iter().enumerate() {
         primary.apply(rec).unwrap();
         let mut spare = ReplicaTable::new();
-        for (j, msg) in primary.snapshot().into_iter().enumerate() {
+        for (j, msg) in primary.snapshot(4096).into_iter().enumerate() {
             let out = spare.apply(&Record { seq: 1 + j as u64, epoch: 1, msg }).unwrap();
             assert_eq!(out, Applied::Taken, "after record {i}");
         }
@@ -984,7 +1007,7 @@ fn snapshot_of_two_thousand_connections_with_a_request_in_flight_reports_size_an
     assert!(applied.iter().all(|a| *a == Applied::Taken));
     assert_eq!((primary.len(), primary.unprotected()), (2000, 0));
     let t0 = Instant::now();
-    let snapshot = primary.snapshot();
+    let snapshot = primary.snapshot(usize::MAX);
     let encode_time = t0.elapsed();
     let state_bytes: usize =
         snapshot.iter().map(|m| if let Message::SnapshotConn { state, .. } = m { state.len() } else { 0 }).sum();
@@ -1016,10 +1039,10 @@ fn busy_state() -> (ConnKey, Vec<u8>) {
     let table = fresh(&log);
     let key = pairs[0].key;
     let state = table
-        .snapshot()
+        .snapshot(usize::MAX)
         .into_iter()
         .find_map(|m| match m {
-            Message::SnapshotConn { conn, state } if conn == key => Some(state),
+            Message::SnapshotConn { conn, state, .. } if conn == key => Some(state),
             _ => None,
         })
         .expect("the connection is in the snapshot");
@@ -1030,7 +1053,7 @@ fn busy_state() -> (ConnKey, Vec<u8>) {
 fn apply_state(key: ConnKey, state: Vec<u8>) -> Result<Applied, ApplyError> {
     let mut t = ReplicaTable::new();
     t.apply(&Record { seq: 1, epoch: 1, msg: Message::SnapshotBegin { connections: 1 } }).unwrap();
-    t.apply(&Record { seq: 2, epoch: 1, msg: Message::SnapshotConn { conn: key, state } })
+    t.apply(&Record { seq: 2, epoch: 1, msg: Message::SnapshotConn { conn: key, state, more: false } })
 }
 
 fn decode_error(r: Result<Applied, ApplyError>) -> CodecError {

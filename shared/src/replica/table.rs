@@ -69,6 +69,10 @@ pub enum SnapshotError {
     /// `SnapshotEnd` after a different number of connections than announced.
     #[error("snapshot announced {announced} connections and carried {received}")]
     Count { announced: u64, received: u64 },
+    /// A connection's state parts were cut: another connection's part, or the snapshot's end,
+    /// arrived before its last part.
+    #[error("snapshot state of {conn:?} was cut before its last part")]
+    PartsCut { conn: ConnKey },
 }
 
 /// What a record did. None of these is an error: the driver counts and logs them.
@@ -581,8 +585,17 @@ pub struct ReplicaTable {
     /// Last record applied in `epoch`.
     last_seq: Option<u64>,
     conns: BTreeMap<ConnKey, Conn>,
-    /// A snapshot being received: connections announced, and received so far.
-    snapshot: Option<(u64, u64)>,
+    /// A snapshot being received.
+    snapshot: Option<Incoming>,
+}
+
+/// A snapshot being received: connections announced, received so far, and the parts of the one
+/// whose state is still arriving.
+#[derive(Debug, Clone, Default)]
+struct Incoming {
+    announced: u64,
+    received: u64,
+    parts: Option<(ConnKey, Vec<u8>)>,
 }
 
 /// Two tables are equal when they hold the same epoch and the same connections,
@@ -684,22 +697,38 @@ impl ReplicaTable {
             },
             Message::SnapshotBegin { connections } => {
                 self.conns.clear();
-                self.snapshot = Some((*connections, 0));
+                self.snapshot = Some(Incoming { announced: *connections, ..Incoming::default() });
                 Applied::Taken
             }
-            Message::SnapshotConn { conn, state } => {
-                let Some((_, received)) = &mut self.snapshot else {
+            Message::SnapshotConn { conn, state, more } => {
+                let Some(incoming) = &mut self.snapshot else {
                     return Err(SnapshotError::NotInSnapshot("SnapshotConn").into());
                 };
-                *received += 1;
-                let state = State::decode(*conn, state)?;
+                let whole = match incoming.parts.take() {
+                    Some((cut, _)) if cut != *conn => return Err(SnapshotError::PartsCut { conn: cut }.into()),
+                    Some((_, mut bytes)) => {
+                        bytes.extend_from_slice(state);
+                        bytes
+                    }
+                    None => state.clone(),
+                };
+                if *more {
+                    incoming.parts = Some((*conn, whole));
+                    return Ok(Applied::Taken);
+                }
+                incoming.received += 1;
+                let state = State::decode(*conn, &whole)?;
                 self.conns.insert(*conn, Conn { key: *conn, state });
                 Applied::Taken
             }
             Message::SnapshotEnd => {
-                let Some((announced, received)) = self.snapshot.take() else {
+                let Some(incoming) = self.snapshot.take() else {
                     return Err(SnapshotError::NotInSnapshot("SnapshotEnd").into());
                 };
+                if let Some((conn, _)) = incoming.parts {
+                    return Err(SnapshotError::PartsCut { conn }.into());
+                }
+                let Incoming { announced, received, .. } = incoming;
                 if announced != received {
                     return Err(SnapshotError::Count { announced, received }.into());
                 }
@@ -780,15 +809,25 @@ impl ReplicaTable {
     }
 
     /// The table as messages a joining spare applies to an empty table (invariant 3):
-    /// `SnapshotBegin`, one `SnapshotConn` per connection, `SnapshotEnd`. Applied in
-    /// records of this epoch, they rebuild an equal table.
-    pub fn snapshot(&self) -> Vec<Message> {
+    /// `SnapshotBegin`, each connection's state in as many `SnapshotConn` parts as it takes for
+    /// every record to fit a frame of `max_frame` bytes, `SnapshotEnd`. Applied in records of
+    /// this epoch, they rebuild an equal table.
+    pub fn snapshot(&self, max_frame: usize) -> Vec<Message> {
+        // Room for the record around a part: sequence, epoch, message tag, key, lengths.
+        const ENVELOPE: usize = 256;
+        let max_part = max_frame.saturating_sub(ENVELOPE).max(1);
         let mut out = Vec::with_capacity(self.conns.len() + 2);
         out.push(Message::SnapshotBegin { connections: self.conns.len() as u64 });
         for (key, conn) in &self.conns {
             let state = codec::encode(&conn.state)
                 .expect("replica state has only sized sequences and no custom serialisers: bincode cannot fail on it");
-            out.push(Message::SnapshotConn { conn: *key, state });
+            let parts = state.len().div_ceil(max_part).max(1);
+            for (i, part) in state.chunks(max_part).enumerate() {
+                out.push(Message::SnapshotConn { conn: *key, state: part.to_vec(), more: i + 1 < parts });
+            }
+            if state.is_empty() {
+                out.push(Message::SnapshotConn { conn: *key, state, more: false });
+            }
         }
         out.push(Message::SnapshotEnd);
         out
