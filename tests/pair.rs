@@ -294,6 +294,10 @@ fn upload_survives(tag: char, chunked: bool) -> Result<()> {
     })?;
     pair.kill_primary()?;
     let taken = pair.wait_taken_over(Duration::from_secs(30))?;
+    // The one restored connection, mid-upload, was prompted to resend what the outage lost.
+    wait_until("the backup to prompt the client", Duration::from_secs(10), || {
+        Ok(pair.metrics("spare")?.contains("understudy_retransmit_prompts_total 1\n").then_some(()))
+    })?;
     let status = curl.wait(Duration::from_secs(180))?;
     let out = fs::read_to_string(dir.join("curl.log"))?;
     ensure!(status.success(), "curl failed ({status}): {out}\n{}", pair.logs_tail());

@@ -3,6 +3,7 @@
 
 pub mod detector;
 pub mod node;
+pub mod prompt;
 pub mod replica;
 pub mod resume;
 pub mod takeover;

@@ -14,11 +14,12 @@
 //! Takeover, in order (each step logged and timed):
 //! hold VIP:port segments → stop the replica and take its table → add the VIP → restore every
 //! connection with `TCP_REPAIR` → bind the listener → answer ARP and announce → start the gate (which
-//! lifts the hold) → release the hold → serve as primary at the next epoch
-//! (`primary::node::serve_after_takeover`), resuming each restored connection's exchange in flight
-//! ([`crate::resume`]).
+//! lifts the hold) → release the hold → prompt every restored client to retransmit what the outage lost
+//! ([`crate::prompt`]) → serve as primary at the next epoch (`primary::node::serve_after_takeover`),
+//! resuming each restored connection's exchange in flight ([`crate::resume`]).
 
 use crate::detector::{Action, Detector, DetectorConfig, FenceResult};
+use crate::prompt::{self, Prompt};
 use crate::replica::{self, Replica, ReplicaConfig};
 use crate::resume::{self, Restored};
 use crate::takeover::{self, Hold, RestoreReport};
@@ -34,7 +35,7 @@ use shared::link::LocalIdentity;
 use shared::protocol::Role;
 use shared::replica::Decision;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::net::TcpListener;
@@ -407,6 +408,10 @@ async fn take_over(
         "took over: serving as primary"
     );
 
+    if config.retry.prompt_retransmit {
+        prompt_clients(vip, &report.restored, admin_state.clone());
+    }
+
     let metrics_admin = admin_state.clone();
     let taken = TakenOver { epoch, table, admin: admin_state, claim, listener, gate, repl_listener };
     let restored = report.restored;
@@ -444,6 +449,34 @@ fn resume_all(serving: &Serving, restored: Vec<Restored>, admin_state: AdminStat
             )
         })
         .collect()
+}
+
+/// Prompts the restored clients to retransmit what they sent during the outage (see [`prompt`]), off the
+/// runtime's workers: thousands of connections take a while and serving must not wait for it.
+fn prompt_clients(vip: Ipv4Addr, restored: &[Restored], admin_state: AdminState) {
+    let prompts: Vec<Prompt> =
+        restored.iter().filter_map(|r| r.plan.restore.as_ref().and_then(Prompt::for_plan)).collect();
+    if prompts.is_empty() {
+        return;
+    }
+    tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        match prompt::send(vip, &prompts) {
+            Ok(report) => {
+                admin_state.metrics().retransmit_prompts.add(report.prompted);
+                info!(prompted = report.prompted, took = ?started.elapsed(), "clients prompted to retransmit");
+                if report.failed > 0 {
+                    warn!(
+                        failed = report.failed,
+                        last_error = report.last_error.as_deref().unwrap_or(""),
+                        "some clients could not be prompted; they resend on their own timer"
+                    );
+                }
+            }
+            Err(e) => warn!(error = %e, clients = prompts.len(),
+                "cannot open a raw ICMP socket to prompt clients; they resend on their own timer"),
+        }
+    });
 }
 
 /// The metric label of a decision carried out (`source`: where a continuation's bytes came from).

@@ -197,7 +197,7 @@ impl Script {
 }
 
 fn with_key() -> RetryConfig {
-    RetryConfig { non_idempotent: RetryPolicy::WithKey, origin_honours_generated_keys: false }
+    RetryConfig { non_idempotent: RetryPolicy::WithKey, origin_honours_generated_keys: false, ..RetryConfig::default() }
 }
 
 /// An HTTP/1.1 response with a Content-Length body; `fields` are extra header lines.
@@ -1028,7 +1028,11 @@ async fn post_with_a_generated_key_is_resent_with_the_logged_key_not_a_new_one()
     let node = Node::new(upstream(origin.addr));
     primary_sent(&origin, "gen-7f3a").await?;
     let s = post_in_flight(None, "gen-7f3a", true);
-    let honours = RetryConfig { non_idempotent: RetryPolicy::WithKey, origin_honours_generated_keys: true };
+    let honours = RetryConfig {
+        non_idempotent: RetryPolicy::WithKey,
+        origin_honours_generated_keys: true,
+        ..RetryConfig::default()
+    };
     let (plan, conn) = s.plan(&honours);
     ensure!(matches!(plan.decision, Decision::Resend { .. }), "{:?}", plan.decision);
     let mut session = node.resume(plan, conn).await?;
@@ -1047,7 +1051,11 @@ async fn post_under_never_is_refused_the_connection_closed_without_a_byte_and_lo
     let origin = Origin::start().await?;
     let node = Node::new(upstream(origin.addr));
     let s = post_in_flight(Some("k-9"), "k-9", false);
-    let never = RetryConfig { non_idempotent: RetryPolicy::Never, origin_honours_generated_keys: false };
+    let never = RetryConfig {
+        non_idempotent: RetryPolicy::Never,
+        origin_honours_generated_keys: false,
+        ..RetryConfig::default()
+    };
     let (plan, conn) = s.plan(&never);
     ensure!(matches!(plan.decision, Decision::Refuse { exchange: 0, .. }), "{:?}", plan.decision);
     let mut session = node.resume(plan, conn).await?;
@@ -1137,7 +1145,11 @@ async fn pipelined_post_refused_under_never_ends_the_connection_after_the_respon
     let origin = Origin::start().await?;
     let node = Node::new(upstream(origin.addr));
     let post = "POST /orders HTTP/1.1\r\nHost: o\r\nIdempotency-Key: p-1\r\nContent-Length: 2\r\n\r\n{}";
-    let never = RetryConfig { non_idempotent: RetryPolicy::Never, origin_honours_generated_keys: false };
+    let never = RetryConfig {
+        non_idempotent: RetryPolicy::Never,
+        origin_honours_generated_keys: false,
+        ..RetryConfig::default()
+    };
     let r0 = length_response("", &pattern(3, 100));
     let mut s2 = Script::open();
     s2.send(

@@ -606,7 +606,7 @@ impl FencingConfig {
 }
 
 /// Resuming exchanges that a failover interrupted.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryConfig {
     /// Policy for non-idempotent requests whose reply had not started: `"never"`, `"with-key"` or
@@ -616,6 +616,21 @@ pub struct RetryConfig {
     /// keys clients send). Only then do generated keys make a request re-sendable under `with-key`.
     /// Default false.
     pub origin_honours_generated_keys: bool,
+    /// After a takeover, send each restored client an ICMP host-unreachable quoting the next byte expected
+    /// from it (RFC 6069), so a client whose retransmission timer backed off during the outage resends at
+    /// once instead of seconds later. Turn it off only for clients that set `IP_RECVERR` on their TCP
+    /// sockets: they would see the message as an error. Default true.
+    pub prompt_retransmit: bool,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            non_idempotent: RetryPolicy::default(),
+            origin_honours_generated_keys: false,
+            prompt_retransmit: true,
+        }
+    }
 }
 
 impl RetryConfig {
@@ -1388,9 +1403,9 @@ impl fmt::Display for NodeConfig {
             f,
             "role={} node={} cluster={} vip={} iface={} port={} repl_listen={} join={} {origin} admin={} \
              request_log={} heartbeat_interval={} misses={} detection={} lease={} arp_probes={} arp_timeout={} \
-             fence_command={} non_idempotent={} origin_honours_generated_keys={} max_header_bytes={} \
-             max_headers={} header_read_timeout={} idle_timeout={} max_connections={} queues={}/{} \
-             max_frame_bytes={} ack_max_records={} ack_max_delay={}",
+             fence_command={} non_idempotent={} origin_honours_generated_keys={} prompt_retransmit={} \
+             max_header_bytes={} max_headers={} header_read_timeout={} idle_timeout={} max_connections={} \
+             queues={}/{} max_frame_bytes={} ack_max_records={} ack_max_delay={}",
             role_name(self.role),
             self.node,
             self.cluster,
@@ -1410,6 +1425,7 @@ impl fmt::Display for NodeConfig {
             fe.command.as_ref().map_or_else(|| "none".to_owned(), |c| format!("{:?}", c.join(" "))),
             self.retry.non_idempotent.as_str(),
             self.retry.origin_honours_generated_keys,
+            self.retry.prompt_retransmit,
             l.max_header_bytes,
             l.max_headers,
             format_duration(l.header_read_timeout),
@@ -1646,6 +1662,7 @@ mod tests {
         let cfg = |non_idempotent, origin_honours_generated_keys| RetryConfig {
             non_idempotent,
             origin_honours_generated_keys,
+            ..RetryConfig::default()
         };
         for honours in [false, true] {
             for key in [None, Some(false), Some(true)] {

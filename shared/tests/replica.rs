@@ -200,7 +200,7 @@ impl Pair {
 }
 
 fn retry(policy: RetryPolicy, honours: bool) -> RetryConfig {
-    RetryConfig { non_idempotent: policy, origin_honours_generated_keys: honours }
+    RetryConfig { non_idempotent: policy, origin_honours_generated_keys: honours, ..RetryConfig::default() }
 }
 
 fn plan(table: &ReplicaTable, pair: &Pair, retry: &RetryConfig) -> ConnResume {

@@ -645,6 +645,11 @@ fn demo(cli: &Cli) -> Result<bool> {
     all_ok &= resets.while_open.is_empty();
     let from_dead = after_failure(&pcap, &format!("ether src {primary_mac} and src host {VIP}"), failure_wall)?;
     let errors: u64 = rows.iter().map(|r| r.errors).sum();
+    let prompted = pair
+        .metrics("spare")
+        .ok()
+        .and_then(|m| m.lines().find_map(|l| l.strip_prefix("understudy_retransmit_prompts_total ").map(str::to_owned)))
+        .unwrap_or_else(|| "?".into());
 
     let f = &takeover["failovers"][0];
     let num = |k: &str| f[k].as_f64().unwrap_or(f64::NAN);
@@ -655,7 +660,10 @@ fn demo(cli: &Cli) -> Result<bool> {
     println!("  fencing   {:>8.1} ms", num("fencing_ms"));
     println!("  restore   {:>8.1} ms", num("restore_ms"));
     println!("  total     {:>8.1} ms", num("total_ms"));
-    println!("  connections restored {} (lost {})", f["connections_restored"], f["connections_lost"]);
+    println!(
+        "  connections restored {} (lost {}); clients prompted to retransmit {prompted}",
+        f["connections_restored"], f["connections_lost"]
+    );
     println!();
     println!(
         "  {:<22} {:>8} {:>7} {:>12}  {:<22} sha256 received / original",

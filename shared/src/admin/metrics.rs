@@ -436,6 +436,8 @@ pub struct Metrics {
     pub gate_drops: Family<GateQueue, Counter>,
     /// Exchanges resumed after a failover, by path.
     pub resumes: Family<ResumePath, Counter>,
+    /// Restored connections whose client was prompted to retransmit after a takeover.
+    pub retransmit_prompts: Counter,
     /// Heartbeat round-trip times (measured on the primary).
     pub heartbeat_rtt: Histogram,
     /// Latest heartbeat round-trip time in microseconds; `u64::MAX` before the first.
@@ -454,6 +456,7 @@ impl Default for Metrics {
             gate_batches: Family::default(),
             gate_drops: Family::default(),
             resumes: Family::default(),
+            retransmit_prompts: Counter::default(),
             heartbeat_rtt: Histogram::new(HEARTBEAT_RTT_BOUNDS_US),
             last_rtt_us: AtomicU64::new(u64::MAX),
             connections: Connections::default(),

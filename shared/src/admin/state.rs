@@ -486,6 +486,11 @@ impl AdminState {
             "Exchanges in flight at a failover, by how they were resumed.",
             &m.resumes,
         );
+        e.counter(
+            "understudy_retransmit_prompts_total",
+            "Restored connections whose client was prompted (ICMP, RFC 6069) to retransmit after a takeover.",
+            &m.retransmit_prompts,
+        );
         e.counter_value("understudy_failovers_total", "Takeovers this node performed.", failovers_total);
         let phases: Vec<([(&str, &str); 1], Value)> = match &last_failover {
             Some(f) => FailoverPhase::ALL

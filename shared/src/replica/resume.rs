@@ -436,7 +436,7 @@ mod tests {
     }
 
     fn retry(policy: RetryPolicy, honours: bool) -> RetryConfig {
-        RetryConfig { non_idempotent: policy, origin_honours_generated_keys: honours }
+        RetryConfig { non_idempotent: policy, origin_honours_generated_keys: honours, ..RetryConfig::default() }
     }
 
     #[test]
