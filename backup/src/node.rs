@@ -2,6 +2,8 @@
 //! over (ARCHITECTURE.md "Takeover (backup)", "Who owns the VIP"). The binary's `main` parses flags and
 //! loads the [`NodeConfig`]; [`run`] does the rest, and tests call the same `run`.
 //!
+//! At start, what an earlier run on this host left for the VIP is cleared ([`primary::leftovers`]).
+//!
 //! Standby, in a loop until shutdown or takeover:
 //! 1. Join the primary at `--join` (retried every [`JOIN_RETRY`] while it is unreachable or refuses).
 //! 2. Follow its stream ([`crate::replica`]); `/status` says `syncing` until the snapshot is applied,
@@ -12,9 +14,10 @@
 //!    cannot be taken over from (the replica is not usable) and the node rejoins too.
 //!
 //! Takeover, in order (each step logged and timed):
-//! hold VIP:port segments → stop the replica and take its table → add the VIP → restore every
-//! connection with `TCP_REPAIR` → bind the listener → answer ARP and announce → start the gate (which
-//! lifts the hold) → release the hold → prompt every restored client to retransmit what the outage lost
+//! hold VIP:port segments → stop the replica and take its table → add the VIP → start the gate (it
+//! queues every client segment above the hold; the replicator applies them to the table and releases
+//! them once serving) → restore every connection with `TCP_REPAIR` → bind the listener → answer ARP and
+//! announce → release the hold → prompt every restored client to retransmit what the outage lost
 //! ([`crate::prompt`]) → serve as primary at the next epoch (`primary::node::serve_after_takeover`),
 //! resuming each restored connection's exchange in flight ([`crate::resume`]).
 
@@ -26,6 +29,7 @@ use crate::takeover::{self, Hold, RestoreReport};
 use primary::claim::VipClaim;
 use primary::cli::Shutdown;
 use primary::gate::{Gate, GateError};
+use primary::leftovers::LeftoverError;
 use primary::node::{NodeError, Serving, TakenOver};
 use primary::proxy::{ConnectionHooks, ShutdownSignal, ShutdownTrigger};
 use primary::replicate::GateFeed;
@@ -65,6 +69,9 @@ pub enum BackupError {
     /// The admin endpoint refused its settings.
     #[error("admin endpoint: {0}")]
     Admin(#[from] admin::ServeError),
+    /// What an earlier run left on this host (orphaned VIP sockets, the address) could not be cleared.
+    #[error("cannot clear what an earlier run left on this host: {0}")]
+    Leftovers(#[from] LeftoverError),
     /// The takeover could not claim the VIP (the hold is released and the address removed again).
     #[error("takeover failed while claiming the VIP: {0}")]
     Claim(NodeError),
@@ -99,6 +106,9 @@ async fn run_in_span(
         let serving = admin::serve(listener, admin_state.clone(), None, wait(late_signal.clone()))?;
         admin_task = Some(tokio::spawn(serving.in_current_span()));
     }
+    // A primary that died on this host (this node before a restart as the spare) left its orphaned
+    // sockets on VIP:port: they hold the four-tuples a takeover here must restore.
+    primary::leftovers::clear(&config.iface, config.vip.addr, config.vip.prefix, config.port, &config.node)?;
     // Bound now so a wrong address fails at start; a spare joins here once this node serves.
     let repl_listener = bind("replication listener", SocketAddr::V4(config.repl_listen)).await?;
     info!(addr = %config.repl_listen, "replication listener bound (joins are accepted after a takeover)");
@@ -351,6 +361,19 @@ async fn take_over(
         return Err(BackupError::Claim(e));
     }
 
+    // The gate before the restore: from here every client segment lands in its queue, and only the
+    // replicator (started with the table once serving) applies it to the table and releases it, in
+    // order. Segments of connections restored meanwhile wait there instead of reaching their sockets
+    // unseen by the table (the hold alone lets segments that find a socket through), and the table stays
+    // exactly what the kernel received, as the next spare's snapshot needs.
+    let gate = match Gate::start(primary::node::gate_config(config)) {
+        Ok((gate, diverted)) => GateFeed { gate: Arc::new(gate), diverted },
+        Err(e) => {
+            let _ = claim.release();
+            return Err(BackupError::Gate(e));
+        }
+    };
+
     // 5. Restore.
     let report: RestoreReport = takeover::restore_all(&table, &config.retry);
     info!(restored = report.restored.len(), failed = report.failed.len(), skipped = report.skipped.len(),
@@ -370,13 +393,6 @@ async fn take_over(
         let _ = claim.release();
         return Err(BackupError::Claim(e));
     }
-    let gate = match Gate::start(primary::node::gate_config(config)) {
-        Ok((gate, diverted)) => GateFeed { gate: Arc::new(gate), diverted },
-        Err(e) => {
-            let _ = claim.release();
-            return Err(BackupError::Gate(e));
-        }
-    };
     if let Some(hold) = hold
         && let Err(e) = hold.release()
     {

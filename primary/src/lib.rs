@@ -7,6 +7,7 @@
 pub mod claim;
 pub mod cli;
 pub mod gate;
+pub mod leftovers;
 pub mod node;
 pub mod proxy;
 pub mod replicate;

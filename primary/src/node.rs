@@ -8,6 +8,7 @@
 //!    before the network is touched).
 //! 2. Probe the VIP on `iface` ([`probe_vip`], RFC 5227). An answer, a contesting prober or a probe error
 //!    refuses the start: two nodes answering for the VIP is the worst failure there is.
+//!    Then clear what an earlier run on this host left for the VIP ([`leftovers::clear`]).
 //! 3. Start the gate ([`Gate::start`]: NFQUEUE rules for VIP:port, fail-closed, tagged with the node
 //!    name so that a restart removes the rules a crashed or stepped-down run left).
 //! 4. Claim the VIP ([`VipClaim`]): the arptables rule and the address, the listener on VIP:port, then
@@ -41,6 +42,7 @@
 pub use crate::claim::{ArpVipCheck, VipClaim, probe_vip};
 
 use crate::gate::{Gate, GateConfig, GateError};
+use crate::leftovers::{self, LeftoverError};
 use crate::proxy::{
     Backend, ConnectionHooks, ExchangeInfo, ExchangeObserver, ExchangeOutcome, Limits, Proxy, ProxyConfig, ProxyError,
     ShutdownSignal, ShutdownTrigger,
@@ -114,6 +116,9 @@ pub enum NodeError {
     /// Another node probed the VIP at the same time: neither may take it without a decision elsewhere.
     #[error("{mac} probed {vip} on {iface} at the same time: another node is claiming the VIP; refusing to start")]
     VipContested { vip: Ipv4Addr, iface: String, mac: Mac },
+    /// What an earlier run left on this host could not be cleared.
+    #[error("cannot clear what an earlier run left on this host: {0}")]
+    Leftovers(#[from] LeftoverError),
     /// The gate (NFQUEUE socket and iptables rules) could not start.
     #[error("cannot start the inbound gate: {0}")]
     Gate(#[from] GateError),
@@ -245,6 +250,8 @@ async fn run_in_span(config: NodeConfig, shutdown: impl Future<Output = ()> + Se
     // 2. Nobody else may answer for the VIP.
     let probe_time = config.fencing.arp_time().max(STARTUP_PROBE_TIME);
     probe_vip(&config.iface, vip, config.fencing.arp_probes, probe_time).await?;
+    // An earlier run's orphaned sockets and address go before this run's gate and claim.
+    leftovers::clear(&config.iface, vip, config.vip.prefix, config.port, &config.node)?;
 
     // 3. The gate, before the address exists: no VIP segment ever reaches the kernel ungated.
     let (gate, diverted) = Gate::start(gate_config(&config))?;

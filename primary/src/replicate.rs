@@ -1387,10 +1387,13 @@ impl Driver {
 
     fn join(&mut self, now: Instant, accepted: Accepted<TcpStream>, granted_at: Instant) {
         let node = accepted.peer().node.clone();
+        let started = Instant::now();
         let (snapshot, conns) = {
             let table = lock(&self.table);
             (table.snapshot(self.cfg.link.max_frame), table.len())
         };
+        let took = started.elapsed();
+        let bytes: u64 = snapshot.iter().map(approx_len).sum();
         let first = match self.core.handle_link_up(granted_at, snapshot.len() as u64) {
             Ok(first) => first,
             Err(e) => {
@@ -1416,7 +1419,7 @@ impl Driver {
             let seq = self.core.handle_sent(now, approx_len(&msg));
             self.outbound.push_back((seq, msg));
         }
-        info!(role = "primary", epoch = self.epoch, peer = %node, first_seq = first, connections = conns,
+        info!(role = "primary", epoch = self.epoch, peer = %node, first_seq = first, connections = conns, bytes, ?took,
             "backup joined: snapshot queued, stream follows");
     }
 

@@ -795,10 +795,28 @@ pub fn restore(plan: &RestorePlan) -> Result<TcpStream, RepairError> {
         sock.shutdown(std::net::Shutdown::Write).map_err(sys("shutdown(SHUT_WR)"))?;
     }
     if unlock {
-        // Hand buffer sizing back to the kernel's autotuning.
+        // Back to the defaults, then to the kernel's autotuning. Forced sizes would stay: autotuning
+        // only grows a buffer, so a connection restored with a large queue would keep a send buffer
+        // large enough for it forever (and the next takeover's queue, and buffer, larger still).
+        let (snd, rcv) = default_buffer_sizes();
+        setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, &(snd / 2), "SO_SNDBUF")?;
+        setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &(rcv / 2), "SO_RCVBUF")?;
         setsockopt(fd, libc::SOL_SOCKET, libc::SO_BUF_LOCK, &(0 as c_int), "SO_BUF_LOCK")?;
     }
     Ok(sock.into())
+}
+
+/// The initial send and receive buffer sizes of a TCP socket (`tcp_wmem[1]`, `tcp_rmem[1]`, as
+/// `SO_SNDBUF`/`SO_RCVBUF` read them), from the calling thread's network namespace; the kernel's
+/// built-in defaults when they cannot be read.
+fn default_buffer_sizes() -> (c_int, c_int) {
+    let middle = |path: &str, fallback: c_int| {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+            .unwrap_or(fallback)
+    };
+    (middle("/proc/sys/net/ipv4/tcp_wmem", 16 * 1024), middle("/proc/sys/net/ipv4/tcp_rmem", 128 * 1024))
 }
 
 /// Grows the socket buffers when the plan's queues would not fit the defaults.

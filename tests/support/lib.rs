@@ -9,7 +9,8 @@
 //! * [`nginx`]: nginx as a real origin; [`hyper_origin`]: a small origin in the test's process.
 //! * [`pattern`]: deterministic payloads generated from any offset.
 //! * [`app`], [`derive`], [`takeover`]: the `us-testapp` application and the kernel takeover tests
-//!   (`tests/takeover.rs`); [`pair`]: the replicated pair in a test bed (`tests/pair.rs`).
+//!   (`tests/takeover.rs`); [`pair`]: the replicated pair in a test bed (`tests/pair.rs`), roles moving
+//!   between its hosts across failovers; [`load`]: a steady keep-alive load with every body checked.
 //!
 //! It depends on no crate of ours but `tcp-replay`, so any crate can take it as a dev-dependency.
 
@@ -17,6 +18,8 @@ pub mod app;
 pub mod derive;
 pub mod harness;
 pub mod hyper_origin;
+#[cfg(target_os = "linux")]
+pub mod load;
 #[cfg(target_os = "linux")]
 pub mod netns;
 pub mod nginx;

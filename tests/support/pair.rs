@@ -77,11 +77,20 @@ pub struct PairOptions {
 }
 
 /// The running pair. Field order is drop order: processes end before the bed goes down.
+///
+/// Roles move between the two hosts: `primary` and `backup` are the processes in those roles now, and
+/// [`Pair::primary_host`] says where the primary runs. After a takeover, [`Pair::promoted`] records the
+/// swap and [`Pair::start_spare`] restarts the dead side as a spare joining the survivor.
 pub struct Pair {
     pub primary: Option<Proc>,
     pub backup: Option<Proc>,
     pub origin: Option<Proc>,
     pub tb: Testbed,
+    /// `"server"` or `"spare"`: the host whose node serves as primary.
+    pub primary_host: &'static str,
+    opts: PairOptions,
+    /// Stems of every node log file written so far (`primary`, `backup`, `spare2-server`, ...), in order.
+    node_logs: Vec<String>,
     /// Origin document root (`www/`), node logs and request logs.
     pub dir: Scratch,
     /// Pairs in one test process run one at a time: each loads the 2-core hosts these tests run on
@@ -102,15 +111,25 @@ impl Pair {
         fs::create_dir_all(&www)?;
         prepare(&www)?;
         let tb = Testbed::up_pair(id)?;
-        let mut pair = Pair { primary: None, backup: None, origin: None, tb, dir, _serial: serial };
+        let mut pair = Pair {
+            primary: None,
+            backup: None,
+            origin: None,
+            tb,
+            primary_host: "server",
+            opts: opts.clone(),
+            node_logs: Vec::new(),
+            dir,
+            _serial: serial,
+        };
         pair.origin = Some(match opts.origin {
             Origin::Nginx => pair.start_nginx()?,
             Origin::UsOrigin => pair.start_us_origin()?,
         });
-        let primary = pair.start_node("primary", "server", opts)?;
+        let primary = pair.start_node("primary", "server", None, "primary")?;
         pair.primary = Some(primary);
         pair.wait_status("server", "the primary to serve", Duration::from_secs(20), |s| s["role"] == "primary")?;
-        let backup = pair.start_node("backup", "spare", opts)?;
+        let backup = pair.start_node("backup", "spare", Some(PRIMARY_REPL), "backup")?;
         pair.backup = Some(backup);
         pair.wait_protected(Duration::from_secs(20))?;
         Ok(pair)
@@ -162,14 +181,13 @@ impl Pair {
         Ok(proc)
     }
 
-    fn start_node(&self, role: &str, host: &str, opts: &PairOptions) -> Result<Proc> {
+    /// Starts `role` on `host` (joining `join` when given); its log is `<stem>.log`, its request log
+    /// `<stem>-requests.jsonl`. Each host keeps its node name and replication address across restarts.
+    fn start_node(&mut self, role: &str, host: &str, join: Option<&str>, stem: &str) -> Result<Proc> {
         let bin = workspace_bin(role)?;
         let bin = bin.to_str().context("path")?.to_string();
-        let request_log = self.dir.0.join(format!("{role}-requests.jsonl"));
-        let (repl, node) = match role {
-            "primary" => (PRIMARY_REPL, "alpha"),
-            _ => (BACKUP_REPL, "bravo"),
-        };
+        let request_log = self.dir.0.join(format!("{stem}-requests.jsonl"));
+        let (repl, node) = host_node(host)?;
         let mut args: Vec<String> = vec![
             bin,
             "--vip".into(),
@@ -189,12 +207,40 @@ impl Pair {
             "--node".into(),
             node.into(),
         ];
-        if role == "backup" {
-            args.extend(["--join".into(), PRIMARY_REPL.into()]);
+        if let Some(join) = join {
+            args.extend(["--join".into(), join.into()]);
         }
-        args.extend(opts.node_flags.iter().cloned());
+        args.extend(self.opts.node_flags.iter().cloned());
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.tb.spawn(role, host, &argv, &self.dir.0.join(format!("{role}.log")))
+        self.node_logs.push(stem.to_string());
+        self.tb.spawn(role, host, &argv, &self.dir.0.join(format!("{stem}.log")))
+    }
+
+    /// The host of the backup (or of the dead primary's replacement): the one that is not primary.
+    pub fn backup_host(&self) -> &'static str {
+        other_host(self.primary_host)
+    }
+
+    /// Records a takeover: the backup's process is the primary now, on the other host; the dead
+    /// primary's process, if any is left, is killed.
+    pub fn promoted(&mut self) -> Result<()> {
+        // Dropping a `Proc` kills (by PID) and reaps it unless that was done already.
+        drop(self.primary.take());
+        self.primary = Some(self.backup.take().context("no backup to promote")?);
+        self.primary_host = other_host(self.primary_host);
+        Ok(())
+    }
+
+    /// Starts a spare (the `backup` binary) on the host that is not primary, joining the primary.
+    /// Returns once it runs; [`Pair::wait_protected`] waits for it to catch up.
+    pub fn start_spare(&mut self) -> Result<()> {
+        ensure!(self.backup.is_none(), "a backup is already running");
+        let host = self.backup_host();
+        let (join, _) = host_node(self.primary_host)?;
+        let stem = format!("spare{}-{host}", self.node_logs.len());
+        let proc = self.start_node("backup", host, Some(join), &stem)?;
+        self.backup = Some(proc);
+        Ok(())
     }
 
     /// `GET /status` of the node on `host`.
@@ -226,8 +272,12 @@ impl Pair {
 
     /// Waits until both nodes report the pair connected.
     pub fn wait_protected(&self, timeout: Duration) -> Result<()> {
-        self.wait_status("server", "the primary to see its backup connected", timeout, |s| s["peer"] == "connected")?;
-        self.wait_status("spare", "the backup to be connected", timeout, |s| s["peer"] == "connected")?;
+        self.wait_status(self.primary_host, "the primary to see its backup connected", timeout, |s| {
+            s["role"] == "primary" && s["peer"] == "connected"
+        })?;
+        self.wait_status(self.backup_host(), "the backup to be connected", timeout, |s| {
+            s["role"] == "backup" && s["peer"] == "connected"
+        })?;
         Ok(())
     }
 
@@ -242,7 +292,8 @@ impl Pair {
     /// The primary's host loses power: every interface goes down at once (the process keeps running,
     /// cut off).
     pub fn power_cut_primary(&self) -> Result<()> {
-        self.tb.exec("server", &["sh", "-c", "ip link set eth0 down; ip link set eth1 down; ip link set eth2 down"])?;
+        let host = self.primary_host;
+        self.tb.exec(host, &["sh", "-c", "ip link set eth0 down; ip link set eth1 down; ip link set eth2 down"])?;
         Ok(())
     }
 
@@ -256,18 +307,23 @@ impl Pair {
 
     /// Waits until the backup serves as primary; returns its status.
     pub fn wait_taken_over(&self, timeout: Duration) -> Result<Value> {
-        self.wait_status("spare", "the backup to take over", timeout, |s| {
+        self.wait_status(self.backup_host(), "the backup to take over", timeout, |s| {
             s["role"] == "primary" && s["failovers"].as_array().is_some_and(|f| !f.is_empty())
         })
     }
 
     /// The last lines of each node's log, for failure messages.
+    /// Stems of every node's log and request log so far, oldest first.
+    pub fn node_log_stems(&self) -> &[String] {
+        &self.node_logs
+    }
+
     pub fn logs_tail(&self) -> String {
         let mut out = String::new();
-        for role in ["primary", "backup"] {
-            let text = fs::read_to_string(self.dir.0.join(format!("{role}.log"))).unwrap_or_default();
+        for stem in &self.node_logs {
+            let text = fs::read_to_string(self.dir.0.join(format!("{stem}.log"))).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
-            out.push_str(&format!("--- {role}.log (last 40 lines)\n"));
+            out.push_str(&format!("--- {stem}.log (last 40 lines)\n"));
             for l in &lines[lines.len().saturating_sub(40)..] {
                 out.push_str(l);
                 out.push('\n');
@@ -276,9 +332,10 @@ impl Pair {
         out
     }
 
-    /// Lines of a node's request log, parsed.
-    pub fn request_log(&self, role: &str) -> Result<Vec<Value>> {
-        let text = fs::read_to_string(self.dir.0.join(format!("{role}-requests.jsonl"))).unwrap_or_default();
+    /// Lines of a node's request log, parsed: `stem` is `primary` or `backup` for the first two nodes,
+    /// as in [`Pair::node_log_stems`] for spares started later.
+    pub fn request_log(&self, stem: &str) -> Result<Vec<Value>> {
+        let text = fs::read_to_string(self.dir.0.join(format!("{stem}-requests.jsonl"))).unwrap_or_default();
         text.lines().map(|l| serde_json::from_str(l).with_context(|| format!("request log line {l}"))).collect()
     }
 
@@ -325,6 +382,19 @@ impl Pair {
         let out = run(std::process::Command::new("sha256sum").arg(path))?;
         Ok(out.split_whitespace().next().unwrap_or_default().to_string())
     }
+}
+
+/// A host's replication address and node name, the same across restarts.
+fn host_node(host: &str) -> Result<(&'static str, &'static str)> {
+    match host {
+        "server" => Ok((PRIMARY_REPL, "alpha")),
+        "spare" => Ok((BACKUP_REPL, "bravo")),
+        other => bail!("no node runs on host {other}"),
+    }
+}
+
+fn other_host(host: &str) -> &'static str {
+    if host == "server" { "spare" } else { "server" }
 }
 
 /// The file offset of the descriptor process `pid` holds on `path` (how far it has read), if it has one.

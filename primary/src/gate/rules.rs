@@ -105,7 +105,11 @@ pub fn gate_rules(
         args.extend(target.map(String::from));
         RuleSpec { chain, args }
     };
-    let mut rules = vec![spec("PREROUTING", &["-p", "tcp", "-d", &vip, "--dport", &port], queue)];
+    // Segments a takeover injects into restored sockets (`tcp_replay::repair::INJECT_MARK`) are the
+    // table's own replay, not client input: they bypass the gate, which may already run meanwhile.
+    let injected = format!("{:#x}", tcp_replay::repair::INJECT_MARK);
+    let inbound = ["-p", "tcp", "-d", &vip, "--dport", &port, "-m", "mark", "!", "--mark", &injected];
+    let mut rules = vec![spec("PREROUTING", &inbound, queue)];
     if outbound {
         let from = ["-p", "tcp", "-s", &vip, "--sport", &port];
         for flags in [["SYN,ACK", "SYN,ACK"], ["FIN", "FIN"], ["RST", "RST"]] {
@@ -327,7 +331,7 @@ mod tests {
         assert_eq!(
             text,
             [
-                "-t mangle PREROUTING -p tcp -d 10.0.0.100/32 --dport 80 -m comment --comment understudy:t -j NFQUEUE --queue-num 5",
+                "-t mangle PREROUTING -p tcp -d 10.0.0.100/32 --dport 80 -m mark ! --mark 0x75737464 -m comment --comment understudy:t -j NFQUEUE --queue-num 5",
                 "-t mangle OUTPUT -p tcp -s 10.0.0.100/32 --sport 80 --tcp-flags SYN,ACK SYN,ACK -m comment --comment understudy:t -j NFQUEUE --queue-num 5",
                 "-t mangle OUTPUT -p tcp -s 10.0.0.100/32 --sport 80 --tcp-flags FIN FIN -m comment --comment understudy:t -j NFQUEUE --queue-num 5",
                 "-t mangle OUTPUT -p tcp -s 10.0.0.100/32 --sport 80 --tcp-flags RST RST -m comment --comment understudy:t -j NFQUEUE --queue-num 5",

@@ -1,0 +1,110 @@
+//! End-to-end tests of reintegration and repeated failovers (issue 4): the `primary` and `backup`
+//! binaries in a `scripts/testbed --pair` bed, nginx as the origin. After each takeover the dead node is
+//! restarted as a spare that joins the survivor, so roles move between the two hosts; the load runs
+//! through every failover and every body is checked.
+//!
+//! Needs root, nginx, curl (installed by `scripts/test`) and the workspace's binaries built. Timings are
+//! printed, never asserted.
+
+use anyhow::{Context, Result, ensure};
+use serde_json::Value;
+use std::time::{Duration, Instant};
+use understudy_tests::harness::{Capture, Proc, count_matching, unique_id};
+use understudy_tests::load::{self, Load};
+use understudy_tests::pair::{Pair, PairOptions, VIP};
+use understudy_tests::pattern;
+
+const MB: u64 = 1_000_000;
+/// Sizes of the keep-alive load's files: mostly small, some large.
+const SIZES: [u64; 6] = [1_000, 20_000, 150_000, 5, 400_000, 60_000];
+
+/// A rate-limited curl download of `big.bin` through the VIP, to `out` in the scratch directory.
+fn start_download(pair: &Pair, name: &str, rate: &str) -> Result<Proc> {
+    let out = pair.dir.0.join(format!("{name}.out"));
+    let out_s = out.to_str().context("path")?;
+    let url = format!("http://{VIP}/big.bin");
+    let args = ["curl", "-sS", "--limit-rate", rate, "-o", out_s, "-w", "%{num_connects} %{http_code}\n", &url];
+    pair.tb.spawn(name, "client", &args, &pair.dir.0.join(format!("{name}.log")))
+}
+
+/// Waits for a download and checks it: exit 0, one connection, status 200, sha256 of the original.
+fn finish_download(pair: &Pair, mut curl: Proc, name: &str, sha: &str) -> Result<()> {
+    let status = curl.wait(Duration::from_secs(300))?;
+    let log = curl.log_text();
+    ensure!(status.success(), "{name} failed ({status}): {log}\n{}", pair.logs_tail());
+    let summary = log.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+    ensure!(summary == "1 200", "{name}: curl says `{summary}` (connections, status); want `1 200`");
+    let got = Pair::sha256(&pair.dir.0.join(format!("{name}.out")))?;
+    ensure!(got == sha, "{name}: sha256 {got} differs from the original {sha}");
+    Ok(())
+}
+
+/// The latest failover record of a status.
+fn last_failover(status: &Value) -> Value {
+    status["failovers"].as_array().and_then(|f| f.last()).cloned().unwrap_or(Value::Null)
+}
+
+#[test]
+fn five_failovers_alternating_between_hosts_under_load() -> Result<()> {
+    let id = unique_id('f');
+    let big = 100 * MB;
+    let mut pair = Pair::up(&id, &PairOptions::default(), |www| {
+        load::write_files(www, &SIZES)?;
+        pattern::write_file(&www.join("big.bin"), 7, big)?;
+        Ok(())
+    })?;
+    let sha = pattern::sha256_hex(7, big);
+    // Headers only, at the client: proof that no reset from the VIP reached it.
+    let pcap = pair.dir.0.join("client.pcap");
+    let capture = Capture::start(&pair.tb, "client", "eth0", "tcp port 80", 96, &pcap)?;
+    let load = Load::start(&pair, 64, &SIZES, Duration::from_millis(20))?;
+    let downloads = [start_download(&pair, "dl0", "4M")?, start_download(&pair, "dl1", "4M")?];
+    let mut epoch = 1;
+    let mut taken = Vec::new();
+    for round in 1..=5 {
+        load.wait_progress(200, Duration::from_secs(60))?;
+        let started = Instant::now();
+        pair.kill_primary()?;
+        let status = pair.wait_taken_over(Duration::from_secs(30))?;
+        let f = last_failover(&status);
+        let new_epoch = status["epoch"].as_u64().context("epoch")?;
+        ensure!(new_epoch > epoch, "round {round}: epoch went from {epoch} to {new_epoch}");
+        epoch = new_epoch;
+        // Every connection open before the failure was protected: the 64 of the load and both downloads.
+        let restored = f["connections_restored"].as_u64().unwrap_or(0);
+        ensure!(restored >= 66, "round {round}: only {restored} connections restored: {f}\n{}", pair.logs_tail());
+        ensure!(f["connections_lost"] == 0, "round {round}: connections lost: {f}");
+        pair.promoted()?;
+        load.wait_progress(200, Duration::from_secs(60))?;
+        pair.start_spare()?;
+        let join_started = Instant::now();
+        pair.wait_protected(Duration::from_secs(60))?;
+        println!(
+            "round {round}: {} took over (epoch {epoch}), total {} ms, {restored} restored; spare joined in {:?}; round {:?}",
+            pair.primary_host,
+            f["total_ms"],
+            join_started.elapsed(),
+            started.elapsed()
+        );
+        taken.push(f);
+    }
+    load.wait_progress(200, Duration::from_secs(60))?;
+    let report = load.stop()?;
+    let errors = report.errors();
+    ensure!(errors.is_empty(), "{} load errors:\n{}\n{}", errors.len(), errors.join("\n"), pair.logs_tail());
+    for (i, d) in downloads.into_iter().enumerate() {
+        finish_download(&pair, d, &format!("dl{i}"), &sha)?;
+    }
+    let stats = capture.stop()?;
+    let (resets, lines) = count_matching(&pcap, &format!("src host {VIP} and tcp[tcpflags] & tcp-rst != 0"))?;
+    ensure!(resets == 0, "{resets} resets from the VIP reached the client:\n{lines}");
+    ensure!(stats.dropped_by_kernel == 0, "the client capture dropped packets: {stats:?}");
+    println!(
+        "five failovers: {} requests on 64 keep-alive connections, 0 errors, slowest request {:?} ({}); 2 downloads of {} MB verified",
+        report.requests(),
+        report.slowest(),
+        report.slowest_what(),
+        big / MB
+    );
+    Ok(())
+}
