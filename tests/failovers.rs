@@ -108,3 +108,50 @@ fn five_failovers_alternating_between_hosts_under_load() -> Result<()> {
     );
     Ok(())
 }
+
+/// Reintegration under load: the primary serves 2 000 keep-alive connections unprotected (its backup
+/// was killed), a spare joins (snapshot of every connection plus the stream), and the primary is
+/// killed right after: every connection carries on at the new primary.
+#[test]
+fn a_spare_joining_under_2000_connections_protects_all_of_them() -> Result<()> {
+    const CONNS: usize = 2000;
+    let id = unique_id('j');
+    let sizes = [1_000, 5, 20_000, 300];
+    let mut pair = Pair::up(&id, &PairOptions::default(), |www| load::write_files(www, &sizes))?;
+    pair.kill_backup()?;
+    pair.wait_status(pair.primary_host, "the primary to serve unprotected", Duration::from_secs(10), |s| {
+        s["peer"] == "none"
+    })?;
+    let load = Load::start(&pair, CONNS, &sizes, Duration::from_millis(1000))?;
+    load.wait_progress(2 * CONNS as u64, Duration::from_secs(120))?;
+
+    pair.start_spare()?;
+    let joining = Instant::now();
+    pair.wait_protected(Duration::from_secs(120))?;
+    let joined = joining.elapsed();
+    let status = pair.status(pair.primary_host)?;
+    let protected = status["connections"]["protected"].as_u64().unwrap_or(0);
+    ensure!(protected >= CONNS as u64, "{protected} of {CONNS} connections protected after the join: {status}");
+    load.wait_progress(CONNS as u64, Duration::from_secs(120))?;
+
+    pair.kill_primary()?;
+    let taken = pair.wait_taken_over(Duration::from_secs(60))?;
+    let f = last_failover(&taken);
+    let restored = f["connections_restored"].as_u64().unwrap_or(0);
+    ensure!(restored >= CONNS as u64, "only {restored} of {CONNS} connections restored: {f}\n{}", pair.logs_tail());
+    pair.promoted()?;
+    load.wait_progress(2 * CONNS as u64, Duration::from_secs(120))?;
+    let report = load.stop()?;
+    let errors = report.errors();
+    ensure!(errors.is_empty(), "{} load errors, first: {:?}\n{}", errors.len(), errors.first(), pair.logs_tail());
+    println!(
+        "{CONNS} connections: spare joined in {joined:?}; takeover restored {restored} (restore {} ms, total {} ms); \
+         {} requests, 0 errors, slowest {:?} ({})",
+        f["restore_ms"],
+        f["total_ms"],
+        report.requests(),
+        report.slowest(),
+        report.slowest_what()
+    );
+    Ok(())
+}

@@ -46,6 +46,7 @@ where
         eprintln!("{name}: {e}");
         std::process::exit(2)
     });
+    raise_open_files_limit(config.limits.max_connections);
     let runtime = tokio::runtime::Runtime::new().unwrap_or_else(|e| {
         eprintln!("{name}: cannot start the async runtime: {e}");
         std::process::exit(1)
@@ -76,3 +77,35 @@ where
 
 /// Resolves on the first SIGINT or SIGTERM.
 pub type Shutdown = std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// Raises the soft limit on open descriptors to the hard limit: each client connection takes one, and
+/// so does each upstream connection, so the usual soft limit of 1024 would refuse clients long before
+/// `limits.max_connections`. Warns when even the hard limit is too low for it.
+fn raise_open_files_limit(max_connections: u32) {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a valid, initialised struct owned by this frame.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            tracing::warn!(error = %std::io::Error::last_os_error(), "cannot read the open-files limit");
+            return;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let was = lim.rlim_cur;
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::warn!(error = %std::io::Error::last_os_error(), was, "cannot raise the open-files limit");
+                lim.rlim_cur = was;
+            }
+        }
+    }
+    // One per client connection, plus pooled upstream connections and the node's own descriptors.
+    let want = u64::from(max_connections) + 1024;
+    if (lim.rlim_cur as u64) < want {
+        tracing::warn!(
+            limit = lim.rlim_cur,
+            want,
+            max_connections,
+            "the open-files limit is below what limits.max_connections needs; raise it (ulimit -n, LimitNOFILE=)"
+        );
+    }
+}

@@ -297,9 +297,9 @@ impl Pair {
         Ok(())
     }
 
-    /// SIGKILL to the backup process.
+    /// SIGKILL to the backup process; a spare may be started after.
     pub fn kill_backup(&mut self) -> Result<()> {
-        let b = self.backup.as_mut().context("backup not running")?;
+        let mut b = self.backup.take().context("backup not running")?;
         b.signal(libc::SIGKILL)?;
         b.wait(Duration::from_secs(10))?;
         Ok(())
