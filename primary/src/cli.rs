@@ -100,7 +100,7 @@ fn raise_open_files_limit(max_connections: u32) {
     }
     // One per client connection, plus pooled upstream connections and the node's own descriptors.
     let want = u64::from(max_connections) + 1024;
-    if (lim.rlim_cur as u64) < want {
+    if lim.rlim_cur < want {
         tracing::warn!(
             limit = lim.rlim_cur,
             want,
