@@ -9,7 +9,7 @@
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use std::time::{Duration, Instant};
-use understudy_tests::harness::{Capture, Proc, count_matching, unique_id};
+use understudy_tests::harness::{Capture, Proc, count_matching, packets_after, unique_id};
 use understudy_tests::load::{self, Load};
 use understudy_tests::pair::{Pair, PairOptions, VIP};
 use understudy_tests::pattern;
@@ -152,6 +152,74 @@ fn a_spare_joining_under_2000_connections_protects_all_of_them() -> Result<()> {
         report.requests(),
         report.slowest(),
         report.slowest_what()
+    );
+    Ok(())
+}
+
+/// A primary frozen (SIGSTOP) until its backup took over, then resumed: from the takeover on, its host
+/// sends nothing for a VIP connection (its kernel's output lease lapsed while it was frozen, and the
+/// resumed process steps down without renewing it), and it gives the VIP up. A capture at the client
+/// proves the first; the old primary's exit and its interface the second.
+#[test]
+fn a_frozen_primary_resumed_after_the_takeover_sends_nothing_and_gives_up_the_vip() -> Result<()> {
+    let id = unique_id('z');
+    let big = 60 * MB;
+    let mut pair = Pair::up(&id, &PairOptions::default(), |www| {
+        load::write_files(www, &SIZES)?;
+        pattern::write_file(&www.join("big.bin"), 7, big)?;
+        Ok(())
+    })?;
+    let sha = pattern::sha256_hex(7, big);
+    let old_mac = pair.tb.hw_addr("server", "eth0")?;
+    let old_mac = old_mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+    let pcap = pair.dir.0.join("client.pcap");
+    let capture = Capture::start(&pair.tb, "client", "eth0", "tcp port 80", 96, &pcap)?;
+    let load = Load::start(&pair, 16, &SIZES, Duration::from_millis(20))?;
+    let download = start_download(&pair, "dl", "4M")?;
+    load.wait_progress(200, Duration::from_secs(60))?;
+
+    let frozen = pair.primary.as_ref().context("primary")?;
+    frozen.signal(libc::SIGSTOP)?;
+    let taken = pair.wait_taken_over(Duration::from_secs(30))?;
+    let f = last_failover(&taken);
+    // When the backup declared the primary dead: the record's end, minus the whole takeover (which
+    // starts at the last sign of life), plus the detection time. The frozen kernel may send until its
+    // lease runs out (the detection time after the freeze at most), never after that.
+    let num = |k: &str| f[k].as_f64().with_context(|| format!("{k} in {f}"));
+    let since = (num("at_unix_ms")? - num("total_ms")? + num("detection_ms")?) / 1000.0;
+    load.wait_progress(200, Duration::from_secs(60))?;
+
+    frozen.signal(libc::SIGCONT)?;
+    let mut old = pair.primary.take().context("primary")?;
+    let status = old.wait(Duration::from_secs(20))?;
+    let log = old.log_text();
+    ensure!(
+        !status.success() && log.contains("stepped down"),
+        "the resumed primary did not step down ({status}):\n{log}"
+    );
+    let addrs = pair.tb.exec("server", &["ip", "-4", "-o", "addr", "show", "dev", "eth0"])?;
+    ensure!(!addrs.contains(&format!("{VIP}/")), "the old primary still holds the VIP: {addrs}");
+    pair.primary = pair.backup.take();
+    pair.primary_host = "spare";
+    load.wait_progress(200, Duration::from_secs(60))?;
+
+    let report = load.stop()?;
+    finish_download(&pair, download, "dl", &sha)?;
+    capture.stop()?;
+    let leaked = packets_after(&pcap, &format!("ether src {old_mac} and src host {VIP}"), since)?;
+    ensure!(
+        leaked.is_empty(),
+        "{} packets from the frozen primary after the takeover:\n{}",
+        leaked.len(),
+        leaked.join("\n")
+    );
+    let errors = report.errors();
+    ensure!(errors.is_empty(), "{} load errors:\n{}", errors.len(), errors.join("\n"));
+    println!(
+        "frozen primary: takeover total {} ms; resumed, it stepped down; 0 packets from it after the takeover; \
+         {} requests, 0 errors",
+        f["total_ms"],
+        report.requests()
     );
     Ok(())
 }

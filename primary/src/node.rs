@@ -329,6 +329,8 @@ pub fn gate_config(config: &NodeConfig) -> GateConfig {
     let mut g = GateConfig::new(config.vip.addr, config.port, config.node.clone());
     g.queue = config.queues.inbound;
     g.orphan_queue = Some(config.queues.outbound);
+    // A frozen node's kernel stops sending within the detection time: before the backup can even fence.
+    g.output_lease = Some(config.detection.detection_time());
     g
 }
 

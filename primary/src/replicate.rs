@@ -97,6 +97,9 @@ use tracing::{debug, error, info, warn};
 
 /// Largest piece of upstream body carried in one record.
 const MAX_UPSTREAM_PIECE: usize = 256 << 10;
+/// How far ahead the output lease is granted while no backup is linked (nobody can take over then; a
+/// grant is renewed at every wake-up and revoked the moment a backup is suspected).
+const ALONE_GRANT: Duration = Duration::from_secs(3600);
 /// Inputs handled per wake-up before the commit point and the gate are looked at again.
 const BATCH: usize = 64;
 
@@ -1579,6 +1582,7 @@ impl Driver {
     }
 
     fn publish(&mut self) {
+        self.grant_output();
         let upto = self.core.committed();
         self.commit_tx.send_if_modified(|c| {
             let news = c.upto != upto;
@@ -1601,6 +1605,25 @@ impl Driver {
             *s = status;
             news
         });
+    }
+
+    /// Tells the gate's output lease how long the kernel may go on sending from the VIP: while no backup
+    /// exists nobody can have taken over; while one is linked, only as long as it was heard within the
+    /// lease and is not suspected; never once stepped down. A process frozen and resumed thus finds its
+    /// grant stale until this task has looked at its link again.
+    fn grant_output(&self) {
+        let Some(gate) = &self.gate else { return };
+        let now = Instant::now();
+        let until = if self.core.stepped_down().is_some() || self.core.suspected().is_some() {
+            now
+        } else {
+            match &self.link {
+                None => now + ALONE_GRANT,
+                Some(l) if l.liveness.silent_for(now) < self.cfg.lease => now + self.cfg.lease,
+                Some(_) => now,
+            }
+        };
+        gate.grant_output(until);
     }
 
     fn heartbeat_rtt(&mut self) {

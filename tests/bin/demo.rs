@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use understudy_tests::harness::{Capture, Proc, run, unique_id};
+use understudy_tests::harness::{Capture, Proc, packets_after, run, unique_id};
 use understudy_tests::pair::{Pair, PairOptions, VIP, read_offset};
 use understudy_tests::pattern;
 
@@ -643,7 +643,7 @@ fn demo(cli: &Cli) -> Result<bool> {
         println!("resets from the VIP while the client's connection was open:\n{}", resets.while_open.join("\n"));
     }
     all_ok &= resets.while_open.is_empty();
-    let from_dead = after_failure(&pcap, &format!("ether src {primary_mac} and src host {VIP}"), failure_wall)?;
+    let from_dead = packets_after(&pcap, &format!("ether src {primary_mac} and src host {VIP}"), failure_wall)?.len();
     let errors: u64 = rows.iter().map(|r| r.errors).sum();
     let prompted = pair
         .metrics("spare")
@@ -726,15 +726,6 @@ fn resets_from_vip(pcap: &Path) -> Result<Resets> {
         }
     }
     Ok(resets)
-}
-
-/// Packets of the capture matching `filter` with a time after `since` (seconds since the Unix epoch).
-fn after_failure(pcap: &Path, filter: &str, since: f64) -> Result<usize> {
-    let out = run(std::process::Command::new("tcpdump").args(["-nn", "-tt", "-r"]).arg(pcap).arg(filter))?;
-    Ok(out
-        .lines()
-        .filter(|l| l.split_whitespace().next().and_then(|t| t.parse::<f64>().ok()).is_some_and(|t| t > since))
-        .count())
 }
 
 /// Largest gaps between the VIP's ACK advances on the upload connection (from the client capture):

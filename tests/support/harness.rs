@@ -348,6 +348,17 @@ pub fn count_matching(path: &Path, filter: &str) -> Result<(usize, String)> {
     Ok((out.lines().count(), out))
 }
 
+/// The packets of capture `path` matching `filter` stamped after `since` (seconds since the Unix epoch,
+/// as `tcpdump -tt` prints them), one tcpdump line each.
+pub fn packets_after(path: &Path, filter: &str, since: f64) -> Result<Vec<String>> {
+    let out = run(Command::new("tcpdump").args(["-nn", "-tt", "-r"]).arg(path).arg(filter))?;
+    Ok(out
+        .lines()
+        .filter(|l| l.split_whitespace().next().and_then(|t| t.parse::<f64>().ok()).is_some_and(|t| t > since))
+        .map(str::to_owned)
+        .collect())
+}
+
 /// Duplicates descriptor `fd` of process `pid` into this process (`pidfd_getfd`,
 /// needs ptrace rights over `pid`: root).
 pub fn take_fd(pid: u32, fd: i32) -> Result<OwnedFd> {

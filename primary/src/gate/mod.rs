@@ -32,6 +32,7 @@
 
 pub mod netlink;
 pub mod nfqueue;
+pub mod output_lease;
 pub mod rules;
 
 use bytes::Bytes;
@@ -89,6 +90,9 @@ pub struct GateConfig {
     pub outbound_control: bool,
     /// The iptables program. Default `iptables`.
     pub iptables: PathBuf,
+    /// Install an [`output_lease::OutputLease`] with this time to live: the kernel drops VIP:port output
+    /// unless the sender keeps granting it ([`Gate::grant_output`]). Default none.
+    pub output_lease: Option<Duration>,
 }
 
 impl GateConfig {
@@ -105,6 +109,7 @@ impl GateConfig {
             gso: false,
             outbound_control: true,
             iptables: PathBuf::from("iptables"),
+            output_lease: None,
         }
     }
 
@@ -325,6 +330,9 @@ pub enum GateError {
     /// Installing or removing the iptables rules failed.
     #[error(transparent)]
     Rules(#[from] RulesError),
+    /// The output lease (nftables) could not be installed.
+    #[error(transparent)]
+    OutputLease(#[from] output_lease::OutputLeaseError),
 }
 
 /// Why a verdict could not be given.
@@ -357,6 +365,7 @@ pub struct Gate {
     shared: Arc<Shared>,
     reader: tokio::task::JoinHandle<()>,
     rules: Option<Rules>,
+    lease: Option<output_lease::OutputLease>,
     proc_stats: Mutex<Option<File>>,
     config: GateConfig,
     unbound: bool,
@@ -404,6 +413,10 @@ impl Gate {
         if stale > 0 {
             warn!(instance = %config.instance, stale, "removed iptables rules left by an earlier run");
         }
+        let lease = match config.output_lease {
+            Some(ttl) => Some(output_lease::OutputLease::install(config.vip, config.port, &config.instance, ttl)?),
+            None => None,
+        };
         let proc_stats = File::open("/proc/thread-self/net/netfilter/nfnetlink_queue").ok();
         info!(
             instance = %config.instance, queue = config.queue, orphan_queue = ?orphans,
@@ -413,8 +426,15 @@ impl Gate {
         let shared = Arc::new(Shared { sock, queue: config.queue, orphans, counters: Counters::default() });
         let (tx, rx) = mpsc::channel(config.queue_max_len.clamp(1, 1 << 20) as usize);
         let reader = tokio::spawn(read_loop(shared.clone(), tx, early, config.recv_batch));
-        let gate =
-            Gate { shared, reader, rules: Some(rules), proc_stats: Mutex::new(proc_stats), config, unbound: false };
+        let gate = Gate {
+            shared,
+            reader,
+            rules: Some(rules),
+            lease,
+            proc_stats: Mutex::new(proc_stats),
+            config,
+            unbound: false,
+        };
         Ok((gate, rx))
     }
 
@@ -492,12 +512,24 @@ impl Gate {
     /// (Dropping the gate does the same and logs failures instead.)
     pub fn shutdown(mut self) -> Result<(), GateError> {
         let removed = self.rules.take().map_or(Ok(()), Rules::remove);
+        if let Some(lease) = self.lease.take()
+            && let Err(e) = lease.remove()
+        {
+            warn!(error = %e, "removing the output lease failed; VIP output stays dropped on this host");
+        }
         self.reader.abort();
         let unbound = self.unbind();
         info!(instance = %self.config.instance, queue = self.shared.queue, "gate stopped");
         removed?;
         unbound.map_err(|source| QueueError::Io { call: "send(unbind)", source })?;
         Ok(())
+    }
+
+    /// Lets the kernel pass VIP output until `until` (no effect without an output lease).
+    pub fn grant_output(&self, until: std::time::Instant) {
+        if let Some(lease) = &self.lease {
+            lease.grant_until(until);
+        }
     }
 
     /// Unbinds both queues (both are tried); the first failure is returned.

@@ -194,33 +194,13 @@ impl Iptables {
         let mut cmd = Command::new(&self.program);
         cmd.args(["-w", "-t", TABLE]).args(args).stdin(Stdio::null());
         let command = format!("{} -w -t {TABLE} {}", self.program.display(), args.join(" "));
-        if !self.in_recorded_netns() {
-            let fd = self.netns.as_raw_fd();
-            // SAFETY: setns(2) is async-signal-safe and `fd` stays open until the child has exec'd.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
+        in_netns(&mut cmd, &self.netns);
         let out = cmd.output().map_err(|source| RulesError::Spawn { command: command.clone(), source })?;
         if !out.status.success() {
             let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
             return Err(RulesError::Failed { command, status: out.status, stderr });
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    fn in_recorded_netns(&self) -> bool {
-        let recorded = self.netns.metadata();
-        let current = std::fs::metadata("/proc/thread-self/ns/net");
-        match (recorded, current) {
-            (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
-            _ => false,
-        }
     }
 
     /// Deletes every mangle rule tagged exactly `tag`; returns how many there were.
@@ -237,6 +217,29 @@ impl Iptables {
     /// How many mangle rules are tagged exactly `tag`.
     pub fn count_tagged(&self, tag: &str) -> Result<usize, RulesError> {
         Ok(tagged_rules(&self.run(&["-S"])?, tag).len())
+    }
+}
+
+/// Makes `cmd` run in network namespace `netns` when the calling thread is elsewhere (a `Drop` on
+/// another thread, a runtime's blocking pool).
+pub(crate) fn in_netns(cmd: &mut Command, netns: &File) {
+    let here = std::fs::metadata("/proc/thread-self/ns/net");
+    let same = match (netns.metadata(), here) {
+        (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+        _ => false,
+    };
+    if same {
+        return;
+    }
+    let fd = netns.as_raw_fd();
+    // SAFETY: setns(2) is async-signal-safe and `fd` stays open until the child has exec'd.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 
