@@ -39,6 +39,16 @@ fn finish_download(pair: &Pair, mut curl: Proc, name: &str, sha: &str) -> Result
     Ok(())
 }
 
+/// A protected pair whose origin serves the load's files and `big.bin` of `big` bytes; its sha256.
+fn pair_with_files(tag: char, big: u64) -> Result<(Pair, String)> {
+    let pair = Pair::up(&unique_id(tag), &PairOptions::default(), |www| {
+        load::write_files(www, &SIZES)?;
+        pattern::write_file(&www.join("big.bin"), 7, big)?;
+        Ok(())
+    })?;
+    Ok((pair, pattern::sha256_hex(7, big)))
+}
+
 /// The latest failover record of a status.
 fn last_failover(status: &Value) -> Value {
     status["failovers"].as_array().and_then(|f| f.last()).cloned().unwrap_or(Value::Null)
@@ -46,14 +56,8 @@ fn last_failover(status: &Value) -> Value {
 
 #[test]
 fn five_failovers_alternating_between_hosts_under_load() -> Result<()> {
-    let id = unique_id('f');
     let big = 100 * MB;
-    let mut pair = Pair::up(&id, &PairOptions::default(), |www| {
-        load::write_files(www, &SIZES)?;
-        pattern::write_file(&www.join("big.bin"), 7, big)?;
-        Ok(())
-    })?;
-    let sha = pattern::sha256_hex(7, big);
+    let (mut pair, sha) = pair_with_files('f', big)?;
     // Headers only, at the client: proof that no reset from the VIP reached it.
     let pcap = pair.dir.0.join("client.pcap");
     let capture = Capture::start(&pair.tb, "client", "eth0", "tcp port 80", 96, &pcap)?;
@@ -162,14 +166,7 @@ fn a_spare_joining_under_2000_connections_protects_all_of_them() -> Result<()> {
 /// proves the first; the old primary's exit and its interface the second.
 #[test]
 fn a_frozen_primary_resumed_after_the_takeover_sends_nothing_and_gives_up_the_vip() -> Result<()> {
-    let id = unique_id('z');
-    let big = 60 * MB;
-    let mut pair = Pair::up(&id, &PairOptions::default(), |www| {
-        load::write_files(www, &SIZES)?;
-        pattern::write_file(&www.join("big.bin"), 7, big)?;
-        Ok(())
-    })?;
-    let sha = pattern::sha256_hex(7, big);
+    let (mut pair, sha) = pair_with_files('z', 60 * MB)?;
     let old_mac = pair.tb.hw_addr("server", "eth0")?;
     let old_mac = old_mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
     let pcap = pair.dir.0.join("client.pcap");
