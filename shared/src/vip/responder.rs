@@ -61,6 +61,7 @@ pub struct Responder {
     counters: Arc<Counters>,
     conflicts: mpsc::Receiver<Conflict>,
     mac: Mac,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Responder {
@@ -74,7 +75,7 @@ impl Responder {
         let (ended_tx, ended) = oneshot::channel();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (iface, thread_counters) = (iface.to_string(), counters.clone());
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("arp-responder".into())
             .spawn(move || {
                 let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -104,7 +105,7 @@ impl Responder {
             })
             .map_err(|e| ArpError::ResponderFailed(format!("thread: {e}")))?;
         let mac = ready_rx.recv().map_err(|_| ArpError::ResponderFailed("thread ended at start".into()))??;
-        Ok(Responder { stop: Some(stop), ended: Some(ended), counters, conflicts, mac })
+        Ok(Responder { stop: Some(stop), ended: Some(ended), counters, conflicts, mac, thread: Some(thread) })
     }
 
     /// The hardware address the responder answers with.
@@ -144,9 +145,15 @@ impl Responder {
 
 impl Drop for Responder {
     fn drop(&mut self) {
-        // The thread's select ends at its next wakeup: at most a reply already being sent leaves.
+        // The thread's select ends at its next wakeup: at most a reply already being sent leaves. Wait for
+        // it, so that nothing answers for the VIP once the responder is gone (its socket closes with it).
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            warn!("the ARP responder thread panicked");
         }
     }
 }
