@@ -373,9 +373,9 @@ async fn take_over(
             return Err(BackupError::Gate(e));
         }
     };
-    // The gate's rules sit above the hold's and take everything it held, so it goes now: removing it
-    // later, while the gate holds the clients' answers to the restored sockets, lost those packets
-    // (the kernel answered their verdicts with ENOENT) and stalled the connections for seconds.
+    // The gate's rules sit above the hold's and take everything it held, so it goes now: changing
+    // the ruleset later would flush the packets the gate is holding (the kernel drops a hook's queued
+    // packets when its rules are replaced), among them the clients' answers to the restored sockets.
     if let Some(hold) = hold
         && let Err(e) = hold.release()
     {
