@@ -373,14 +373,6 @@ async fn take_over(
             return Err(BackupError::Gate(e));
         }
     };
-    // The gate's rules sit above the hold's and take everything it held, so it goes now: changing
-    // the ruleset later would flush the packets the gate is holding (the kernel drops a hook's queued
-    // packets when its rules are replaced), among them the clients' answers to the restored sockets.
-    if let Some(hold) = hold
-        && let Err(e) = hold.release()
-    {
-        error!(error = %e, "removing the hold's rules failed; the gate is above them, so segments pass");
-    }
 
     // 5. Restore.
     let report: RestoreReport = takeover::restore_all(&table, &config.retry);
@@ -400,6 +392,11 @@ async fn take_over(
     if let Err(e) = claim.answer().await {
         let _ = claim.release();
         return Err(BackupError::Claim(e));
+    }
+    if let Some(hold) = hold
+        && let Err(e) = hold.release()
+    {
+        error!(error = %e, "removing the hold's rules failed; the gate is above them, so segments pass");
     }
     let restored_count = report.restored.len() as u64;
     record.restored(Instant::now(), restored_count);

@@ -99,12 +99,7 @@ pub fn stream_now() -> Duration {
 pub fn restore_all(table: &ReplicaTable, retry: &RetryConfig) -> RestoreReport {
     let started = Instant::now();
     let mut report = RestoreReport::default();
-    let mut plans = plan_takeover(table, stream_now(), retry);
-    // Connections with bytes in flight last: client segments wait in the gate until serving starts, so
-    // a socket restored early would take that wait as its first round-trip time (its send queue is
-    // timestamped when restored) and pace its retransmissions by it.
-    plans.sort_by_key(|p| p.restore.as_ref().map_or(0, |r| r.send_queue.len()));
-    for plan in plans {
+    for plan in plan_takeover(table, stream_now(), retry) {
         let key = plan.conn;
         let conn = format!("{}", key.client);
         let Some(restore) = &plan.restore else {
@@ -139,64 +134,15 @@ pub fn restore_all(table: &ReplicaTable, retry: &RetryConfig) -> RestoreReport {
 }
 
 fn restore_one(plan: &tcp_replay::RestorePlan, _resume: &ConnResume) -> Result<tokio::net::TcpStream, String> {
-    let stream = repair::restore(&with_rtt_probe(plan)).map_err(|e| e.to_string())?;
+    let stream = repair::restore(plan).map_err(|e| e.to_string())?;
     stream.set_nonblocking(true).map_err(|e| format!("set_nonblocking: {e}"))?;
     let _ = stream.set_nodelay(true);
     tokio::net::TcpStream::from_std(stream).map_err(|e| format!("registering with the runtime: {e}"))
 }
 
-/// `plan` with one byte the client has already acknowledged put back in front of the send queue, when
-/// bytes are in flight. A restored socket has no round-trip time: without one its first retransmission
-/// comes after a full second, and bytes the dead primary had written but never transmitted (restored as
-/// in flight like the rest) wait that long. The client's answer to the restored socket's window probe
-/// acknowledges that byte, which gives the socket its first sample at once. Its content never matters:
-/// the client has it already and drops a copy as a duplicate.
-pub fn with_rtt_probe(plan: &tcp_replay::RestorePlan) -> tcp_replay::RestorePlan {
-    let mut plan = plan.clone();
-    if !plan.send_queue.is_empty() {
-        plan.snd_una = plan.snd_una - 1;
-        plan.send_queue.insert(0, 0);
-    }
-    plan
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rtt_probe_puts_one_acknowledged_byte_before_bytes_in_flight() {
-        use tcp_replay::plan::{PlanOptions, RepairWindow};
-        use tcp_replay::{Seq, TcpState};
-        let plan = tcp_replay::RestorePlan {
-            local: "10.0.0.100:80".parse().unwrap(),
-            remote: "10.0.0.1:40000".parse().unwrap(),
-            state: TcpState::Established,
-            options: PlanOptions { mss: 1460, wscale: None, sack: true, timestamps: true },
-            snd_una: Seq(0),
-            send_queue: b"abc".to_vec(),
-            unsent: Vec::new(),
-            rcv_nxt: Seq(7),
-            recv_queue: Vec::new(),
-            fin_sent: false,
-            fin_received: false,
-            window: RepairWindow {
-                snd_wl1: Seq(7),
-                snd_wnd: 65536,
-                max_window: 65536,
-                rcv_wnd: 65536,
-                rcv_wup: Seq(7),
-            },
-            tsval: Some(1),
-            ts_recent: None,
-        };
-        let probed = with_rtt_probe(&plan);
-        assert_eq!(probed.snd_una, Seq(u32::MAX), "one byte back, across the wrap");
-        assert_eq!(probed.send_queue, b"\0abc");
-        assert_eq!(probed.snd_nxt(), plan.snd_nxt(), "the same bytes are in flight after it");
-        let idle = tcp_replay::RestorePlan { send_queue: Vec::new(), ..plan.clone() };
-        assert_eq!(with_rtt_probe(&idle), idle, "nothing in flight: nothing to time");
-    }
 
     #[test]
     fn hold_passes_sockets_and_injected_segments_before_dropping() {

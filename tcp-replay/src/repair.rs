@@ -795,49 +795,35 @@ pub fn restore(plan: &RestorePlan) -> Result<TcpStream, RepairError> {
         sock.shutdown(std::net::Shutdown::Write).map_err(sys("shutdown(SHUT_WR)"))?;
     }
     if unlock {
-        // Down to what autotuning could have reached, then back to autotuning. A forced size would stay
-        // (autotuning only grows a buffer): the application would fill it, and the next takeover's
-        // queue, forced buffer and replica would be larger still. Not below the queues, though, up to
-        // that bound: the kernel holds back retransmissions while the bytes it has in flight exceed
-        // the send buffer.
-        let (snd_max, rcv_max) = buffer_limits();
-        let snd = need(plan.send_queue.len() + plan.unsent.len()).clamp(snd_max.0, snd_max.1);
-        let rcv = need(plan.recv_queue.len()).clamp(rcv_max.0, rcv_max.1);
-        // The kernel doubles the value; FORCE ignores net.core.[rw]mem_max.
-        setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, &((snd / 2) as c_int), "SO_SNDBUFFORCE")?;
-        setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &((rcv / 2) as c_int), "SO_RCVBUFFORCE")?;
+        // Back to the defaults, then to the kernel's autotuning. Forced sizes would stay: autotuning
+        // only grows a buffer, so a connection restored with a large queue would keep a send buffer
+        // large enough for it forever (and the next takeover's queue, and buffer, larger still).
+        let (snd, rcv) = default_buffer_sizes();
+        setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, &(snd / 2), "SO_SNDBUF")?;
+        setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &(rcv / 2), "SO_RCVBUF")?;
         setsockopt(fd, libc::SOL_SOCKET, libc::SO_BUF_LOCK, &(0 as c_int), "SO_BUF_LOCK")?;
     }
     Ok(sock.into())
 }
 
-/// The initial and largest autotuned sizes of a TCP socket's send and receive buffers (`tcp_wmem`,
-/// `tcp_rmem`: fields 1 and 2) in the calling thread's network namespace; the kernel's built-in
-/// defaults when they cannot be read.
-fn buffer_limits() -> ((usize, usize), (usize, usize)) {
-    let read = |path: &str, fallback: (usize, usize)| {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        let v: Vec<usize> = text.split_whitespace().filter_map(|v| v.parse().ok()).collect();
-        match v.as_slice() {
-            [_, initial, max] if initial <= max => (*initial, *max),
-            _ => fallback,
-        }
+/// The initial send and receive buffer sizes of a TCP socket (`tcp_wmem[1]`, `tcp_rmem[1]`, as
+/// `SO_SNDBUF`/`SO_RCVBUF` read them), from the calling thread's network namespace; the kernel's
+/// built-in defaults when they cannot be read.
+fn default_buffer_sizes() -> (c_int, c_int) {
+    let middle = |path: &str, fallback: c_int| {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+            .unwrap_or(fallback)
     };
-    (
-        read("/proc/sys/net/ipv4/tcp_wmem", (16 * 1024, 4 << 20)),
-        read("/proc/sys/net/ipv4/tcp_rmem", (128 * 1024, 6 << 20)),
-    )
-}
-
-/// A buffer size that holds `bytes` of queue: per-skb overhead is well under a quarter with page
-/// fragments.
-fn need(bytes: usize) -> usize {
-    bytes + bytes / 4 + 64 * 1024
+    (middle("/proc/sys/net/ipv4/tcp_wmem", 16 * 1024), middle("/proc/sys/net/ipv4/tcp_rmem", 128 * 1024))
 }
 
 /// Grows the socket buffers when the plan's queues would not fit the defaults.
 /// Returns whether the buffer sizes were locked (and must be unlocked).
 fn size_buffers(sock: &Socket, plan: &RestorePlan) -> Result<bool, RepairError> {
+    // Per-skb overhead is well under a quarter with page fragments.
+    let need = |bytes: usize| bytes + bytes / 4 + 64 * 1024;
     let mut locked = false;
     let snd = plan.send_queue.len() + plan.unsent.len();
     if snd > 0 && need(snd) > sock.send_buffer_size().map_err(sys("SO_SNDBUF"))? {
