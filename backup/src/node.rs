@@ -16,8 +16,8 @@
 //! Takeover, in order (each step logged and timed):
 //! hold VIP:port segments → stop the replica and take its table → add the VIP → start the gate (it
 //! queues every client segment, above the hold; the replicator applies them to the table and releases
-//! them once serving) and remove the hold → restore every connection with `TCP_REPAIR` → bind the
-//! listener → answer ARP and announce → prompt every restored client to retransmit what the outage lost
+//! them once serving) → restore every connection with `TCP_REPAIR` → bind the listener → answer ARP and
+//! announce → release the hold → prompt every restored client to retransmit what the outage lost
 //! ([`crate::prompt`]) → serve as primary at the next epoch (`primary::node::serve_after_takeover`),
 //! resuming each restored connection's exchange in flight ([`crate::resume`]).
 
