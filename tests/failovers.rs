@@ -186,6 +186,7 @@ fn a_frozen_primary_resumed_after_the_takeover_sends_nothing_and_gives_up_the_vi
     let since = (num("at_unix_ms")? - num("total_ms")? + num("detection_ms")?) / 1000.0;
     load.wait_progress(200, Duration::from_secs(60))?;
 
+    let resumed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
     frozen.signal(libc::SIGCONT)?;
     let mut old = pair.primary.take().context("primary")?;
     let status = old.wait(Duration::from_secs(20))?;
@@ -206,7 +207,7 @@ fn a_frozen_primary_resumed_after_the_takeover_sends_nothing_and_gives_up_the_vi
     let leaked = packets_after(&pcap, &format!("ether src {old_mac} and src host {VIP}"), since)?;
     ensure!(
         leaked.is_empty(),
-        "{} packets from the frozen primary after the takeover:\n{}",
+        "{} packets from the frozen primary after the takeover (declared at {since:.6}, resumed at {resumed:.6}):\n{}",
         leaked.len(),
         leaked.join("\n")
     );

@@ -33,10 +33,9 @@
 //!
 //! # Backup loss (the lease, `shared::lease`)
 //!
-//! Each ack renews the lease from the time its record was *queued* (never later than it was sent). The
-//! link does not report which heartbeat a backup echo answers, so heartbeats do not renew it: an idle
-//! pair's lease lapses, harmlessly, since nothing waits, and the first record after the pause renews
-//! it when acknowledged. The backup is suspected when the link breaks, or when the lease has expired
+//! Each ack renews the lease from the time its record was *queued* (never later than it was sent), each
+//! heartbeat echo from the time the echoed heartbeat was sent, so an idle pair keeps its lease and a
+//! process resumed from a freeze finds it expired whatever answers wait in its socket. The backup is suspected when the link breaks, or when the lease has expired
 //! and either a record has waited a whole lease for its ack or the backup has been silent for a lease.
 //! A suspected backup stops the commit point; the VIP is probed ([`VipCheck`]) and
 //! [`LeaseOutcome::decide`] says: nobody answers, so drop the backup and serve unprotected (everything
@@ -72,7 +71,7 @@ use shared::admin::{AdminState, ConnectionGuard, GateQueue, PeerState, Protectio
 use shared::codec;
 use shared::config::NodeConfig;
 use shared::frame::{self, Parsed};
-use shared::lease::{Lease, LeaseOutcome, StepDownReason, VipProbe};
+use shared::lease::{Lease, LeaseOutcome, LeaseState, StepDownReason, VipProbe};
 use shared::link::{
     self, Accepted, HandshakeError, InvalidLinkConfig, LinkConfig, LocalIdentity, PeerLiveness, PrimaryLink,
     RecordSender, Refusal, TrySendError,
@@ -299,6 +298,17 @@ impl OutputCommit {
         acked
     }
 
+    /// The backup answered, by `now`, a heartbeat this node sent at `sent_at`: renews the lease like an ack
+    /// of a record sent then (an idle pair keeps its lease; a resumed process reading old answers does not).
+    pub fn handle_echo(&mut self, now: Instant, sent_at: Instant) {
+        let State::Linked(l) = &mut self.state else { return };
+        l.lease.handle_ack(now, sent_at);
+        if l.suspect.is_some() && l.lease.state(now).is_valid() {
+            l.suspect = None;
+        }
+        self.advance(now);
+    }
+
     /// The link ended at `now`: the lease ends, and the backup is suspected at once.
     pub fn handle_link_down(&mut self, now: Instant) {
         let State::Linked(l) = &mut self.state else { return };
@@ -311,19 +321,21 @@ impl OutputCommit {
     }
 
     /// Time passed: `peer_silent_for` is how long nothing was heard from the backup.
+    ///
+    /// A record that waited a whole lease for its ack makes the backup suspect even while the lease is
+    /// valid: heartbeat echoes keep the lease of a backup whose link is alive but whose applier is stuck,
+    /// and clients must not wait on it for longer than that.
     pub fn handle_timeout(&mut self, now: Instant, peer_silent_for: Duration) {
         let grace = self.lease;
         let State::Linked(l) = &mut self.state else { return };
         if l.suspect.is_some() {
             return;
         }
-        if l.lease.state(now).is_valid() {
-            self.advance(now);
-            return;
-        }
         let overdue = l.uncommitted.front().is_some_and(|&(_, at)| now.saturating_duration_since(at) >= grace);
         if overdue {
             self.suspect(SuspectReason::AckOverdue);
+        } else if l.lease.state(now).is_valid() {
+            self.advance(now);
         } else if peer_silent_for >= grace {
             self.suspect(SuspectReason::Silent);
         }
@@ -367,14 +379,15 @@ impl OutputCommit {
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) has something to decide without other input.
-    pub fn poll_timeout(&self) -> Option<Instant> {
+    pub fn poll_timeout(&self, now: Instant) -> Option<Instant> {
         let State::Linked(l) = &self.state else { return None };
         if l.suspect.is_some() || l.down {
             return None;
         }
-        let expiry = l.lease.poll_timeout();
+        // Silence is the driver's to poll (it reads the link); an expired lease needs no more wake-ups.
+        let expiry = Some(l.lease.poll_timeout()).filter(|_| l.lease.state(now).is_valid());
         let overdue = l.uncommitted.front().map(|&(_, at)| at + self.lease);
-        Some(overdue.map_or(expiry, |o| o.max(expiry)))
+        expiry.into_iter().chain(overdue).min()
     }
 
     /// Every record up to this one may reach the client.
@@ -413,6 +426,22 @@ impl OutputCommit {
         match self.state {
             State::SteppedDown(r) => Some(r),
             _ => None,
+        }
+    }
+
+    /// Until when this node's kernel may go on sending from the VIP ([`Gate::grant_output`]): `alone` ahead
+    /// while no backup exists; while one is linked, no later than `after_answer` past the send time of its
+    /// latest answer (never arrival time: a process resumed from a freeze reads answers the backup sent
+    /// long ago) and never past the lease; `now` (revoked) once suspected, expired or stepped down.
+    pub fn output_grant(&self, now: Instant, alone: Duration, after_answer: Duration) -> Instant {
+        match &self.state {
+            State::Alone => now + alone,
+            State::SteppedDown(_) => now,
+            State::Linked(l) if l.suspect.is_some() => now,
+            State::Linked(l) => match l.lease.state(now) {
+                LeaseState::Valid { until } => until.min(l.lease.anchor() + after_answer).max(now),
+                LeaseState::Expired { .. } => now,
+            },
         }
     }
 
@@ -479,6 +508,9 @@ pub struct SenderConfig {
     pub link: LinkConfig,
     /// The lease (`NodeConfig::lease`).
     pub lease: Duration,
+    /// How long after the send time of the backup's latest answer the kernel may still send from the VIP:
+    /// less than the detection time, after which the backup declares this node dead.
+    pub output_grant: Duration,
     /// How long a connection the proxy closed may stay in the table without any segment before it
     /// is dropped anyway (a client that never acknowledges our FIN).
     pub conn_linger: Duration,
@@ -498,6 +530,7 @@ impl SenderConfig {
             identity,
             link,
             lease,
+            output_grant: lease,
             conn_linger: Duration::from_secs(60),
             sweep_interval: Duration::from_millis(250),
             max_backlog: 4096,
@@ -508,7 +541,9 @@ impl SenderConfig {
     /// The sender of a node configured by `node`, primary at `epoch`.
     pub fn from_node(node: &NodeConfig, epoch: u64) -> SenderConfig {
         let identity = LocalIdentity::new(node.cluster.clone(), node.node.clone(), Role::Primary, epoch);
-        SenderConfig::new(identity, link_config(node), node.lease())
+        let mut config = SenderConfig::new(identity, link_config(node), node.lease());
+        config.output_grant = output_grant(node.detection.detection_time()).min(config.lease);
+        config
     }
 
     /// Checks that every value can work.
@@ -521,6 +556,9 @@ impl SenderConfig {
         if self.lease.is_zero() {
             return bad("lease", "must be positive");
         }
+        if self.output_grant.is_zero() {
+            return bad("output_grant", "must be positive");
+        }
         if self.conn_linger.is_zero() || self.sweep_interval.is_zero() || self.probe_retry.is_zero() {
             return bad("conn_linger/sweep_interval/probe_retry", "must be positive");
         }
@@ -529,6 +567,12 @@ impl SenderConfig {
         }
         Ok(())
     }
+}
+
+/// The output grant for a detection time of `detection`: a tenth less, for the time a renewal takes to
+/// reach the kernel (`nft` reads it from a pipe) and the scheduling of its thread.
+pub fn output_grant(detection: Duration) -> Duration {
+    detection - detection / 10
 }
 
 /// The link tuning a node's configuration asks for (both roles use it).
@@ -1247,7 +1291,7 @@ impl Driver {
 
     fn deadline(&self) -> Instant {
         let mut at = self.next_sweep;
-        if let Some(t) = self.core.poll_timeout() {
+        if let Some(t) = self.core.poll_timeout(Instant::now()) {
             at = at.min(t);
         }
         if let Some(t) = self.retry_at {
@@ -1263,6 +1307,9 @@ impl Driver {
     /// Everything after an input: timers, the core's events, the link, the gate, the status.
     fn after(&mut self, now: Instant) {
         let silent = self.link.as_ref().map_or(Duration::ZERO, |l| l.liveness.silent_for(now));
+        if let Some(sent_at) = self.link.as_ref().and_then(|l| l.liveness.last_echoed()) {
+            self.core.handle_echo(now, sent_at);
+        }
         self.core.handle_timeout(now, silent);
         if now >= self.next_sweep {
             self.sweep(now);
@@ -1607,23 +1654,12 @@ impl Driver {
         });
     }
 
-    /// Tells the gate's output lease how long the kernel may go on sending from the VIP: while no backup
-    /// exists nobody can have taken over; while one is linked, only as long as it was heard within the
-    /// lease and is not suspected; never once stepped down. A process frozen and resumed thus finds its
-    /// grant stale until this task has looked at its link again.
+    /// Tells the gate's output lease how long the kernel may go on sending from the VIP
+    /// ([`OutputCommit::output_grant`]). Runs at every wake-up, so a revocation reaches the kernel's lease at
+    /// its next renewal.
     fn grant_output(&self) {
         let Some(gate) = &self.gate else { return };
-        let now = Instant::now();
-        let until = if self.core.stepped_down().is_some() || self.core.suspected().is_some() {
-            now
-        } else {
-            match &self.link {
-                None => now + ALONE_GRANT,
-                Some(l) if l.liveness.silent_for(now) < self.cfg.lease => now + self.cfg.lease,
-                Some(_) => now,
-            }
-        };
-        gate.grant_output(until);
+        gate.grant_output(self.core.output_grant(Instant::now(), ALONE_GRANT, self.cfg.output_grant));
     }
 
     fn heartbeat_rtt(&mut self) {
@@ -1753,8 +1789,7 @@ fn conn_key_of(datagram: &[u8], dir: Dir) -> Option<ConnKey> {
 }
 
 /// A record that changes no replica. Queued when a backup is suspected over a live link, so that a
-/// backup that was only slow renews the lease with its ack before the VIP probe decides. (Heartbeat
-/// echoes would do the same if the link reported which heartbeat they answer.)
+/// backup that was only slow renews the lease with its ack before the VIP probe decides.
 pub fn lease_ping() -> Message {
     Message::Ping
 }
@@ -1809,7 +1844,7 @@ mod tests {
         assert_eq!(c.handle_sent(t0, 1), 2);
         assert_eq!(c.committed(), 2);
         assert_eq!(c.peer(), PeerState::None);
-        assert_eq!(c.poll_timeout(), None);
+        assert_eq!(c.poll_timeout(t0), None);
     }
 
     #[test]
@@ -1867,6 +1902,37 @@ mod tests {
     }
 
     #[test]
+    fn echoes_renew_the_lease_from_their_send_time_and_bound_the_output_grant() {
+        const ALONE: Duration = Duration::from_secs(3600);
+        const GRANT: Duration = Duration::from_millis(90);
+        let t0 = Instant::now();
+        let alone = OutputCommit::new(LEASE, 1, 0).unwrap();
+        assert_eq!(alone.output_grant(t0, ALONE, GRANT), t0 + ALONE);
+        let mut c = protected(t0);
+        assert_eq!(c.output_grant(t0, ALONE, GRANT), t0 + GRANT, "the grant ends before the backup may declare");
+        // An idle pair: echoes keep the lease and the grant moving.
+        let t1 = t0 + 3 * LEASE;
+        c.handle_echo(t1 + MS, t1);
+        c.handle_timeout(t1 + MS, MS);
+        assert!(events(&mut c).is_empty());
+        assert_eq!(c.output_grant(t1 + MS, ALONE, GRANT), t1 + GRANT);
+        // Frozen for a second: the echoes read on waking answer heartbeats sent before the freeze.
+        let wake = t1 + 1000 * MS;
+        c.handle_echo(wake, t1 + 20 * MS);
+        assert_eq!(c.output_grant(wake, ALONE, GRANT), wake, "revoked: nothing renews a grant on waking");
+        // An echo of a heartbeat sent after waking grants again.
+        c.handle_echo(wake + MS, wake);
+        assert_eq!(c.output_grant(wake + MS, ALONE, GRANT), wake + GRANT);
+        c.handle_link_down(wake + 2 * MS);
+        c.handle_echo(wake + 3 * MS, wake + 3 * MS);
+        assert_eq!(c.output_grant(wake + 3 * MS, ALONE, GRANT), wake + 3 * MS, "a broken link grants nothing");
+        let mac = Mac([2, 0, 0, 0, 0, 9]);
+        c.handle_probe(0, &VipProbe::Answered { mac });
+        assert_eq!(c.stepped_down(), Some(StepDownReason::Answered { mac }));
+        assert_eq!(c.output_grant(wake + 4 * MS, ALONE, GRANT), wake + 4 * MS);
+    }
+
+    #[test]
     fn idle_lease_lapse_is_harmless_and_the_next_ack_renews_it() {
         let t0 = Instant::now();
         let mut c = protected(t0);
@@ -1884,7 +1950,10 @@ mod tests {
         let mut c = protected(t0);
         c.handle_sent(t0 + MS, 1);
         c.handle_sent(t0 + 2 * MS, 1);
-        assert_eq!(c.poll_timeout(), Some(t0 + MS + LEASE));
+        assert_eq!(c.poll_timeout(t0 + MS), Some(t0 + LEASE), "the lease runs out first");
+        c.handle_timeout(t0 + LEASE, Duration::ZERO);
+        assert!(events(&mut c).is_empty());
+        assert_eq!(c.poll_timeout(t0 + LEASE), Some(t0 + MS + LEASE), "then the oldest record is overdue");
         c.handle_timeout(t0 + MS + LEASE - MS, Duration::ZERO);
         assert!(events(&mut c).is_empty());
         c.handle_timeout(t0 + MS + LEASE, Duration::ZERO);
@@ -1896,6 +1965,25 @@ mod tests {
         assert_eq!(c.committed(), 4, "everything held is released");
         assert_eq!(c.handle_sent(t0 + LEASE * 2, 1), 5);
         assert_eq!(c.committed(), 5);
+    }
+
+    #[test]
+    fn a_backup_that_echoes_but_never_acks_is_suspected_when_a_record_waited_a_lease() {
+        let t0 = Instant::now();
+        let mut c = protected(t0);
+        c.handle_sent(t0 + MS, 1);
+        for i in 1..=10 {
+            let at = t0 + i * 10 * MS;
+            c.handle_echo(at + MS, at);
+            c.handle_timeout(at + MS, MS);
+            if at + MS < t0 + MS + LEASE {
+                assert!(events(&mut c).is_empty(), "at {i}: the record has waited less than a lease");
+                assert_eq!(c.poll_timeout(at + MS), Some(t0 + MS + LEASE));
+            }
+        }
+        assert_eq!(events(&mut c), [CommitEvent::LeasePing, CommitEvent::Probe { id: 0 }]);
+        assert_eq!(c.suspected(), Some(SuspectReason::AckOverdue));
+        assert_eq!(c.committed(), 2);
     }
 
     #[test]

@@ -126,6 +126,12 @@ impl Lease {
         self.end()
     }
 
+    /// The send time of the latest answered message (the anchor of the last renewal): the backup heard this
+    /// node no earlier than that, so it declares it dead no earlier than this plus its detection time.
+    pub fn anchor(&self) -> Instant {
+        self.expires_at - self.duration
+    }
+
     /// The configured lease duration.
     pub fn duration(&self) -> Duration {
         self.duration

@@ -659,6 +659,7 @@ struct LivenessInner {
     heartbeat_us: AtomicU64,
     heartbeats: AtomicU64,
     rtt_us: AtomicU64,
+    echo_us: AtomicU64,
     paused: AtomicBool,
 }
 
@@ -673,6 +674,7 @@ impl PeerLiveness {
                 heartbeat_us: AtomicU64::new(NONE_US),
                 heartbeats: AtomicU64::new(0),
                 rtt_us: AtomicU64::new(NONE_US),
+                echo_us: AtomicU64::new(NONE_US),
                 paused: AtomicBool::new(false),
             }),
         }
@@ -697,6 +699,14 @@ impl PeerLiveness {
 
     fn set_rtt(&self, rtt: Duration) {
         self.inner.rtt_us.store(rtt.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// The peer answered a heartbeat this node sent `sent_us` (microseconds after `base`).
+    fn echoed(&self, sent_us: u64) {
+        let latest = self.inner.echo_us.load(Ordering::Relaxed);
+        if latest == NONE_US || sent_us > latest {
+            self.inner.echo_us.store(sent_us, Ordering::Relaxed);
+        }
     }
 
     /// When the last byte arrived from the peer (the handshake's end at first).
@@ -729,6 +739,13 @@ impl PeerLiveness {
 
     fn set_paused(&self, paused: bool) {
         self.inner.paused.store(paused, Ordering::Relaxed);
+    }
+
+    /// When this node sent the latest of its heartbeats the peer has answered (primary only): the peer
+    /// heard this node no earlier than that, whenever its answer is read.
+    pub fn last_echoed(&self) -> Option<Instant> {
+        let us = self.inner.echo_us.load(Ordering::Relaxed);
+        (us != NONE_US).then(|| self.at(us))
     }
 
     /// Latest heartbeat round-trip time (measured on the primary only).
@@ -1101,9 +1118,11 @@ impl PrimaryDriver {
                     ToPrimary::Heartbeat { echo_us, .. } => {
                         let now = Instant::now();
                         self.liveness.heartbeat(now);
-                        if echo_us != 0 {
-                            let rtt = clock_us(self.base, now).saturating_sub(echo_us);
+                        // An echo from the future (a confused peer) proves nothing and is ignored.
+                        if echo_us != 0 && echo_us <= clock_us(self.base, now) {
+                            let rtt = clock_us(self.base, now) - echo_us;
                             self.liveness.set_rtt(Duration::from_micros(rtt));
+                            self.liveness.echoed(echo_us - 1);
                         }
                     }
                 }

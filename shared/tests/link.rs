@@ -446,6 +446,15 @@ async fn heartbeats_flow_both_ways_while_no_records_are_sent() -> Result<()> {
         b_live.silent_for(now),
     );
     assert!(p_live.rtt().is_some(), "the backup echoes the primary's heartbeats");
+    let echoed = p_live.last_echoed().expect("an echo dates the primary's heartbeat");
+    let rtt = p_live.rtt().expect("rtt");
+    assert!(echoed > t0 && echoed <= now, "the echo dates a heartbeat sent during the test: {:?}", echoed - t0);
+    assert!(
+        now - echoed >= rtt,
+        "the echo is dated when the heartbeat left, a round trip before its answer was read ({:?} < {rtt:?})",
+        now - echoed
+    );
+    assert!(b_live.last_echoed().is_none(), "the backup measures no echoes");
     assert!(p_live.last_heartbeat().is_some() && b_live.last_heartbeat().is_some());
     assert!(!primary.is_finished() && !backup.is_finished());
     within("close", backup.close()).await??;
