@@ -1,0 +1,1107 @@
+//! `us-scale`: the scale of one takeover (`scripts/scale`). The replicated pair runs in a namespace test
+//! bed (client, primary on `server`, spare on `spare`, nginx on `origin`). The backup is killed, so the
+//! primary serves unprotected while the clients open many idle keep-alive connections (each makes one
+//! request, then stays open and idle) and a smaller number of active transfers (keep-alive GET loops and
+//! long downloads read at a fixed rate, every body checked byte for byte). A spare then joins the
+//! primary (snapshot of every connection, then the stream), and once the pair is protected the primary
+//! fails. The new primary restores every connection; each active transfer must carry on, and each idle
+//! connection then makes a second request on the same connection.
+//!
+//! Measured: the join time (spare started → both `/status` say `peer: connected`), the snapshot (the
+//! primary's log), the takeover's phases (the new primary's `/status`), and what the clients saw: errors,
+//! and the longest wait for a byte of the active transfers before, during the join, while protected and
+//! across the takeover.
+//!
+//! The clients are tasks of a small Tokio runtime on threads that entered the client host's network
+//! namespace (the sockets stay there). Exit status: 0 when no client saw an error and every connection
+//! continued after the takeover; 1 otherwise (or when the run itself fails); 130 after SIGINT/SIGTERM.
+//! Every exit path ends the processes and removes the test bed (the `Pair`'s drop), and the scratch
+//! directory unless `--keep`.
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::{Parser, ValueEnum};
+use serde_json::Value;
+use std::fs;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{Semaphore, watch};
+use understudy_tests::harness::unique_id;
+use understudy_tests::pair::{PORT, Pair, PairOptions, VIP};
+use understudy_tests::pattern;
+
+const MB: f64 = 1e6;
+
+/// A file of the origin's document root: pattern `key`, `len` bytes.
+#[derive(Clone, Copy, Debug)]
+struct Doc {
+    name: &'static str,
+    key: u64,
+    len: u64,
+}
+
+/// What each idle connection asks for when it opens, and again after the takeover.
+const IDLE_FIRST: Doc = Doc { name: "idle1.bin", key: 300, len: 512 };
+const IDLE_SECOND: Doc = Doc { name: "idle2.bin", key: 301, len: 2048 };
+/// The keep-alive loops of the active transfers (even-numbered ones) cycle through these.
+const LOOP_DOCS: [Doc; 4] = [
+    Doc { name: "a0.bin", key: 400, len: 1_000 },
+    Doc { name: "a1.bin", key: 401, len: 20_000 },
+    Doc { name: "a2.bin", key: 402, len: 150_000 },
+    Doc { name: "a3.bin", key: 403, len: 5 },
+];
+/// The long download of the odd-numbered active transfers (its length follows their rate).
+const BIG_NAME: &str = "big.bin";
+const BIG_KEY: u64 = 7;
+/// Waits for data at least this long are kept for the stall report.
+const WAIT_RECORD: Duration = Duration::from_millis(5);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Failure {
+    /// SIGKILL to the primary process; its host stays up.
+    Kill,
+    /// Every interface of the primary's host goes down at once; the cut-off process keeps running.
+    PowerCut,
+}
+
+impl Failure {
+    fn describe(self) -> &'static str {
+        match self {
+            Failure::Kill => "kill -9 of the primary process (host stays up)",
+            Failure::PowerCut => "power cut of the primary host (all its interfaces down)",
+        }
+    }
+}
+
+#[derive(Parser)]
+#[command(
+    name = "us-scale",
+    about = "The scale of one takeover: a spare joins a primary serving many idle keep-alive connections and \
+active transfers, then the primary fails; join time, snapshot, restore time and client stalls are reported",
+    long_about = "Builds a namespace test bed (client, primary, spare, nginx origin) and starts the pair, then \
+kills the backup so that the primary serves unprotected. From the client host, --idle connections each make one \
+request and then stay open and idle, and --active transfers run continuously, every body checked byte for byte: \
+the even-numbered ones are keep-alive GET loops (5 B to 150 kB, read at full speed, --loop-pause-ms between \
+requests), the odd-numbered ones long downloads read at --download-rate-kb. After --settle seconds a spare joins the primary (snapshot of every connection, then the stream); the \
+join time is from starting the spare until both nodes' /status say `peer: connected`. After --settle more \
+seconds the primary fails (--failure); the spare restores every connection with TCP_REPAIR and serves them. \
+Every active transfer must receive bytes the new primary sent (beyond what its socket held when the takeover \
+was seen), then every idle connection makes a second request on the same connection and checks the body.\n\n\
+The report: join time and the snapshot (connections, approximate bytes, time to build it; from the primary's \
+log), the takeover's phases from the new primary's /status (detection, fencing, restore of all connections, \
+total), the connections restored, and per client kind the errors. \"Stall\" is the longest time an active \
+transfer waited in a read for its next byte (a download's own rate pauses and a loop's pauses between requests \
+excluded; a loop's wait for a response counts), in four windows: before the join, \
+during the join, protected, and from the failure on. Goals (issue 4): join under 1 s, restore of all \
+connections under 200 ms, no client error.\n\n\
+Exit status 0 when no client saw an error and every connection continued after the takeover, 1 otherwise, \
+130 when interrupted. The test bed, every process and (unless --keep) the scratch directory are removed on \
+every exit path. Needs root, nginx, curl, iptables, arptables, nftables and the release build of primary, \
+backup and us-scale side by side (scripts/scale does all of that). The open-files limit is raised for the \
+clients and the nodes."
+)]
+struct Cli {
+    /// Idle keep-alive connections: one request each, then idle until after the takeover.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(0..=45_000))]
+    idle: u64,
+    /// Active transfers running through the join and the takeover.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(0..=5_000))]
+    active: u64,
+    /// Each download's read rate (odd-numbered active transfers), in kB/s (10^3 bytes).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    download_rate_kb: u64,
+    /// Pause between the requests of a GET loop (even-numbered active transfers), in ms.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    loop_pause_ms: u64,
+    /// Idle connections opening (or making their second request) at once.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=900))]
+    concurrency: u64,
+    /// Seconds the clients run before the spare starts, and again between the join and the failure.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=600))]
+    settle: u64,
+    /// How the primary fails.
+    #[arg(long, value_enum, default_value_t = Failure::Kill)]
+    failure: Failure,
+    /// A client that waits this long (seconds) for a byte counts an error.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(5..=600))]
+    stall_limit: u64,
+    /// Keep the scratch directory (node logs, request logs, origin's files); its path is printed.
+    #[arg(long)]
+    keep: bool,
+}
+
+/// SIGINT or SIGTERM arrived: the run stops and everything is cleaned up.
+#[derive(Debug)]
+struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted")
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// SIGINT and SIGTERM only set a flag, which the run checks between steps and every few milliseconds
+/// while it waits; returning through the stack stops the clients and drops the `Pair`.
+fn install_signal_handlers() -> Result<()> {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: a zeroed sigaction is valid; the handler only stores to an atomic (async-signal-safe).
+        let rc = unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigaction(sig, &sa, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).context("installing a signal handler");
+        }
+    }
+    Ok(())
+}
+
+fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        return Err(Interrupted.into());
+    }
+    Ok(())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if cli.keep {
+        // SAFETY: single-threaded here; read by the Pair's scratch directory on drop.
+        unsafe { std::env::set_var("UNDERSTUDY_KEEP", "1") };
+    }
+    let code = match install_signal_handlers().and_then(|()| scale(&cli)) {
+        Ok(true) => 0,
+        Ok(false) => 1,
+        Err(e) if e.is::<Interrupted>() => {
+            eprintln!("us-scale: interrupted; the test bed and every process were cleaned up");
+            130
+        }
+        Err(e) => {
+            eprintln!("us-scale: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+/// Seconds since the run's start, for progress lines.
+struct Clock(Instant);
+
+impl Clock {
+    fn line(&self, text: &str) {
+        println!("{:>6.1} s  {text}", self.0.elapsed().as_secs_f64());
+        let _ = std::io::stdout().flush();
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1e3)
+}
+
+/// Raises the open-files limit (soft and hard) to at least `want`; the nodes started later inherit it.
+fn raise_open_files(want: u64) -> Result<()> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a valid struct owned by this frame.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Err(std::io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
+        }
+        if lim.rlim_cur >= want && lim.rlim_max >= want {
+            return Ok(());
+        }
+        lim.rlim_cur = lim.rlim_cur.max(want);
+        lim.rlim_max = lim.rlim_max.max(want);
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("raising the open-files limit to {want} (run as root)"));
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The clients: Tokio tasks inside the client host's network namespace.
+
+/// What every client task shares with the run (counters, the stall records, the phase signals).
+struct Shared {
+    base: Instant,
+    idle: usize,
+    idle_opened: AtomicUsize,
+    idle_open_failed: AtomicUsize,
+    idle_second_ok: AtomicUsize,
+    idle_second_failed: AtomicUsize,
+    /// Per idle connection: how long its second request took, in ns (0: not made).
+    idle_second_ns: Vec<AtomicU64>,
+    active_started: AtomicUsize,
+    active_requests: AtomicU64,
+    active_bytes: AtomicU64,
+    actives: Vec<ActiveState>,
+    /// When the new primary was seen serving ([`Shared::ns`]; 0: not yet).
+    takeover_ns: AtomicU64,
+    errors: AtomicUsize,
+    error_lines: Mutex<Vec<String>>,
+}
+
+/// One active transfer, as seen from the run. Times are [`Shared::ns`] values (0: never).
+#[derive(Default)]
+struct ActiveState {
+    /// Bytes read from the socket.
+    bytes: AtomicU64,
+    /// `bytes` plus what the socket's receive queue held when the transfer first read after the takeover
+    /// was seen (0: not yet): bytes beyond it were sent by the new primary.
+    owed: AtomicU64,
+    /// When it first read bytes the new primary sent.
+    continued_at: AtomicU64,
+    /// When the read in progress began, if one waits for data now.
+    waiting_since: AtomicU64,
+    failed: AtomicBool,
+    /// Waits for data of [`WAIT_RECORD`] or more: (began, ended).
+    waits: Mutex<Vec<(u64, u64)>>,
+}
+
+impl Shared {
+    /// Nanoseconds since the run's base instant, plus one (0 means "never").
+    fn ns(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.base).as_nanos() as u64 + 1
+    }
+
+    fn at(&self, ns: u64) -> Instant {
+        self.base + Duration::from_nanos(ns.saturating_sub(1))
+    }
+
+    fn error(&self, what: String) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        let mut lines = self.error_lines.lock().unwrap_or_else(|e| e.into_inner());
+        if lines.len() < 20 {
+            lines.push(what);
+        }
+    }
+}
+
+/// The client side of the run.
+#[derive(Clone, Copy)]
+struct ClientConfig {
+    vip: SocketAddr,
+    idle: usize,
+    active: usize,
+    rate: u64,
+    pause: Duration,
+    concurrency: usize,
+    big_len: u64,
+    stall_limit: Duration,
+}
+
+/// Keeps an active transfer's reads at its rate. A transfer that fell more than half a second behind
+/// (a stall) starts over from now instead of catching up in a burst.
+struct Pacer {
+    start: Instant,
+    bytes: u64,
+    rate: u64,
+}
+
+impl Pacer {
+    async fn wait(&mut self) {
+        let due = self.start + Duration::from_secs_f64(self.bytes as f64 / self.rate as f64);
+        let now = Instant::now();
+        if due > now {
+            tokio::time::sleep_until(due.into()).await;
+        } else if now - due > Duration::from_millis(500) {
+            self.start = now;
+            self.bytes = 0;
+        }
+    }
+}
+
+/// A client connection with the response bytes read but not yet used.
+struct Conn {
+    s: TcpStream,
+    buf: Vec<u8>,
+    chunk: Vec<u8>,
+    /// The most bytes one read asks for.
+    read_len: usize,
+    pace: Option<Pacer>,
+    /// Active transfers: the shared state and their index.
+    probe: Option<(Arc<Shared>, usize)>,
+    stall_limit: Duration,
+}
+
+impl Conn {
+    async fn read_more(&mut self) -> Result<()> {
+        if let Some(p) = self.pace.as_mut() {
+            p.wait().await;
+        }
+        if let Some((sh, i)) = &self.probe {
+            let a = &sh.actives[*i];
+            if sh.takeover_ns.load(Ordering::Relaxed) != 0 && a.owed.load(Ordering::Relaxed) == 0 {
+                let mut queued: libc::c_int = 0;
+                // SAFETY: FIONREAD on a socket we own, into an int on this frame.
+                if unsafe { libc::ioctl(self.s.as_raw_fd(), libc::FIONREAD, &mut queued) } != 0 {
+                    bail!("FIONREAD: {}", std::io::Error::last_os_error());
+                }
+                a.owed.store(a.bytes.load(Ordering::Relaxed) + queued.max(0) as u64 + 1, Ordering::Relaxed);
+            }
+        }
+        let began = Instant::now();
+        if let Some((sh, i)) = &self.probe {
+            sh.actives[*i].waiting_since.store(sh.ns(began), Ordering::Relaxed);
+        }
+        let read = tokio::time::timeout(self.stall_limit, self.s.read(&mut self.chunk[..self.read_len])).await;
+        let ended = Instant::now();
+        if let Some((sh, i)) = &self.probe {
+            let a = &sh.actives[*i];
+            a.waiting_since.store(0, Ordering::Relaxed);
+            if ended - began >= WAIT_RECORD {
+                a.waits.lock().unwrap_or_else(|e| e.into_inner()).push((sh.ns(began), sh.ns(ended)));
+            }
+        }
+        let n = match read {
+            Err(_) => bail!("no byte for {:?}", self.stall_limit),
+            Ok(r) => r.context("reading the response")?,
+        };
+        ensure!(n > 0, "the server closed the connection");
+        if let Some((sh, i)) = &self.probe {
+            let a = &sh.actives[*i];
+            let now = sh.ns(ended);
+            let bytes = a.bytes.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+            sh.active_bytes.fetch_add(n as u64, Ordering::Relaxed);
+            let owed = a.owed.load(Ordering::Relaxed);
+            if owed != 0 && bytes >= owed && a.continued_at.load(Ordering::Relaxed) == 0 {
+                a.continued_at.store(now, Ordering::Relaxed);
+            }
+        }
+        if let Some(p) = self.pace.as_mut() {
+            p.bytes += n as u64;
+        }
+        self.buf.extend_from_slice(&self.chunk[..n]);
+        Ok(())
+    }
+
+    /// One GET of `doc` on the keep-alive connection, the body checked byte for byte.
+    async fn get(&mut self, doc: Doc) -> Result<()> {
+        let req = format!("GET /{} HTTP/1.1\r\nHost: {VIP}\r\n\r\n", doc.name);
+        tokio::time::timeout(self.stall_limit, self.s.write_all(req.as_bytes()))
+            .await
+            .context("writing the request timed out")?
+            .context("writing the request")?;
+        let head_end = loop {
+            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end + 4;
+            }
+            ensure!(self.buf.len() < 64 * 1024, "response head over 64 KiB");
+            self.read_more().await?;
+        };
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut resp = httparse::Response::new(&mut headers);
+        resp.parse(&self.buf[..head_end]).context("parsing the response head")?;
+        ensure!(resp.code == Some(200), "status {:?}", resp.code);
+        let length: u64 = resp
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+            .context("no content-length")
+            .and_then(|h| Ok(std::str::from_utf8(h.value)?.trim().parse::<u64>()?))?;
+        ensure!(length == doc.len, "content-length {length}, the file has {}", doc.len);
+        let closes = resp
+            .headers
+            .iter()
+            .any(|h| h.name.eq_ignore_ascii_case("connection") && h.value.eq_ignore_ascii_case(b"close"));
+        ensure!(!closes, "the server closes the connection");
+        self.buf.drain(..head_end);
+        let mut offset = 0u64;
+        while offset < doc.len {
+            if self.buf.is_empty() {
+                self.read_more().await?;
+            }
+            let take = self.buf.len().min((doc.len - offset) as usize);
+            if let Some(at) = pattern::first_mismatch(doc.key, offset, &self.buf[..take]) {
+                bail!("body differs at byte {}", offset + at as u64);
+            }
+            offset += take as u64;
+            self.buf.drain(..take);
+        }
+        ensure!(self.buf.is_empty(), "{} bytes after the response", self.buf.len());
+        Ok(())
+    }
+}
+
+async fn connect(cfg: &ClientConfig) -> Result<TcpStream> {
+    let s = tokio::time::timeout(Duration::from_secs(20), TcpStream::connect(cfg.vip))
+        .await
+        .context("connecting timed out")?
+        .context("connecting")?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+/// One idle connection: connect and GET once (holding an opening permit), then idle until the second
+/// round (any byte, FIN or reset meanwhile is an error), GET again, and stay open until the stop.
+async fn idle_conn(
+    i: usize,
+    cfg: ClientConfig,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    sem: Arc<Semaphore>,
+    sh: Arc<Shared>,
+    mut round2: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let opened = async {
+        let s = connect(&cfg).await?;
+        let mut c = Conn {
+            s,
+            buf: Vec::new(),
+            chunk: vec![0; 4096],
+            read_len: 4096,
+            pace: None,
+            probe: None,
+            stall_limit: cfg.stall_limit,
+        };
+        c.get(IDLE_FIRST).await?;
+        anyhow::Ok(c)
+    }
+    .await;
+    drop(permit);
+    let mut c = match opened {
+        Ok(c) => {
+            sh.idle_opened.fetch_add(1, Ordering::Relaxed);
+            c
+        }
+        Err(e) => {
+            sh.idle_open_failed.fetch_add(1, Ordering::Relaxed);
+            sh.error(format!("idle connection {i}: first request: {e:#}"));
+            return;
+        }
+    };
+    let mut probe = [0u8; 1];
+    tokio::select! {
+        _ = round2.wait_for(|go| *go) => {}
+        _ = stop.wait_for(|s| *s) => return,
+        r = c.s.read(&mut probe) => {
+            let what = match r {
+                Ok(0) => "the server closed it".to_string(),
+                Ok(_) => "the server sent bytes unasked".to_string(),
+                Err(e) => format!("{e}"),
+            };
+            sh.idle_second_failed.fetch_add(1, Ordering::Relaxed);
+            sh.error(format!("idle connection {i} while idle: {what}"));
+            return;
+        }
+    }
+    let Ok(permit) = sem.acquire_owned().await else { return };
+    let began = Instant::now();
+    match c.get(IDLE_SECOND).await {
+        Ok(()) => {
+            sh.idle_second_ns[i].store(began.elapsed().as_nanos() as u64 + 1, Ordering::Relaxed);
+            sh.idle_second_ok.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e) => {
+            sh.idle_second_failed.fetch_add(1, Ordering::Relaxed);
+            sh.error(format!("idle connection {i}: second request (after the takeover): {e:#}"));
+        }
+    }
+    drop(permit);
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// One active transfer: even-numbered ones loop over [`LOOP_DOCS`] (reading at full speed, pausing between
+/// requests), odd-numbered ones download the big file (again and again) at the download rate. Runs until it
+/// fails or the runtime stops.
+async fn active_conn(i: usize, cfg: ClientConfig, sh: Arc<Shared>) {
+    let download = i % 2 == 1;
+    let result = async {
+        let s = connect(&cfg).await?;
+        let read_len = if download { (cfg.rate / 10).clamp(1024, 65536) as usize } else { 65536 };
+        let mut c = Conn {
+            s,
+            buf: Vec::new(),
+            chunk: vec![0; read_len],
+            read_len,
+            pace: download.then(|| Pacer { start: Instant::now(), bytes: 0, rate: cfg.rate }),
+            probe: Some((sh.clone(), i)),
+            stall_limit: cfg.stall_limit,
+        };
+        sh.active_started.fetch_add(1, Ordering::Relaxed);
+        let big = Doc { name: BIG_NAME, key: BIG_KEY, len: cfg.big_len };
+        for j in 0usize.. {
+            let doc = if download { big } else { LOOP_DOCS[(i / 2 + j) % LOOP_DOCS.len()] };
+            c.get(doc).await.with_context(|| format!("request {j} ({})", doc.name))?;
+            sh.active_requests.fetch_add(1, Ordering::Relaxed);
+            if !download && !cfg.pause.is_zero() {
+                tokio::time::sleep(cfg.pause).await;
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        sh.actives[i].failed.store(true, Ordering::Relaxed);
+        sh.error(format!("active transfer {i} ({}): {e:#}", if download { "download" } else { "GET loop" }));
+    }
+}
+
+/// All the clients: idle connections first (at most `concurrency` opening at once), then the active
+/// transfers; until the stop.
+async fn run_clients(
+    cfg: ClientConfig,
+    sh: Arc<Shared>,
+    round2: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let sem = Arc::new(Semaphore::new(cfg.concurrency));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..cfg.idle {
+        let permit = tokio::select! {
+            p = sem.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        tasks.spawn(idle_conn(i, cfg, permit, sem.clone(), sh.clone(), round2.clone(), stop.clone()));
+    }
+    // Every first request answered (or failed) before the transfers start.
+    tokio::select! {
+        p = sem.acquire_many(cfg.concurrency as u32) => drop(p),
+        _ = stop.wait_for(|s| *s) => return,
+    }
+    for i in 0..cfg.active {
+        tasks.spawn(active_conn(i, cfg, sh.clone()));
+    }
+    let _ = stop.wait_for(|s| *s).await;
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+}
+
+/// The client threads and how to steer them. Dropping it stops them.
+struct Clients {
+    sh: Arc<Shared>,
+    round2: watch::Sender<bool>,
+    stop: watch::Sender<bool>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl Clients {
+    /// Starts the clients on a thread inside network namespace `ns` (`/run/netns/...`); the runtime's
+    /// workers are started from it, so they are in the namespace too.
+    fn start(ns: String, cfg: ClientConfig) -> Result<Clients> {
+        let sh = Arc::new(Shared {
+            base: Instant::now(),
+            idle: cfg.idle,
+            idle_opened: AtomicUsize::new(0),
+            idle_open_failed: AtomicUsize::new(0),
+            idle_second_ok: AtomicUsize::new(0),
+            idle_second_failed: AtomicUsize::new(0),
+            idle_second_ns: (0..cfg.idle).map(|_| AtomicU64::new(0)).collect(),
+            active_started: AtomicUsize::new(0),
+            active_requests: AtomicU64::new(0),
+            active_bytes: AtomicU64::new(0),
+            actives: (0..cfg.active).map(|_| ActiveState::default()).collect(),
+            takeover_ns: AtomicU64::new(0),
+            errors: AtomicUsize::new(0),
+            error_lines: Mutex::new(Vec::new()),
+        });
+        let (round2, round2_rx) = watch::channel(false);
+        let (stop, stop_rx) = watch::channel(false);
+        let shared = sh.clone();
+        let thread = std::thread::Builder::new().name("clients".into()).spawn(move || -> Result<()> {
+            let target = fs::File::open(&ns).with_context(|| format!("opening namespace {ns}"))?;
+            // SAFETY: setns(2) with a namespace descriptor we hold; it changes this thread only (and the
+            // threads it starts).
+            if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error()).with_context(|| format!("setns into {ns}"));
+            }
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("client")
+                .enable_all()
+                .build()
+                .context("starting the clients' runtime")?;
+            rt.block_on(run_clients(cfg, shared, round2_rx, stop_rx));
+            rt.shutdown_timeout(Duration::from_secs(2));
+            Ok(())
+        })?;
+        Ok(Clients { sh, round2, stop, thread: Some(thread) })
+    }
+
+    /// Fails if the client thread ended before it was told to.
+    fn check(&mut self) -> Result<()> {
+        if self.thread.as_ref().is_some_and(|t| t.is_finished())
+            && let Some(t) = self.thread.take()
+        {
+            t.join().map_err(|_| anyhow::anyhow!("the client thread panicked"))??;
+            bail!("the clients stopped early");
+        }
+        Ok(())
+    }
+
+    fn second_round(&self) {
+        let _ = self.round2.send(true);
+    }
+
+    fn stop(&mut self) -> Result<()> {
+        let _ = self.stop.send(true);
+        if let Some(t) = self.thread.take() {
+            t.join().map_err(|_| anyhow::anyhow!("the client thread panicked"))??;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Clients {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The run.
+
+/// The last "backup joined: snapshot queued" line of a node log: (connections, approximate bytes, the
+/// time to build it as logged).
+fn snapshot_line(log: &str) -> Option<(u64, u64, String)> {
+    let line = log.lines().rev().find(|l| l.contains("backup joined: snapshot queued"))?;
+    let field = |key: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{key}=")))
+            .map(|v| v.trim_matches('"').to_string())
+    };
+    Some((field("connections")?.parse().ok()?, field("bytes")?.parse().ok()?, field("took")?))
+}
+
+/// The waits for data of one kind of active transfer (`kind` 0: the GET loops, 1: the downloads) that
+/// ended in `[from, to)`: the longest (which transfer, when it began relative to `origin`), the median over
+/// the transfers of each one's longest, and how many waited at least `over`.
+struct WindowStall {
+    longest: Duration,
+    which: Option<(usize, f64)>,
+    median: Duration,
+    over: usize,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn stall_in(
+    sh: &Shared,
+    kind: usize,
+    from: Instant,
+    to: Instant,
+    now: Instant,
+    origin: Instant,
+    over: Duration,
+) -> WindowStall {
+    let (from, to) = (sh.ns(from), sh.ns(to));
+    let mut w = WindowStall { longest: Duration::ZERO, which: None, median: Duration::ZERO, over: 0 };
+    let mut each = Vec::new();
+    for (i, a) in sh.actives.iter().enumerate().filter(|(i, _)| i % 2 == kind) {
+        let mut waits = a.waits.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let since = a.waiting_since.load(Ordering::Relaxed);
+        if since != 0 {
+            waits.push((since, sh.ns(now)));
+        }
+        let mut longest_here = Duration::ZERO;
+        // A wait counts in the window where it ended (an unfinished one: now).
+        for (b, e) in waits {
+            if e >= from && e < to {
+                let d = Duration::from_nanos(e - b);
+                longest_here = longest_here.max(d);
+                if d > w.longest {
+                    w.longest = d;
+                    w.which = Some((i, sh.at(b).saturating_duration_since(origin).as_secs_f64()));
+                }
+            }
+        }
+        if longest_here >= over {
+            w.over += 1;
+        }
+        each.push(longest_here);
+    }
+    each.sort_unstable();
+    w.median = each.get(each.len() / 2).copied().unwrap_or_default();
+    w
+}
+
+fn describe_stall(w: &WindowStall, what: &str) -> String {
+    let short = |d: Duration| if d < WAIT_RECORD { format!("< {}", ms(WAIT_RECORD)) } else { ms(d) };
+    match w.which {
+        Some((i, at)) => format!(
+            "{} (transfer {i}, began {at:+.2} s from {what}); median {}; {} waited 1 s or more",
+            ms(w.longest),
+            short(w.median),
+            w.over
+        ),
+        None => format!("< {}", ms(WAIT_RECORD)),
+    }
+}
+
+/// Polls `/status` of `host` every few milliseconds until `ok`; prints progress every second.
+fn wait_status(
+    pair: &Pair,
+    clients: &mut Clients,
+    host: &str,
+    what: &str,
+    timeout: Duration,
+    ok: impl Fn(&Value) -> bool,
+) -> Result<(Value, Instant)> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        check_interrupted()?;
+        clients.check()?;
+        if let Ok(s) = pair.status(host)
+            && ok(&s)
+        {
+            return Ok((s, Instant::now()));
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}\n{}", pair.logs_tail());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Sleeps `d` while checking for interruption and for the clients' health; progress every second.
+fn settle(clients: &mut Clients, clock: &Clock, d: Duration) -> Result<()> {
+    let until = Instant::now() + d;
+    let mut next = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until {
+        check_interrupted()?;
+        clients.check()?;
+        if Instant::now() >= next {
+            next += Duration::from_secs(1);
+            clock.line(&progress(&clients.sh));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+fn progress(sh: &Shared) -> String {
+    let r = Ordering::Relaxed;
+    format!(
+        "idle {}/{} open ({} second requests done) · active {}/{}: {} requests, {:.1} MB · client errors {}",
+        sh.idle_opened.load(r),
+        sh.idle,
+        sh.idle_second_ok.load(r),
+        sh.active_started.load(r),
+        sh.actives.len(),
+        sh.active_requests.load(r),
+        sh.active_bytes.load(r) as f64 / MB,
+        sh.errors.load(r)
+    )
+}
+
+/// Runs the measurement; `Ok(true)` when no client saw an error and every connection continued.
+fn scale(cli: &Cli) -> Result<bool> {
+    let (idle, active) = (cli.idle as usize, cli.active as usize);
+    ensure!(idle + active > 0, "nothing to measure: --idle and --active are both 0");
+    let rate = cli.download_rate_kb * 1000;
+    // Long enough that a download lasts the whole run (10 minutes at its rate).
+    let big_len = (rate * 600).clamp(1_000_000, 200_000_000);
+    let clock = Clock(Instant::now());
+    println!(
+        "understudy scale: {idle} idle keep-alive connections and {active} active transfers (GET loops pausing \
+         {} ms, downloads at {} kB/s) through the VIP {VIP};",
+        cli.loop_pause_ms, cli.download_rate_kb
+    );
+    println!("a spare joins the unprotected primary, then the primary fails: {}.", cli.failure.describe());
+
+    // Clients, nodes (which inherit it) and restored sockets each need a descriptor per connection.
+    raise_open_files((idle + active) as u64 * 2 + 8192)?;
+
+    let id = unique_id('s');
+    // Pair::up makes the scratch directory at this path; the nodes' config file goes there.
+    let dir = std::env::temp_dir().join(format!("understudy-{id}-{}", std::process::id()));
+    let config = dir.join("scale.toml");
+    let opts = PairOptions {
+        node_flags: vec!["--config".into(), config.to_str().context("path")?.into()],
+        ..PairOptions::default()
+    };
+    clock.line(&format!("writing the origin's files; building test bed {id}, starting the pair"));
+    let mut pair = Pair::up(&id, &opts, |www| {
+        let scratch = www.parent().context("www has no parent")?;
+        // Idle connections must outlast the run; room for every connection of the run.
+        fs::write(
+            scratch.join("scale.toml"),
+            format!("[limits]\nidle_timeout = \"60m\"\nmax_connections = {}\n", idle + active + 1000),
+        )?;
+        for d in [IDLE_FIRST, IDLE_SECOND].iter().chain(LOOP_DOCS.iter()) {
+            pattern::write_file(&www.join(d.name), d.key, d.len)?;
+        }
+        pattern::write_file(&www.join(BIG_NAME), BIG_KEY, big_len)?;
+        check_interrupted()
+    })?;
+    ensure!(pair.dir.0 == dir, "the scratch directory is {}, not {}", pair.dir.0.display(), dir.display());
+    check_interrupted()?;
+    if cli.keep {
+        clock.line(&format!("scratch directory (kept): {}", dir.display()));
+    }
+    clock.line("pair protected; killing the backup so that the primary serves unprotected");
+    pair.kill_backup()?;
+    pair.wait_status(pair.primary_host, "the primary to serve unprotected", Duration::from_secs(10), |s| {
+        s["peer"] == "none"
+    })?;
+    if idle + active > 20_000 {
+        // The client's ephemeral ports: the default range (32768-60999) holds 28 232.
+        let range = "/proc/sys/net/ipv4/ip_local_port_range";
+        pair.tb.exec("client", &["sh", "-c", &format!("echo '10000 64999' > {range}")])?;
+    }
+
+    let cfg = ClientConfig {
+        vip: format!("{VIP}:{PORT}").parse()?,
+        idle,
+        active,
+        rate,
+        pause: Duration::from_millis(cli.loop_pause_ms),
+        concurrency: cli.concurrency as usize,
+        big_len,
+        stall_limit: Duration::from_secs(cli.stall_limit),
+    };
+    let mut clients = Clients::start(format!("/run/netns/{}", pair.tb.ns("client")), cfg)?;
+    let sh = clients.sh.clone();
+    let r = Ordering::Relaxed;
+
+    // Idle connections, then the transfers.
+    let opening = Instant::now();
+    let mut next = Instant::now() + Duration::from_secs(1);
+    let deadline = Instant::now() + Duration::from_secs(60) + Duration::from_millis(20) * idle as u32;
+    while sh.idle_opened.load(r) + sh.idle_open_failed.load(r) < idle || sh.active_started.load(r) < active {
+        check_interrupted()?;
+        clients.check()?;
+        if sh.errors.load(r) > 0 && sh.idle_opened.load(r) + sh.idle_open_failed.load(r) == idle {
+            // A transfer failed to start; the report says why.
+            break;
+        }
+        if Instant::now() >= next {
+            next += Duration::from_secs(1);
+            clock.line(&progress(&sh));
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the connections did not open in time: {}\n{}",
+            progress(&sh),
+            pair.logs_tail()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let opened_in = opening.elapsed();
+    let status = pair.status(pair.primary_host)?;
+    clock.line(&format!(
+        "{} idle connections open in {:.1} s, {} transfers running; the primary counts {} connections",
+        sh.idle_opened.load(r),
+        opened_in.as_secs_f64(),
+        sh.active_started.load(r),
+        status["connections"]["total"].as_u64().map_or_else(|| status["connections"].to_string(), |n| n.to_string())
+    ));
+    let transfers_from = Instant::now();
+    settle(&mut clients, &clock, Duration::from_secs(cli.settle))?;
+
+    // The join.
+    clock.line("starting the spare");
+    let spare_started = Instant::now();
+    pair.start_spare()?;
+    let primary_host = pair.primary_host;
+    let backup_host = pair.backup_host();
+    let join_timeout = Duration::from_secs(180);
+    let (_, primary_saw) =
+        wait_status(&pair, &mut clients, primary_host, "the primary to see its spare connected", join_timeout, |s| {
+            s["role"] == "primary" && s["peer"] == "connected"
+        })?;
+    let (_, joined_at) =
+        wait_status(&pair, &mut clients, backup_host, "the spare to be connected", join_timeout, |s| {
+            s["role"] == "backup" && s["peer"] == "connected"
+        })?;
+    let join = joined_at - spare_started;
+    let status = pair.status(primary_host)?;
+    let protected = status["connections"]["protected"].as_u64().unwrap_or(0);
+    let primary_log = fs::read_to_string(dir.join("primary.log")).unwrap_or_default();
+    let snapshot = snapshot_line(&primary_log);
+    clock.line(&format!(
+        "pair protected again: joined in {} (the primary saw it connected after {}); {protected} connections protected",
+        ms(join),
+        ms(primary_saw - spare_started)
+    ));
+    settle(&mut clients, &clock, Duration::from_secs(cli.settle))?;
+
+    // The failure and the takeover.
+    match cli.failure {
+        Failure::Kill => pair.kill_primary()?,
+        Failure::PowerCut => pair.power_cut_primary()?,
+    }
+    let failed_at = Instant::now();
+    clock.line(&format!("FAILURE: {}; {}", cli.failure.describe(), progress(&sh)));
+    let (taken, taken_seen) =
+        wait_status(&pair, &mut clients, backup_host, "the spare to take over", Duration::from_secs(60), |s| {
+            s["role"] == "primary" && s["failovers"].as_array().is_some_and(|f| !f.is_empty())
+        })?;
+    sh.takeover_ns.store(sh.ns(taken_seen), r);
+    pair.promoted()?;
+    let f = taken["failovers"].as_array().and_then(|f| f.last()).cloned().unwrap_or(Value::Null);
+    let num = |k: &str| f[k].as_f64().unwrap_or(f64::NAN);
+    clock.line(&format!(
+        "the spare serves as primary: takeover total {:.1} ms (restore {:.1} ms), {} connections restored, {} lost",
+        num("total_ms"),
+        num("restore_ms"),
+        f["connections_restored"],
+        f["connections_lost"]
+    ));
+
+    // Every transfer must get fresh bytes from the new primary; then the idle connections' second round.
+    let resume_deadline = Instant::now() + cfg.stall_limit + Duration::from_secs(10);
+    let mut next = Instant::now() + Duration::from_secs(1);
+    let pending = |sh: &Shared| sh.actives.iter().filter(|a| !a.failed.load(r) && a.continued_at.load(r) == 0).count();
+    while pending(&sh) > 0 && Instant::now() < resume_deadline {
+        check_interrupted()?;
+        clients.check()?;
+        if Instant::now() >= next {
+            next += Duration::from_secs(1);
+            clock.line(&format!("{} of {active} transfers waiting for the new primary's bytes", pending(&sh)));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let resumed = sh
+        .actives
+        .iter()
+        .map(|a| a.continued_at.load(r))
+        .filter(|&t| t != 0)
+        .map(|t| sh.at(t))
+        .max()
+        .map(|t| t.saturating_duration_since(failed_at));
+    let active_continued = sh.actives.iter().filter(|a| !a.failed.load(r) && a.continued_at.load(r) != 0).count();
+    clock.line(&format!(
+        "{active_continued} of {active} transfers carry on{}; second request on each idle connection",
+        resumed.map(|d| format!(" (the last {:.2} s after the failure)", d.as_secs_f64())).unwrap_or_default()
+    ));
+    clients.second_round();
+    let round2_started = Instant::now();
+    let round2_deadline = Instant::now() + cfg.stall_limit + Duration::from_secs(60);
+    let opened = sh.idle_opened.load(r);
+    while sh.idle_second_ok.load(r) + sh.idle_second_failed.load(r) < opened && Instant::now() < round2_deadline {
+        check_interrupted()?;
+        clients.check()?;
+        if Instant::now() >= next {
+            next += Duration::from_secs(1);
+            clock.line(&progress(&sh));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let round2_took = round2_started.elapsed();
+    settle(&mut clients, &clock, Duration::from_secs(cli.settle))?;
+    let ended = Instant::now();
+    let new_primary_status = pair.status(pair.primary_host).ok();
+    clients.stop()?;
+    check_interrupted()?;
+
+    // The report.
+    let one_sec = Duration::from_secs(1);
+    // (what, from, to, the instant "began" is relative to, its name); the last one takes unfinished waits.
+    let windows = [
+        ("unprotected, before the join", transfers_from, spare_started, spare_started, "the spare's start"),
+        ("during the join", spare_started, joined_at, spare_started, "the spare's start"),
+        ("protected", joined_at, failed_at, failed_at, "the failure"),
+        ("across the takeover", failed_at, ended + Duration::from_secs(1), failed_at, "the failure"),
+    ];
+    let stalls: Vec<[WindowStall; 2]> = windows
+        .iter()
+        .map(|&(_, from, to, origin, _)| [0, 1].map(|kind| stall_in(&sh, kind, from, to, ended, origin, one_sec)))
+        .collect();
+    let mut second: Vec<u64> = sh.idle_second_ns.iter().map(|a| a.load(r)).filter(|&n| n != 0).map(|n| n - 1).collect();
+    second.sort_unstable();
+    let pct = |p: f64| -> String {
+        if second.is_empty() {
+            return "-".into();
+        }
+        let i = ((second.len() - 1) as f64 * p).round() as usize;
+        ms(Duration::from_nanos(second[i]))
+    };
+    let errors = sh.errors.load(r);
+    let idle_ok = sh.idle_second_ok.load(r);
+    let restored = f["connections_restored"].as_u64().unwrap_or(0);
+    let lost = f["connections_lost"].as_u64().unwrap_or(u64::MAX);
+    let restore = Duration::from_secs_f64(num("restore_ms").max(0.0) / 1e3);
+    let all_ok = errors == 0 && idle_ok == idle && active_continued == active && lost == 0;
+
+    println!();
+    println!("understudy scale — report ({idle} idle + {active} active connections; {})", cli.failure.describe());
+    println!("join (spare started → both /status say peer: connected)");
+    println!(
+        "  join time            {:>9}   (the primary saw it connected after {})",
+        ms(join),
+        ms(primary_saw - spare_started)
+    );
+    match &snapshot {
+        Some((conns, bytes, took)) => println!(
+            "  snapshot             {conns} connections, ≈ {:.2} MB, built in {took} (primary's log)",
+            *bytes as f64 / MB
+        ),
+        None => println!("  snapshot             (no \"backup joined\" line in the primary's log)"),
+    }
+    println!("  protected after join {protected} connections (primary's /status)");
+    println!("takeover (new primary's /status, epoch {}): {}", f["epoch"], f["reason"].as_str().unwrap_or("?"));
+    println!("  detection {:>9.1} ms", num("detection_ms"));
+    println!("  fencing   {:>9.1} ms", num("fencing_ms"));
+    println!(
+        "  restore   {:>9.1} ms   ({restored} connections, {:.1} µs each)",
+        num("restore_ms"),
+        num("restore_ms") * 1e3 / restored.max(1) as f64
+    );
+    println!("  total     {:>9.1} ms", num("total_ms"));
+    println!("  connections restored {restored}, lost {}", f["connections_lost"]);
+    if let Some(s) = &new_primary_status {
+        println!("  new primary's connections now: {}", s["connections"]);
+    }
+    println!("clients");
+    println!(
+        "  idle      {} opened, {} failed to open; second request after the takeover: {idle_ok} ok, {} failed \
+         (round of {:.1} s; latency median {}, p99 {}, max {})",
+        sh.idle_opened.load(r),
+        sh.idle_open_failed.load(r),
+        sh.idle_second_failed.load(r),
+        round2_took.as_secs_f64(),
+        pct(0.5),
+        pct(0.99),
+        pct(1.0)
+    );
+    println!(
+        "  active    {} started, {active_continued} carried on after the takeover{}; {} requests, {:.1} MB, \
+         every body checked",
+        sh.active_started.load(r),
+        resumed.map(|d| format!(" (the last {:.2} s after the failure)", d.as_secs_f64())).unwrap_or_default(),
+        sh.active_requests.load(r),
+        sh.active_bytes.load(r) as f64 / MB
+    );
+    println!("  largest stall of the active transfers (longest wait in a read for the next byte):");
+    for (kind, name) in [(0, "GET loops"), (1, "downloads")] {
+        println!("    {name} ({})", (0..active).filter(|i| i % 2 == kind).count());
+        for ((what, _, _, _, origin), st) in windows.iter().zip(&stalls) {
+            println!("      {what:<30} {}", describe_stall(&st[kind], origin));
+        }
+    }
+    println!("  client errors: {errors}");
+    for l in sh.error_lines.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        println!("    {l}");
+    }
+    let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+    println!("goals");
+    println!("  join under 1 s                         {} ({})", verdict(join < one_sec), ms(join));
+    println!(
+        "  restore of all connections under 200 ms {} ({:.1} ms for {restored})",
+        verdict(restore < Duration::from_millis(200) && restored >= (idle + active) as u64),
+        num("restore_ms")
+    );
+    println!("  no client error                        {} ({errors})", verdict(errors == 0));
+    println!("result: {}", if all_ok { "PASS" } else { "FAIL" });
+    if !all_ok {
+        println!("{}", pair.logs_tail());
+    }
+    Ok(all_ok)
+}
