@@ -221,3 +221,76 @@ fn a_frozen_primary_resumed_after_the_takeover_sends_nothing_and_gives_up_the_vi
     );
     Ok(())
 }
+
+/// Planned switchover under the failover test's load, there and back: `primary switchover` (the command
+/// line, which posts `/admin/switchover`) hands every connection to the backup with no detection and no
+/// fence, the old primary's process restarts as the spare and rejoins, and nothing is lost or executed
+/// twice at the origin: every keep-alive request reached nginx exactly once, and the downloads were only
+/// continued (`Range`), never fetched whole again.
+#[test]
+fn planned_switchovers_under_load_lose_nothing_and_execute_nothing_twice() -> Result<()> {
+    let (mut pair, sha) = pair_with_files('s', 60 * MB)?;
+    let pcap = pair.dir.0.join("client.pcap");
+    let capture = Capture::start(&pair.tb, "client", "eth0", "tcp port 80", 96, &pcap)?;
+    let load = Load::start(&pair, 64, &SIZES, Duration::from_millis(20))?;
+    let downloads = [start_download(&pair, "dl0", "4M")?, start_download(&pair, "dl1", "4M")?];
+    let mut epoch = 1;
+    for round in 1..=2 {
+        load.wait_progress(200, Duration::from_secs(60))?;
+        let from = pair.primary_host;
+        let answer = pair.switchover()?;
+        let status = pair.wait_status(pair.primary_host, "the backup to serve", Duration::from_secs(30), |s| {
+            s["role"] == "primary"
+        })?;
+        let f = last_failover(&status);
+        ensure!(f["reason"] == "planned switchover", "round {round}: not a planned switchover: {f}");
+        ensure!(f["fencing_ms"].as_f64() == Some(0.0), "round {round}: the switchover fenced: {f}");
+        let restored = f["connections_restored"].as_u64().unwrap_or(0);
+        ensure!(restored >= 66, "round {round}: only {restored} connections restored: {f}\n{}", pair.logs_tail());
+        ensure!(f["connections_lost"] == 0, "round {round}: connections lost: {f}");
+        let new_epoch = status["epoch"].as_u64().context("epoch")?;
+        ensure!(new_epoch > epoch, "round {round}: epoch went from {epoch} to {new_epoch}");
+        epoch = new_epoch;
+        let rejoining = Instant::now();
+        pair.wait_protected(Duration::from_secs(60))?;
+        println!(
+            "switchover {round}: {from} -> {} in {} ms (answer {answer}); restore {} ms, {restored} restored; \
+             old primary rejoined as the spare in {:?}",
+            pair.primary_host,
+            f["total_ms"],
+            f["restore_ms"],
+            rejoining.elapsed()
+        );
+    }
+    load.wait_progress(200, Duration::from_secs(60))?;
+    let report = load.stop()?;
+    let errors = report.errors();
+    ensure!(errors.is_empty(), "{} load errors:\n{}\n{}", errors.len(), errors.join("\n"), pair.logs_tail());
+    for (i, d) in downloads.into_iter().enumerate() {
+        finish_download(&pair, d, &format!("dl{i}"), &sha)?;
+    }
+    let stats = capture.stop()?;
+    let (resets, lines) = count_matching(&pcap, &format!("src host {VIP} and tcp[tcpflags] & tcp-rst != 0"))?;
+    ensure!(resets == 0, "{resets} resets from the VIP reached the client:\n{lines}");
+    ensure!(stats.dropped_by_kernel == 0, "the client capture dropped packets: {stats:?}");
+    // Fields: connection method uri status request_length transfer_encoding.
+    let origin = pair.origin_log();
+    let field = |l: &String, i: usize| l.split_whitespace().nth(i).unwrap_or("").to_string();
+    let small = origin.iter().filter(|l| field(l, 2).starts_with("/f")).count() as u64;
+    ensure!(
+        small == report.requests(),
+        "the origin served {small} keep-alive requests, the clients made {}: a request was executed twice or lost",
+        report.requests()
+    );
+    let whole: Vec<_> = origin.iter().filter(|l| field(l, 2) == "/big.bin" && field(l, 3) == "200").collect();
+    let ranges = origin.iter().filter(|l| field(l, 2) == "/big.bin" && field(l, 3) == "206").count();
+    ensure!(whole.len() == 2, "the downloads were fetched whole {} times: {whole:?}", whole.len());
+    println!(
+        "two planned switchovers: {} requests on 64 keep-alive connections, 0 errors, each served once by the \
+         origin; 2 downloads verified ({ranges} range continuations); slowest request {:?} ({})",
+        report.requests(),
+        report.slowest(),
+        report.slowest_what()
+    );
+    Ok(())
+}

@@ -239,6 +239,9 @@ pub enum FenceResultError {
     CommandNotConfigured,
 }
 
+/// The reason of a takeover the primary asked for.
+pub const PLANNED_SWITCHOVER: &str = "planned switchover";
+
 /// One takeover, for `/status`'s `failovers` list. Times serialize as milliseconds (`detection_ms`, ...).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct FailoverRecord {
@@ -267,6 +270,21 @@ pub struct FailoverRecord {
 }
 
 impl FailoverRecord {
+    /// A planned switchover: the primary handed over at `now` (no detection, no fence).
+    pub fn handover(now: Instant) -> FailoverRecord {
+        FailoverRecord {
+            reason: PLANNED_SWITCHOVER.into(),
+            fence_attempts: 0,
+            detection: Duration::ZERO,
+            fencing: Duration::ZERO,
+            restore: None,
+            total: None,
+            connections: None,
+            last_heard: now,
+            fenced_at: now,
+        }
+    }
+
     /// Every connection was restored and the node serves at `now`: sets the restore and total times.
     pub fn restored(&mut self, now: Instant, connections: u64) {
         self.restore = Some(now.saturating_duration_since(self.fenced_at));

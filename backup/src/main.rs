@@ -7,6 +7,7 @@
 use shared::config::BackupArgs;
 
 fn main() {
+    primary::cli::switchover_command("backup");
     let args: BackupArgs = primary::cli::parse_args("backup", |command| command);
     primary::cli::run_node("backup", args, backup::node::run);
 }

@@ -210,6 +210,7 @@ async fn watch_primary(
 ) -> Watched {
     let liveness = replica.liveness();
     let mut progress = replica.progress();
+    let mut handover = replica.progress();
     let mut detector = match Detector::new(detector_config.clone(), liveness.last_heard()) {
         Ok(d) => d,
         Err(e) => return Watched::Rejoin(format!("detector: {e}")),
@@ -231,6 +232,12 @@ async fn watch_primary(
                 synced = true;
                 admin_state.set_peer(PeerState::Connected, Some(&replica.peer().node));
                 info!(records, "replica synced: the pair is protected");
+            }
+            Ok(_) = handover.wait_for(|p| p.handover), if synced => {
+                // The primary stopped, gave the VIP up and said so at the end of its stream: no
+                // detection and no fence to wait for.
+                info!("planned switchover: the primary handed over; taking over now");
+                return Watched::TakeOver(crate::detector::FailoverRecord::handover(Instant::now()), true);
             }
             end = replica.lost(), if !link_down => ended = Some(end),
         }
@@ -319,6 +326,15 @@ async fn run_fence_command(argv: &[String], timeout: Duration) -> bool {
         Err(_) => {
             error!(command = ?argv, ?timeout, "fence command timed out (killed)");
             false
+        }
+    }
+}
+
+impl primary::cli::NodeEnd for BackupError {
+    fn handed_over(&self) -> Option<SocketAddr> {
+        match self {
+            BackupError::Serving(e) => e.handed_over(),
+            _ => None,
         }
     }
 }

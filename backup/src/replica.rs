@@ -21,7 +21,7 @@ use shared::config::NodeConfig;
 use shared::link::{self, BackupLink, HandshakeError, LinkConfig, LocalIdentity, PeerInfo, PeerLiveness};
 use shared::protocol::{Message, Record};
 use shared::replica::{Applied, ApplyError, ReplicaTable};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
@@ -36,17 +36,23 @@ pub struct ReplicaConfig {
     pub link: LinkConfig,
     /// Time allowed for the TCP connection to the primary.
     pub connect_timeout: Duration,
+    /// This node's replication listener, where the primary rejoins after a planned switchover.
+    pub repl_listen: SocketAddrV4,
 }
 
 impl ReplicaConfig {
-    /// `link`, and a 2 s connect timeout.
+    /// `link`, and a 2 s connect timeout; no replication listener (0.0.0.0:0).
     pub fn new(link: LinkConfig) -> ReplicaConfig {
-        ReplicaConfig { link, connect_timeout: Duration::from_secs(2) }
+        ReplicaConfig {
+            link,
+            connect_timeout: Duration::from_secs(2),
+            repl_listen: SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0),
+        }
     }
 
     /// The replica of a node configured by `node`.
     pub fn from_node(node: &NodeConfig) -> ReplicaConfig {
-        ReplicaConfig::new(link_config(node))
+        ReplicaConfig { repl_listen: node.repl_listen, ..ReplicaConfig::new(link_config(node)) }
     }
 }
 
@@ -100,6 +106,9 @@ pub struct Progress {
     pub synced: bool,
     /// When the last record arrived.
     pub last_record_at: Option<Instant>,
+    /// The primary handed over (planned switchover): every record it will send is applied, and the
+    /// link told it this node is taking over.
+    pub handover: bool,
     /// Set once the replica stopped following.
     pub ended: Option<ReplicaEnd>,
 }
@@ -127,18 +136,18 @@ pub async fn join(addr: SocketAddr, identity: &LocalIdentity, config: &ReplicaCo
     link::prepare_tcp(&stream).map_err(|source| JoinError::Connect { addr, source })?;
     let link =
         link::join(stream, identity, &config.link).await.map_err(|source| JoinError::Handshake { addr, source })?;
-    Ok(Replica::start(link, identity.epoch))
+    Ok(Replica::start(link, identity.epoch, config.repl_listen))
 }
 
 impl Replica {
     /// Applies the stream of an established `link` to a fresh table.
-    pub fn start(link: BackupLink, epoch: u64) -> Replica {
+    pub fn start(link: BackupLink, epoch: u64, repl_listen: SocketAddrV4) -> Replica {
         let table = Arc::new(Mutex::new(ReplicaTable::new()));
         let peer = link.peer().clone();
         let liveness = link.liveness();
         let (progress_tx, progress) = watch::channel(Progress::default());
         let (stop_tx, stop_rx) = oneshot::channel();
-        let task = tokio::spawn(apply_loop(link, table.clone(), progress_tx, stop_rx, epoch));
+        let task = tokio::spawn(apply_loop(link, table.clone(), progress_tx, stop_rx, epoch, repl_listen));
         Replica { table, peer, liveness, progress, stop: Some(stop_tx), task: Some(task), epoch }
     }
 
@@ -216,6 +225,7 @@ async fn apply_loop(
     progress: watch::Sender<Progress>,
     mut stop: oneshot::Receiver<()>,
     epoch: u64,
+    repl_listen: SocketAddrV4,
 ) {
     let peer = link.peer().node.clone();
     let end = loop {
@@ -258,6 +268,11 @@ async fn apply_loop(
                 break ReplicaEnd::Refused { seq: rec.seq, error };
             }
         }
+        let handover = matches!(rec.msg, Message::Handover);
+        if handover {
+            info!(role = "backup", epoch, peer = %peer, seq = rec.seq, "the primary hands over: taking over");
+            link.confirm_handover(rec.seq, repl_listen);
+        }
         // Only now may the primary count it as held.
         link.applied(rec.seq);
         let synced_now = matches!(rec.msg, Message::SnapshotEnd);
@@ -266,6 +281,7 @@ async fn apply_loop(
             p.records += 1;
             p.synced |= synced_now;
             p.last_record_at = Some(now);
+            p.handover |= handover;
         });
         if synced_now {
             let connections = lock(&table).len();
@@ -292,6 +308,7 @@ fn message_kind(msg: &Message) -> &'static str {
         Message::SnapshotConn { .. } => "SnapshotConn",
         Message::SnapshotEnd => "SnapshotEnd",
         Message::Ping => "Ping",
+        Message::Handover => "Handover",
     }
 }
 
@@ -317,7 +334,7 @@ mod tests {
         let backup = LocalIdentity::new("c", "b", Role::Backup, 1);
         let (accepted, joined) = tokio::join!(accept(a, &primary, &cfg), link::join(b, &backup, &cfg));
         let link = accepted.expect("accept").start(NonZeroU64::new(1).expect("nonzero"));
-        (link, Replica::start(joined.expect("join"), 1))
+        (link, Replica::start(joined.expect("join"), 1, SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 7700)))
     }
 
     fn nowhere() -> Message {

@@ -4,10 +4,17 @@
 //!
 //! Exit status: 0 after a clean stop; 2 for bad flags or configuration (one line on stderr); 1 when the
 //! node could not start or failed (one line on stderr).
+//!
+//! After a planned switchover handed this node's connections to its backup, the process replaces itself
+//! (same PID, same flags) with `backup --join <the new primary>`: the old primary rejoins as the spare.
+//!
+//! `primary switchover` / `backup switchover` (first argument) asks a running node's admin endpoint for a
+//! planned switchover instead of running a node ([`switchover_command`]).
 
 use clap::{Command, CommandFactory, FromArgMatches};
 use shared::config::{NodeArgs, NodeConfig};
 use std::fmt::Display;
+use std::net::SocketAddr;
 use std::future::Future;
 use std::io::IsTerminal;
 use tokio::signal::unix::{SignalKind, signal};
@@ -30,12 +37,28 @@ pub fn parse_args<A: CommandFactory + FromArgMatches>(name: &str, adjust: impl F
     }
 }
 
+/// How a node's run ended, as far as the binary cares.
+pub trait NodeEnd: Display {
+    /// Where to rejoin as the spare after a planned switchover handed everything over.
+    fn handed_over(&self) -> Option<SocketAddr>;
+}
+
+impl NodeEnd for crate::node::NodeError {
+    fn handed_over(&self) -> Option<SocketAddr> {
+        match self {
+            crate::node::NodeError::HandedOver { join } => Some(*join),
+            _ => None,
+        }
+    }
+}
+
 /// Sets up logging, loads the configuration from `args`, and runs `node(config, shutdown)` until it
-/// returns; `shutdown` resolves on the first SIGINT or SIGTERM. Exits the process on any error.
+/// returns; `shutdown` resolves on the first SIGINT or SIGTERM. Exits the process on any error; after a
+/// planned switchover, becomes the spare ([`rejoin_as_spare`]).
 pub fn run_node<F, E>(name: &str, args: impl Into<NodeArgs>, node: impl FnOnce(NodeConfig, Shutdown) -> F)
 where
     F: Future<Output = Result<(), E>>,
-    E: Display,
+    E: NodeEnd,
 {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
@@ -69,10 +92,116 @@ where
         });
         node(config, shutdown).await
     });
+    drop(runtime);
     if let Err(e) = result {
+        if let Some(join) = e.handed_over() {
+            rejoin_as_spare(name, join);
+        }
         eprintln!("{name}: {e}");
         std::process::exit(1);
     }
+}
+
+/// Replaces this process (same PID, same flags) with `backup … --join <join>`: the `backup` binary beside
+/// this one, else the one on `PATH`. Returns only if that could not be started (logged), and the caller
+/// exits 1.
+fn rejoin_as_spare(name: &str, join: SocketAddr) {
+    use std::os::unix::process::CommandExt;
+    let here = std::env::current_exe().ok();
+    let program = match &here {
+        Some(exe) if name == "backup" => exe.clone(),
+        Some(exe) => exe.with_file_name("backup"),
+        None => "backup".into(),
+    };
+    let program = if program.exists() { program } else { "backup".into() };
+    // `args_override_self`: the last --join wins over the one given before, if any.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    tracing::info!(program = %program.display(), %join, "restarting as the spare of the new primary");
+    let error = std::process::Command::new(&program).args(&args).arg("--join").arg(join.to_string()).exec();
+    tracing::error!(program = %program.display(), %error, "cannot restart as the spare; start `backup --join {join}` by hand");
+    eprintln!("{name}: handed over, but cannot restart as `{} --join {join}`: {error}", program.display());
+}
+
+/// `<binary> switchover [--admin ADDR] [--token TOKEN]`: asks the primary's admin endpoint for a planned
+/// switchover, prints its JSON answer, and exits 0 when the backup took over, 1 otherwise (2 for bad
+/// arguments). Returns without doing anything unless the first argument is `switchover`.
+pub fn switchover_command(name: &str) {
+    let mut args = std::env::args().skip(1);
+    if args.next().as_deref() != Some("switchover") {
+        return;
+    }
+    let command = Command::new("switchover")
+        .bin_name(format!("{name} switchover"))
+        .about(
+            "Planned switchover: asks the running primary (at its --admin address) to hand every connection \
+             to its backup with nothing lost and no fencing delay. Answers once the backup serves them; the \
+             old primary then restarts as the spare. Exits 0 on success, 1 when refused or failed (the answer \
+             says why).",
+        )
+        .arg(
+            clap::Arg::new("admin")
+                .long("admin")
+                .value_name("IPV4:PORT")
+                .default_value("127.0.0.1:9900")
+                .value_parser(clap::value_parser!(SocketAddr))
+                .help("The primary's admin endpoint"),
+        )
+        .arg(
+            clap::Arg::new("token")
+                .long("token")
+                .value_name("TOKEN")
+                .env("UNDERSTUDY_ADMIN_TOKEN")
+                .help("Bearer token, when the admin endpoint requires one"),
+        );
+    let matches = match command.try_get_matches_from(std::iter::once(format!("{name} switchover")).chain(args)) {
+        Ok(m) => m,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let rendered = e.render().to_string();
+            let first = rendered.lines().next().unwrap_or("invalid arguments");
+            eprintln!("{name} switchover: {}", first.strip_prefix("error: ").unwrap_or(first));
+            std::process::exit(2)
+        }
+    };
+    let admin = *matches.get_one::<SocketAddr>("admin").expect("defaulted");
+    let token = matches.get_one::<String>("token").cloned();
+    match post_switchover(admin, token.as_deref()) {
+        Ok((status, body)) => {
+            print!("{body}");
+            if !body.ends_with('\n') {
+                println!();
+            }
+            std::process::exit(if status == 200 { 0 } else { 1 })
+        }
+        Err(e) => {
+            eprintln!("{name} switchover: cannot reach the admin endpoint at {admin}: {e}");
+            std::process::exit(1)
+        }
+    }
+}
+
+/// One `POST /admin/switchover` over HTTP/1.1 (the admin endpoint answers with a length and closes on
+/// `Connection: close`): the status code and the body.
+fn post_switchover(admin: SocketAddr, token: Option<&str>) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let timeout = shared::admin::server::SWITCHOVER_TIMEOUT + std::time::Duration::from_secs(5);
+    let mut stream = std::net::TcpStream::connect_timeout(&admin, std::time::Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(timeout))?;
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(
+        stream,
+        "POST /admin/switchover HTTP/1.1\r\nHost: {admin}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {head:?}")))?;
+    Ok((status, body.to_string()))
 }
 
 /// Resolves on the first SIGINT or SIGTERM.

@@ -17,6 +17,7 @@ a later epoch exists, it steps down: it gives up the VIP, sends nothing more for
 with status 1.";
 
 fn main() {
+    primary::cli::switchover_command("primary");
     let args: PrimaryArgs = primary::cli::parse_args("primary", |command| {
         command
             .about("understudy primary: serves HTTP on the VIP and replicates every client connection to a backup")

@@ -52,7 +52,7 @@ use crate::replicate::{
     StartError,
 };
 use bytes::Bytes;
-use shared::admin::{self, AdminState, Direction};
+use shared::admin::{self, AdminState, Direction, SwitchoverReply};
 use shared::config::{NodeConfig, role_name};
 use shared::lease::StepDownReason;
 use shared::protocol::Role;
@@ -176,6 +176,13 @@ pub enum NodeError {
     /// The proxy's task ended abnormally (a panic).
     #[error("the HTTP server task failed: {0}")]
     Serving(String),
+    /// Not a failure: a planned switchover handed every connection to the backup, which now serves the
+    /// VIP; this node is to rejoin it as the spare at `join` (the binaries restart as `backup --join`).
+    #[error("handed over to the backup (planned switchover); rejoin it as the spare at {join}")]
+    HandedOver { join: SocketAddr },
+    /// A planned switchover stopped this node but the backup did not confirm; it takes over by failover.
+    #[error("planned switchover not confirmed ({0}); this node gave up the VIP and the backup takes over by failover")]
+    HandoverFailed(crate::replicate::HandoverError),
     /// Undoing the VIP claim or removing the gate's rules left something behind; every step was tried.
     /// The text lists what failed.
     #[error("releasing the VIP left state behind: {0}")]
@@ -369,6 +376,8 @@ enum Stopping {
     Failed(NodeError),
     /// Another node serves the VIP: give it up at once and send nothing more.
     SteppedDown(StepDownReason),
+    /// A planned switchover is under way (nothing is committed any more): give the VIP up, hand over.
+    HandingOver(SwitchoverReply),
 }
 
 /// The serving loop shared by [`run`] and [`serve_after_takeover`]: the sender, the joins, the proxy;
@@ -421,12 +430,21 @@ async fn serve(
     );
 
     let mut handles = Handles { serving, served: false, sender_task, sender_done: false, resumed, joins };
-    let stopping = watch_serving(&mut claim, &mut handles, replicator.status(), shutdown).await;
+    let (switchover_tx, mut switchovers) = tokio::sync::mpsc::unbounded_channel();
+    admin.set_switchover(Some(switchover_tx));
+    let stopping =
+        watch_serving(&mut claim, &mut handles, replicator.status(), &replicator, &mut switchovers, shutdown).await;
+    admin.set_switchover(None);
+    // Requests that came too late are told so.
+    while let Ok(reply) = switchovers.try_recv() {
+        let _ = reply.send((409, serde_json::json!({ "error": "this node is stopping" })));
+    }
     // No more announcements whatever happens next: a node stepping down must not speak as the VIP.
     reannounce.abort();
 
     match stopping {
         Stopping::SteppedDown(reason) => Err(step_down(reason, &mut claim, handles, &replicator, gate_handle).await),
+        Stopping::HandingOver(reply) => Err(hand_over(reply, &mut claim, handles, &replicator, gate_handle).await),
         Stopping::Requested => {
             stop(config, &proxy, &trigger, &mut claim, handles, &replicator, gate_handle, None).await
         }
@@ -456,6 +474,7 @@ enum Event {
     Served(Result<(), JoinError>),
     SenderEnded(Result<(), JoinError>),
     SteppedDown(StepDownReason),
+    Switchover(SwitchoverReply),
 }
 
 /// Serves until `shutdown`, a step-down, or the loss of the responder, the proxy or the sender.
@@ -463,6 +482,8 @@ async fn watch_serving(
     claim: &mut VipClaim,
     h: &mut Handles,
     mut status: watch::Receiver<SenderStatus>,
+    replicator: &Replicator,
+    switchovers: &mut tokio::sync::mpsc::UnboundedReceiver<SwitchoverReply>,
     shutdown: impl Future<Output = ()>,
 ) -> Stopping {
     tokio::pin!(shutdown);
@@ -473,6 +494,7 @@ async fn watch_serving(
             joined = &mut h.serving => Event::Served(joined),
             joined = &mut h.sender_task, if !h.sender_done => Event::SenderEnded(joined),
             reason = stepped_down(&mut status) => Event::SteppedDown(reason),
+            Some(reply) = switchovers.recv() => Event::Switchover(reply),
         };
         match event {
             Event::Shutdown => {
@@ -509,6 +531,14 @@ async fn watch_serving(
                 return Stopping::Failed(e);
             }
             Event::SteppedDown(reason) => return Stopping::SteppedDown(reason),
+            Event::Switchover(reply) => match replicator.freeze_for_handover().await {
+                Ok(()) => return Stopping::HandingOver(reply),
+                Err(e) => {
+                    warn!(error = %e, "planned switchover refused; serving on");
+                    let status = if e.refused() { 409 } else { 500 };
+                    let _ = reply.send((status, serde_json::json!({ "error": e.to_string() })));
+                }
+            },
         }
     }
 }
@@ -541,6 +571,13 @@ async fn step_down(
     if let Err(left) = claim.release() {
         error!(left, "giving up the VIP left state behind");
     }
+    give_up(h, replicator, gate).await;
+    e
+}
+
+/// Drops every connection without a drain and stops the sender; the gate's rules stay (see
+/// [`step_down`]).
+async fn give_up(h: Handles, replicator: &Replicator, gate: Arc<Gate>) {
     h.serving.abort();
     for task in &h.resumed {
         task.abort();
@@ -560,6 +597,43 @@ async fn step_down(
     let _ = h.joins.await;
     // Deliberately never dropped (see above): dropping the last handle would remove the rules.
     std::mem::forget(gate);
+}
+
+/// A planned switchover, once nothing is committed any more: the VIP goes (no ARP answers, no address),
+/// then the handover record ends the stream and the backup's confirmation says where to rejoin. This
+/// node's connections are then dropped like on a step-down: the output lease is revoked and the gate
+/// releases nothing, so no FIN or RST reaches a client; the backup serves them from here.
+async fn hand_over(
+    reply: SwitchoverReply,
+    claim: &mut VipClaim,
+    h: Handles,
+    replicator: &Replicator,
+    gate: Arc<Gate>,
+) -> NodeError {
+    let started = Instant::now();
+    let backup = replicator.status().borrow().peer_node.clone().unwrap_or_default();
+    claim.stop_answering();
+    if let Err(left) = claim.release() {
+        error!(left, "giving up the VIP for the switchover left state behind");
+    }
+    let handed = replicator.hand_over().await;
+    let took_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let e = match handed {
+        Ok(join) => {
+            info!(backup, %join, took_ms, "handed over: the backup serves every connection; rejoining it as the spare");
+            let _ = reply.send((
+                200,
+                serde_json::json!({ "handed_over_to": backup, "rejoin": join.to_string(), "took_ms": took_ms }),
+            ));
+            NodeError::HandedOver { join: SocketAddr::V4(join) }
+        }
+        Err(e) => {
+            error!(error = %e, backup, "planned switchover not confirmed; the backup takes over by failover");
+            let _ = reply.send((504, serde_json::json!({ "error": e.to_string(), "took_ms": took_ms })));
+            NodeError::HandoverFailed(e)
+        }
+    };
+    give_up(h, replicator, gate).await;
     e
 }
 

@@ -76,7 +76,7 @@ use shared::link::{
     self, Accepted, HandshakeError, InvalidLinkConfig, LinkConfig, LocalIdentity, PeerLiveness, PrimaryLink,
     RecordSender, Refusal, TrySendError,
 };
-use shared::protocol::{ConnKey, ExchangeStart, Handshake, Message, Record, Role, Welcome};
+use shared::protocol::{ConnKey, ExchangeStart, HANDOVER_VERSION, Handshake, Message, Record, Role, Welcome};
 use shared::replica::table::Unprotection;
 use shared::replica::{Applied, ReplicaTable};
 use std::collections::{HashMap, VecDeque};
@@ -203,6 +203,8 @@ pub struct OutputCommit {
     peer: PeerState,
     next_probe: u64,
     events: VecDeque<CommitEvent>,
+    /// Handing over (planned switchover): nothing more is committed, whatever comes.
+    frozen: bool,
 }
 
 impl OutputCommit {
@@ -220,7 +222,20 @@ impl OutputCommit {
             peer: PeerState::None,
             next_probe: 0,
             events: VecDeque::new(),
+            frozen: false,
         })
+    }
+
+    /// Stops committing for good (a planned switchover): records are still numbered and sent to the
+    /// backup, which takes over with them, but none reaches a client from here, the backup is never
+    /// suspected, and the output grant is revoked.
+    pub fn freeze(&mut self) {
+        self.frozen = true;
+    }
+
+    /// Whether [`freeze`](Self::freeze) was called.
+    pub fn is_frozen(&self) -> bool {
+        self.frozen
     }
 
     /// Numbers the next record (`bytes`: its approximate encoded size) queued at `now`.
@@ -228,12 +243,13 @@ impl OutputCommit {
         self.sent += 1;
         let seq = self.sent;
         match &mut self.state {
-            State::Alone => self.committed = seq,
+            State::Alone if !self.frozen => self.committed = seq,
+            State::Alone => {}
             State::Linked(l) => {
                 if !l.down {
                     l.in_flight.push_back(InFlight { seq, at: now, bytes });
                 }
-                if !l.synced && l.suspect.is_none() {
+                if !l.synced && l.suspect.is_none() && !self.frozen {
                     self.committed = seq;
                     l.early_upto = seq;
                 } else {
@@ -315,7 +331,7 @@ impl OutputCommit {
         l.lease.handle_link_down(now);
         l.down = true;
         l.in_flight.clear();
-        if l.suspect.is_none() {
+        if l.suspect.is_none() && !self.frozen {
             self.suspect(SuspectReason::LinkDown);
         }
     }
@@ -328,7 +344,7 @@ impl OutputCommit {
     pub fn handle_timeout(&mut self, now: Instant, peer_silent_for: Duration) {
         let grace = self.lease;
         let State::Linked(l) = &mut self.state else { return };
-        if l.suspect.is_some() {
+        if l.suspect.is_some() || self.frozen {
             return;
         }
         let overdue = l.uncommitted.front().is_some_and(|&(_, at)| now.saturating_duration_since(at) >= grace);
@@ -344,7 +360,7 @@ impl OutputCommit {
     /// The VIP probe `id` finished with `probe`.
     pub fn handle_probe(&mut self, id: u64, probe: &VipProbe) {
         let State::Linked(l) = &self.state else { return };
-        if l.suspect.as_ref().is_none_or(|s| s.probe != id) {
+        if self.frozen || l.suspect.as_ref().is_none_or(|s| s.probe != id) {
             return;
         }
         match LeaseOutcome::decide(self.own_epoch, self.highest_epoch, probe) {
@@ -434,6 +450,9 @@ impl OutputCommit {
     /// latest answer (never arrival time: a process resumed from a freeze reads answers the backup sent
     /// long ago) and never past the lease; `now` (revoked) once suspected, expired or stepped down.
     pub fn output_grant(&self, now: Instant, alone: Duration, after_answer: Duration) -> Instant {
+        if self.frozen {
+            return now;
+        }
         match &self.state {
             State::Alone => now + alone,
             State::SteppedDown(_) => now,
@@ -452,6 +471,7 @@ impl OutputCommit {
 
     fn advance(&mut self, now: Instant) {
         if let State::Linked(l) = &mut self.state
+            && !self.frozen
             && l.synced
             && l.suspect.is_none()
             && l.lease.state(now).is_valid()
@@ -664,8 +684,49 @@ enum Item {
     Opened(ConnKey),
     Closed(ConnKey),
     EpochSeen(u64),
-    Join { accepted: Box<Accepted<TcpStream>>, granted_at: Instant },
+    Join { accepted: Box<Accepted<TcpStream>>, granted_at: Instant, from: SocketAddr },
+    Freeze(oneshot::Sender<Result<(), HandoverError>>),
+    HandOver(oneshot::Sender<Result<SocketAddrV4, HandoverError>>),
     Shutdown(oneshot::Sender<()>),
+}
+
+/// How long a handing-over primary waits for the heads of answers to requests it sent upstream.
+pub const QUIESCE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a handing-over primary waits for its backup's [`shared::protocol::ToPrimary::TakingOver`].
+pub const HANDOVER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a planned switchover was refused, or did not complete.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandoverError {
+    #[error("no backup is connected: there is nobody to hand the connections to")]
+    NoBackup,
+    #[error("the backup {node} is still syncing (its snapshot is not applied yet): try again once /status says connected")]
+    Syncing { node: String },
+    #[error("the backup {node} is suspected (its acks stopped): it cannot be trusted with the connections")]
+    Suspected { node: String },
+    #[error(
+        "the backup {node} speaks replication protocol {version}, which has no planned switchover (needs {needs}): \
+         upgrade the backup first"
+    )]
+    OldBackup { node: String, version: u16, needs: u16 },
+    #[error("this node stepped down; it serves nothing")]
+    SteppedDown,
+    #[error("a switchover is already under way")]
+    InProgress,
+    #[error("the backup did not confirm the handover within {0:?}: it takes over by failover once it misses this node")]
+    Unconfirmed(Duration),
+    #[error("the replication link ended during the handover: the backup takes over by failover")]
+    LinkLost,
+    #[error("the replication sender is gone")]
+    SenderGone,
+}
+
+impl HandoverError {
+    /// Whether nothing changed (the node serves on as before) rather than the handover failing midway.
+    pub fn refused(&self) -> bool {
+        !matches!(self, HandoverError::Unconfirmed(_) | HandoverError::LinkLost | HandoverError::SenderGone)
+    }
 }
 
 struct Shared {
@@ -813,6 +874,38 @@ impl Replicator {
         self.shared.status.clone()
     }
 
+    /// Planned switchover, step 1: refuses (nothing changed) unless a synced backup that speaks the
+    /// handover is linked; else nothing more is committed (no byte or segment reaches a client from this
+    /// node again) and the kernel's output lease is revoked.
+    pub async fn freeze_for_handover(&self) -> Result<(), HandoverError> {
+        let (tx, rx) = oneshot::channel();
+        self.shared.items.send(Item::Freeze(tx)).map_err(|_| HandoverError::SenderGone)?;
+        rx.await.map_err(|_| HandoverError::SenderGone)?
+    }
+
+    /// Planned switchover, step 2 (after the VIP is given up): the handover record ends the stream; returns
+    /// where the backup, now taking over, accepts this node as its spare.
+    pub async fn hand_over(&self) -> Result<SocketAddrV4, HandoverError> {
+        // Requests already sent upstream get their answers' heads logged first (nothing new reaches the
+        // proxy any more), so the backup continues them instead of sending them to the origin again.
+        let deadline = Instant::now() + QUIESCE_TIMEOUT;
+        loop {
+            let awaiting = self.with_table(ReplicaTable::awaiting_upstream);
+            if awaiting == 0 {
+                break;
+            }
+            if Instant::now() >= deadline {
+                warn!(role = "primary", epoch = self.shared.identity.epoch, awaiting, ?QUIESCE_TIMEOUT,
+                    "handing over with upstream requests unanswered: the backup sends them again");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let (tx, rx) = oneshot::channel();
+        self.shared.items.send(Item::HandOver(tx)).map_err(|_| HandoverError::SenderGone)?;
+        rx.await.map_err(|_| HandoverError::SenderGone)?
+    }
+
     /// Stops the task: the link is closed (what is queued is still sent), held segments are never
     /// released, pending reply appends fail.
     pub async fn shutdown(&self) {
@@ -839,7 +932,7 @@ async fn handle_join(shared: Arc<Shared>, mut stream: TcpStream, from: SocketAdd
     let granted_at = Instant::now();
     match link::accept(stream, &shared.identity, &shared.link).await {
         Ok(accepted) => {
-            let item = Item::Join { accepted: Box::new(accepted), granted_at };
+            let item = Item::Join { accepted: Box::new(accepted), granted_at, from };
             if shared.items.send(item).is_err() {
                 shared.slot.store(false, Ordering::Release);
             }
@@ -1137,6 +1230,8 @@ struct Linked {
     liveness: PeerLiveness,
     node: String,
     heartbeats: u64,
+    /// Where the backup's link came from.
+    from: SocketAddr,
 }
 
 struct Held {
@@ -1345,7 +1440,11 @@ impl Driver {
                 }
             }
             Item::EpochSeen(epoch) => self.core.handle_epoch_seen(epoch),
-            Item::Join { accepted, granted_at } => self.join(now, *accepted, granted_at),
+            Item::Join { accepted, granted_at, from } => self.join(now, *accepted, granted_at, from),
+            Item::Freeze(reply) => {
+                let _ = reply.send(self.freeze(now));
+            }
+            Item::HandOver(reply) => self.hand_over(now, reply),
             Item::Shutdown(done) => return Some(done),
         }
         None
@@ -1435,7 +1534,76 @@ impl Driver {
         }
     }
 
-    fn join(&mut self, now: Instant, accepted: Accepted<TcpStream>, granted_at: Instant) {
+    /// First step of a planned switchover: refuses unless a synced, trusted backup that speaks the
+    /// handover is linked; else stops committing for good and revokes the kernel's output grant.
+    fn freeze(&mut self, now: Instant) -> Result<(), HandoverError> {
+        if self.core.stepped_down().is_some() {
+            return Err(HandoverError::SteppedDown);
+        }
+        if self.core.is_frozen() {
+            return Err(HandoverError::InProgress);
+        }
+        let Some(l) = &self.link else { return Err(HandoverError::NoBackup) };
+        let node = l.node.clone();
+        if self.core.suspected().is_some() {
+            return Err(HandoverError::Suspected { node });
+        }
+        if self.core.peer() != PeerState::Connected {
+            return Err(HandoverError::Syncing { node });
+        }
+        let version = l.link.peer().version;
+        if version < HANDOVER_VERSION {
+            return Err(HandoverError::OldBackup { node, version, needs: HANDOVER_VERSION });
+        }
+        self.core.freeze();
+        if let Some(gate) = &self.gate {
+            gate.grant_output(now);
+            if let Err(e) = gate.revoke_output() {
+                // The grant is revoked all the same; the element lapses within the detection time.
+                warn!(role = "primary", epoch = self.epoch, error = %e, "revoking the output lease at once failed");
+            }
+        }
+        info!(role = "primary", epoch = self.epoch, peer = %node, committed = self.core.committed(),
+            "handing over: nothing more reaches a client from this node");
+        Ok(())
+    }
+
+    /// Second step: the handover record goes at the end of the stream; the reply comes when the backup
+    /// confirms it applied everything up to it.
+    fn hand_over(&mut self, now: Instant, reply: oneshot::Sender<Result<SocketAddrV4, HandoverError>>) {
+        if !self.core.is_frozen() {
+            let _ = reply.send(Err(HandoverError::InProgress));
+            return;
+        }
+        let Some(l) = &self.link else {
+            let _ = reply.send(Err(HandoverError::LinkLost));
+            return;
+        };
+        let (mut taking_over, from) = (l.link.taking_over(), l.from);
+        let seq = self.record(now, Message::Handover);
+        let epoch = self.epoch;
+        info!(role = "primary", epoch, seq, "handover record queued; waiting for the backup's confirmation");
+        let wait = async move {
+                let confirmed = taking_over.wait_for(|t| t.is_some_and(|(s, _)| s == seq));
+                let result = match tokio::time::timeout(HANDOVER_TIMEOUT, confirmed).await {
+                    Ok(Ok(t)) => {
+                        let (_, mut addr) = t.expect("matched above");
+                        if addr.ip().is_unspecified()
+                            && let std::net::IpAddr::V4(ip) = from.ip()
+                        {
+                            addr.set_ip(ip);
+                        }
+                        Ok(addr)
+                    }
+                    Ok(Err(_)) => Err(HandoverError::LinkLost),
+                    Err(_) => Err(HandoverError::Unconfirmed(HANDOVER_TIMEOUT)),
+                };
+                let _ = reply.send(result);
+            };
+        tokio::spawn(tracing::Instrument::in_current_span(wait));
+    }
+
+    fn join(&mut self, now: Instant, accepted: Accepted<TcpStream>, granted_at: Instant, from: SocketAddr) {
         let node = accepted.peer().node.clone();
         let started = Instant::now();
         let (snapshot, conns) = {
@@ -1464,6 +1632,7 @@ impl Driver {
             link,
             node: node.clone(),
             heartbeats: 0,
+            from,
         });
         for msg in snapshot {
             let seq = self.core.handle_sent(now, approx_len(&msg));

@@ -69,6 +69,7 @@ use crate::protocol::{
 use bytes::BytesMut;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use std::net::SocketAddrV4;
 use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -917,7 +918,7 @@ fn encoded_len_bound(msg: &Message) -> usize {
             Message::ConnClosed { .. } => CONN,
             Message::SnapshotBegin { .. } => INT,
             Message::SnapshotConn { state, .. } => CONN + INT + state.len(),
-            Message::SnapshotEnd | Message::Ping => 0,
+            Message::SnapshotEnd | Message::Ping | Message::Handover => 0,
         }
 }
 
@@ -995,6 +996,7 @@ pub struct PrimaryLink {
     peer: PeerInfo,
     sender: RecordSender,
     acked: watch::Receiver<u64>,
+    taking_over: watch::Receiver<Option<(u64, SocketAddrV4)>>,
     liveness: PeerLiveness,
     cancel: CancellationToken,
     task: Option<JoinHandle<Result<(), LinkError>>>,
@@ -1008,6 +1010,7 @@ impl PrimaryLink {
         let base = Instant::now();
         let (tx, rx) = mpsc::channel(cfg.queue);
         let (acked_tx, acked) = watch::channel(first_seq.get() - 1);
+        let (taking_over_tx, taking_over) = watch::channel(None);
         let liveness = PeerLiveness::new(base);
         let cancel = CancellationToken::new();
         let sender = RecordSender {
@@ -1024,6 +1027,7 @@ impl PrimaryLink {
             base,
             book: Mutex::new(SendBook::new(first_seq)),
             acked: acked_tx,
+            taking_over: taking_over_tx,
             liveness: liveness.clone(),
         };
         let (reader, writer) = tokio::io::split(stream);
@@ -1037,7 +1041,7 @@ impl PrimaryLink {
             log_end("primary", driver.epoch, &peer_name, &result);
             result
         });
-        PrimaryLink { peer, sender, acked, liveness, cancel, task: Some(task) }
+        PrimaryLink { peer, sender, acked, taking_over, liveness, cancel, task: Some(task) }
     }
 
     /// The backup at the other end.
@@ -1059,6 +1063,11 @@ impl PrimaryLink {
     /// any). Closed when the link ends.
     pub fn acked(&self) -> watch::Receiver<u64> {
         self.acked.clone()
+    }
+
+    /// The backup's answer to a [`Message::Handover`]: its record number and where to rejoin.
+    pub fn taking_over(&self) -> watch::Receiver<Option<(u64, SocketAddrV4)>> {
+        self.taking_over.clone()
     }
 
     /// Waits until the backup holds record `seq`.
@@ -1100,6 +1109,7 @@ struct PrimaryDriver {
     base: Instant,
     book: Mutex<SendBook>,
     acked: watch::Sender<u64>,
+    taking_over: watch::Sender<Option<(u64, SocketAddrV4)>>,
     liveness: PeerLiveness,
 }
 
@@ -1124,6 +1134,10 @@ impl PrimaryDriver {
                             self.liveness.set_rtt(Duration::from_micros(rtt));
                             self.liveness.echoed(echo_us - 1);
                         }
+                    }
+                    ToPrimary::TakingOver { seq, repl_listen } => {
+                        info!(role = "primary", epoch = self.epoch, seq, %repl_listen, "the backup is taking over");
+                        self.taking_over.send_replace(Some((seq, repl_listen)));
                     }
                 }
             }
@@ -1215,6 +1229,8 @@ pub struct BackupLink {
     liveness: PeerLiveness,
     cancel: CancellationToken,
     task: Option<JoinHandle<Result<(), LinkError>>>,
+    shared: Arc<Mutex<BackupShared>>,
+    wake_writer: Arc<Notify>,
 }
 
 /// Reports applied records to the link from another task than the one receiving.
@@ -1238,10 +1254,13 @@ fn report_applied(applied: &watch::Sender<u64>, seq: u64) {
     });
 }
 
+#[derive(Debug)]
 struct BackupShared {
     batcher: AckBatcher,
     /// The latest primary heartbeat not answered yet.
     echo: Option<u64>,
+    /// A handover to confirm ([`ToPrimary::TakingOver`]) at the next write.
+    taking_over: Option<(u64, SocketAddrV4)>,
 }
 
 impl BackupLink {
@@ -1254,9 +1273,15 @@ impl BackupLink {
         let (applied_tx, applied_rx) = watch::channel(0);
         let liveness = PeerLiveness::new(base);
         let cancel = CancellationToken::new();
+        let shared = Arc::new(Mutex::new(BackupShared {
+            batcher: AckBatcher::new(cfg.ack_every, cfg.ack_delay),
+            echo: None,
+            taking_over: None,
+        }));
+        let wake_writer = Arc::new(Notify::new());
         let driver = BackupDriver {
-            shared: Mutex::new(BackupShared { batcher: AckBatcher::new(cfg.ack_every, cfg.ack_delay), echo: None }),
-            wake_writer: Notify::new(),
+            shared: shared.clone(),
+            wake_writer: wake_writer.clone(),
             book: Mutex::new(ReceiveBook::new(peer.epoch)),
             liveness: liveness.clone(),
             base,
@@ -1274,7 +1299,16 @@ impl BackupLink {
             log_end("backup", epoch, &peer_name, &result);
             result
         });
-        BackupLink { peer, records, applied: Arc::new(applied_tx), liveness, cancel, task: Some(task) }
+        BackupLink {
+            peer,
+            records,
+            applied: Arc::new(applied_tx),
+            liveness,
+            cancel,
+            task: Some(task),
+            shared,
+            wake_writer,
+        }
     }
 
     /// The primary at the other end.
@@ -1292,6 +1326,13 @@ impl BackupLink {
     /// primary (batched). Reporting a record not yet returned by `recv` ends the link.
     pub fn applied(&self, seq: u64) {
         report_applied(&self.applied, seq);
+    }
+
+    /// Confirms the primary's [`Message::Handover`] (record `seq`, applied with everything before it):
+    /// sends [`ToPrimary::TakingOver`] so the old primary rejoins at `repl_listen`.
+    pub fn confirm_handover(&self, seq: u64, repl_listen: SocketAddrV4) {
+        lock(&self.shared).taking_over = Some((seq, repl_listen));
+        self.wake_writer.notify_one();
     }
 
     /// A handle for reporting applied records from elsewhere.
@@ -1338,8 +1379,8 @@ impl Drop for BackupLink {
 }
 
 struct BackupDriver {
-    shared: Mutex<BackupShared>,
-    wake_writer: Notify,
+    shared: Arc<Mutex<BackupShared>>,
+    wake_writer: Arc<Notify>,
     book: Mutex<ReceiveBook>,
     liveness: PeerLiveness,
     base: Instant,
@@ -1424,6 +1465,9 @@ impl BackupDriver {
                 let ack = if closing { None } else { shared.batcher.poll_ack(now) };
                 if let Some(upto) = ack {
                     frame::encode_value(&ToPrimary::Ack { upto }, self.cfg.max_frame, &mut buf)?;
+                }
+                if let Some((seq, repl_listen)) = shared.taking_over.take() {
+                    frame::encode_value(&ToPrimary::TakingOver { seq, repl_listen }, self.cfg.max_frame, &mut buf)?;
                 }
                 let echo = shared.echo.take();
                 if echo.is_some() || heartbeat_due {

@@ -17,10 +17,14 @@ use serde::{Deserialize, Serialize};
 use std::net::SocketAddrV4;
 use tcp_replay::Dir;
 
-/// Protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 2;
-/// Oldest peer version this build can work with (2: snapshot states in parts).
+/// Protocol version this build speaks (3: planned switchover, [`Message::Handover`] and
+/// [`ToPrimary::TakingOver`]).
+pub const PROTOCOL_VERSION: u16 = 3;
+/// Oldest peer version this build can work with (2: snapshot states in parts). A link at version 2
+/// works in full except for the planned switchover, which the primary then refuses with the reason.
 pub const MIN_PROTOCOL_VERSION: u16 = 2;
+/// First version with the planned switchover.
+pub const HANDOVER_VERSION: u16 = 3;
 
 /// Identifies a client connection: the client's address and the VIP:port it reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -122,6 +126,11 @@ pub enum Message {
     /// Changes nothing; the backup's ack of it renews the primary's lease (sent when
     /// a backup is suspected over a live link, so a merely slow backup can answer).
     Ping,
+    /// Planned switchover (version 3 on): the primary has stopped releasing anything, revoked its
+    /// kernel's right to send from the VIP and given the address up; every record before this one is
+    /// all there is. The backup applies it, answers [`ToPrimary::TakingOver`], and takes over at once
+    /// (no detection, no fencing) at a higher epoch.
+    Handover,
 }
 
 /// An exchange (one request and its response) on a connection.
@@ -162,6 +171,10 @@ pub enum ToPrimary {
     Ack { upto: u64 },
     /// Liveness; `echo_us` is the latest primary heartbeat's `sent_us` (for RTT).
     Heartbeat { sent_us: u64, echo_us: u64 },
+    /// The backup applied [`Message::Handover`] (record `seq`) and everything before it, and is taking
+    /// over; the old primary rejoins as its spare at `repl_listen` (an unspecified address there means
+    /// the address the backup's link came from). Version 3 on.
+    TakingOver { seq: u64, repl_listen: SocketAddrV4 },
 }
 
 /// Frames of the handshake.

@@ -243,6 +243,20 @@ impl Pair {
         Ok(())
     }
 
+    /// A planned switchover through the command line (`primary switchover --admin …` on the primary's
+    /// host): the node's JSON answer. On success the backup serves as primary and the old primary's
+    /// process (same PID) restarts as the spare joining it; the roles here are swapped to match.
+    pub fn switchover(&mut self) -> Result<Value> {
+        let bin = workspace_bin("primary")?;
+        let bin = bin.to_str().context("path")?;
+        let out = self.tb.exec(self.primary_host, &[bin, "switchover", "--admin", ADMIN])?;
+        let answer: Value = serde_json::from_str(&out).with_context(|| format!("switchover answer: {out}"))?;
+        ensure!(answer.get("error").is_none(), "switchover failed: {answer}\n{}", self.logs_tail());
+        std::mem::swap(&mut self.primary, &mut self.backup);
+        self.primary_host = other_host(self.primary_host);
+        Ok(answer)
+    }
+
     /// `GET /status` of the node on `host`.
     pub fn status(&self, host: &str) -> Result<Value> {
         let out = self.tb.exec(host, &["curl", "-sS", "--max-time", "2", &format!("http://{ADMIN}/status")])?;

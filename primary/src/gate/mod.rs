@@ -532,6 +532,14 @@ impl Gate {
         }
     }
 
+    /// Revokes the kernel's right to send from the VIP at once (no effect without an output lease).
+    pub fn revoke_output(&self) -> std::io::Result<()> {
+        match &self.lease {
+            Some(lease) => lease.revoke_now(),
+            None => Ok(()),
+        }
+    }
+
     /// Unbinds both queues (both are tried); the first failure is returned.
     fn unbind(&mut self) -> io::Result<()> {
         self.unbound = true;

@@ -48,6 +48,11 @@ struct Shared {
     /// Microseconds after `base` until which renewals may run.
     grant_us: AtomicU64,
     stop: AtomicBool,
+    /// `nft -i`'s input: renewals and revocations are written under this lock, so a revocation is
+    /// never followed by a renewal decided before it.
+    nft: std::sync::Mutex<Option<ChildStdin>>,
+    table: String,
+    vip: Ipv4Addr,
 }
 
 /// The installed lease; renewals run until it is removed ([`OutputLease::remove`] or drop).
@@ -121,12 +126,15 @@ impl OutputLease {
             base: Instant::now(),
             grant_us: AtomicU64::new(STARTUP_GRANT.as_micros() as u64),
             stop: AtomicBool::new(false),
+            nft: std::sync::Mutex::new(Some(stdin)),
+            table: table.clone(),
+            vip,
         });
         let thread = {
-            let (shared, table) = (shared.clone(), table.clone());
+            let shared = shared.clone();
             std::thread::Builder::new()
                 .name("output-lease".into())
-                .spawn(move || renew_loop(&shared, stdin, &table, vip, ttl))
+                .spawn(move || renew_loop(&shared, ttl))
                 .map_err(OutputLeaseError::Spawn)?
         };
         info!(%vip, port, table, ?ttl, "output lease installed: the kernel drops VIP output unless renewed");
@@ -137,6 +145,20 @@ impl OutputLease {
     pub fn grant_until(&self, until: Instant) {
         let us = until.saturating_duration_since(self.shared.base).as_micros() as u64;
         self.shared.grant_us.store(us, Ordering::Relaxed);
+    }
+
+    /// Ends the grant now: the element is deleted (not left to expire), and no renewal follows until a
+    /// later [`grant_until`](Self::grant_until). A planned switchover's old primary calls it before it
+    /// hands over, so its kernel sends nothing more from the VIP.
+    pub fn revoke_now(&self) -> io::Result<()> {
+        let mut nft = self.shared.nft.lock().unwrap_or_else(|e| e.into_inner());
+        self.shared.grant_us.store(0, Ordering::Relaxed);
+        let stdin = nft.as_mut().ok_or_else(|| io::Error::other("the lease's nft process is gone"))?;
+        let (table, vip) = (&self.shared.table, self.shared.vip);
+        stdin.write_all(format!("delete element inet {table} lease {{ {vip} }}\n").as_bytes())?;
+        stdin.flush()?;
+        info!(table, "output lease revoked: the kernel drops VIP output from now on");
+        Ok(())
     }
 
     /// Stops renewing and deletes the table (VIP output flows freely again). Every step is tried.
@@ -177,17 +199,24 @@ impl Drop for OutputLease {
     }
 }
 
-fn renew_loop(shared: &Shared, mut stdin: ChildStdin, table: &str, vip: Ipv4Addr, ttl: Duration) {
+fn renew_loop(shared: &Shared, ttl: Duration) {
     let period = (ttl / 4).max(Duration::from_millis(1));
+    let (table, vip) = (&shared.table, shared.vip);
     let mut lapsed = false;
     while !shared.stop.load(Ordering::Relaxed) {
+        let mut nft = shared.nft.lock().unwrap_or_else(|e| e.into_inner());
         let now = shared.base.elapsed().as_micros() as u64;
         let grant = shared.grant_us.load(Ordering::Relaxed);
         if grant > now {
             // Never past the grant: a process frozen right after this write stops sending by then.
             let left = Duration::from_micros(grant - now).min(ttl);
-            if let Err(e) = stdin.write_all(renewal(table, vip, ttl, left.as_millis()).as_bytes()) {
+            let written = match nft.as_mut() {
+                Some(stdin) => stdin.write_all(renewal(table, vip, ttl, left.as_millis()).as_bytes()),
+                None => Err(io::Error::other("the lease's nft process is gone")),
+            };
+            if let Err(e) = written {
                 error!(error = %e, table, "renewing the output lease failed: the kernel will drop VIP output");
+                nft.take();
                 return;
             }
             if lapsed {
@@ -197,10 +226,12 @@ fn renew_loop(shared: &Shared, mut stdin: ChildStdin, table: &str, vip: Ipv4Addr
         } else if !lapsed {
             warn!(
                 table,
-                "output lease not renewed: the sender has not granted it (suspected backup, stepped down, or stalled)"
+                "output lease not renewed: the sender has not granted it (suspected backup, stepped down, \
+                 handing over, or stalled)"
             );
             lapsed = true;
         }
+        drop(nft);
         std::thread::sleep(period);
     }
 }

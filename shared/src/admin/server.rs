@@ -1,8 +1,9 @@
 //! The admin HTTP server (hyper 1, HTTP/1.1) and its bearer-token check.
 //!
 //! Routes: `GET /status` (JSON), `GET /metrics` (exposition 0.0.4), `GET /healthz`; `HEAD`
-//! too (hyper sends the head without the body). Anything else is 404, a known path with
-//! another method 405 with `Allow`.
+//! too (hyper sends the head without the body); `POST /admin/switchover` (planned switchover, on a
+//! primary: answers once the backup took over, or says why not). Anything else is 404, a known path
+//! with another method 405 with `Allow`.
 //!
 //! Access (RFC 6750 §2.1, RFC 9110 §11.6.1): on a loopback address the endpoint is open
 //! unless a token is configured; on any other address a token is required and `serve`
@@ -32,6 +33,9 @@ use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
+
+/// Longest wait for a node's answer to a switchover request (the node bounds its own steps well below).
+pub const SWITCHOVER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Concurrent admin connections; a scraper and a few operators need far fewer.
 pub const MAX_CONNECTIONS: usize = 64;
@@ -231,8 +235,16 @@ fn log_join(done: Result<(), tokio::task::JoinError>) {
 
 async fn connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) {
     let service = service_fn(move |req: Request<Incoming>| {
-        let response = handle(&ctx, &req);
-        async move { Ok::<_, Infallible>(response) }
+        let ctx = ctx.clone();
+        async move {
+            let response = match route(req.uri().path()) {
+                Some(Route::Switchover) if req.method() == Method::POST && ctx.auth.authorise(req.headers()).is_ok() => {
+                    switchover(&ctx.state).await
+                }
+                _ => handle(&ctx, &req),
+            };
+            Ok::<_, Infallible>(response)
+        }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(HEAD_TIMEOUT).max_buf_size(MAX_HEAD_BYTES).keep_alive(true);
@@ -265,6 +277,7 @@ enum Route {
     Status,
     Metrics,
     Healthz,
+    Switchover,
 }
 
 fn route(path: &str) -> Option<Route> {
@@ -272,6 +285,7 @@ fn route(path: &str) -> Option<Route> {
         "/status" => Some(Route::Status),
         "/metrics" => Some(Route::Metrics),
         "/healthz" => Some(Route::Healthz),
+        "/admin/switchover" => Some(Route::Switchover),
         _ => None,
     }
 }
@@ -294,6 +308,12 @@ fn handle<B>(ctx: &Ctx, req: &Request<B>) -> Response<Full<Bytes>> {
     let Some(route) = route else {
         return text(StatusCode::NOT_FOUND, "not found\n".into());
     };
+    if route == Route::Switchover {
+        // POST is answered by `switchover` before this; anything else lands here.
+        let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, format!("{} is not allowed here\n", req.method()));
+        resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
+        return resp;
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, format!("{} is not allowed here\n", req.method()));
         resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
@@ -301,6 +321,7 @@ fn handle<B>(ctx: &Ctx, req: &Request<B>) -> Response<Full<Bytes>> {
     }
     let now = Instant::now();
     match route {
+        Route::Switchover => text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n".into()),
         Route::Healthz => text(StatusCode::OK, "ok\n".into()),
         Route::Metrics => respond(StatusCode::OK, expo::CONTENT_TYPE, ctx.state.render_metrics(now).into()),
         Route::Status => match serde_json::to_vec_pretty(&ctx.state.status(now)) {
@@ -313,6 +334,33 @@ fn handle<B>(ctx: &Ctx, req: &Request<B>) -> Response<Full<Bytes>> {
                 text(StatusCode::INTERNAL_SERVER_ERROR, "status unavailable\n".into())
             }
         },
+    }
+}
+
+/// `POST /admin/switchover`: hands the request to the node and answers with what it says.
+async fn switchover(state: &AdminState) -> Response<Full<Bytes>> {
+    let json = |status: StatusCode, body: serde_json::Value| {
+        let mut body = serde_json::to_vec_pretty(&body).unwrap_or_default();
+        body.push(b'\n');
+        respond(status, "application/json", body.into())
+    };
+    let Some(answer) = state.request_switchover() else {
+        let role = crate::config::role_name(state.role());
+        let error = format!("this node ({role}) cannot hand over: only a serving primary with a connected backup can");
+        tracing::warn!(%error, "switchover request refused");
+        return json(StatusCode::CONFLICT, serde_json::json!({ "error": error }));
+    };
+    tracing::info!("switchover requested on the admin endpoint");
+    match tokio::time::timeout(SWITCHOVER_TIMEOUT, answer).await {
+        Ok(Ok((status, body))) => json(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), body),
+        Ok(Err(_)) => json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            serde_json::json!({ "error": "the node stopped before answering the switchover request" }),
+        ),
+        Err(_) => json(
+            StatusCode::GATEWAY_TIMEOUT,
+            serde_json::json!({ "error": format!("no answer from the node within {SWITCHOVER_TIMEOUT:?}") }),
+        ),
     }
 }
 
@@ -420,6 +468,9 @@ mod tests {
         let r = handle(&ctx, &req(Method::DELETE, "/status", Some("t")));
         assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(r.headers()[header::ALLOW], "GET, HEAD");
-        assert_eq!(handle(&ctx, &req(Method::POST, "/admin/switchover", Some("t"))).status(), StatusCode::NOT_FOUND);
+        let r = handle(&ctx, &req(Method::GET, "/admin/switchover", Some("t")));
+        assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(r.headers()[header::ALLOW], "POST");
+        assert_eq!(handle(&ctx, &req(Method::POST, "/admin/switchover", None)).status(), StatusCode::UNAUTHORIZED);
     }
 }

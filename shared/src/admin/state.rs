@@ -226,7 +226,12 @@ struct Inner {
     started_wall: SystemTime,
     metrics: Metrics,
     dynamic: Mutex<Dynamic>,
+    switchover: Mutex<Option<tokio::sync::mpsc::UnboundedSender<SwitchoverReply>>>,
 }
+
+/// Where a node answers a planned-switchover request of the admin endpoint: an HTTP status and a JSON
+/// body.
+pub type SwitchoverReply = tokio::sync::oneshot::Sender<(u16, serde_json::Value)>;
 
 #[derive(Debug)]
 struct Dynamic {
@@ -256,6 +261,7 @@ impl AdminState {
                     failovers_total: 0,
                     failovers: VecDeque::new(),
                 }),
+                switchover: Mutex::new(None),
             }),
         }
     }
@@ -263,6 +269,19 @@ impl AdminState {
     fn dynamic(&self) -> MutexGuard<'_, Dynamic> {
         // The data is plain values; a panic elsewhere cannot leave it half-updated.
         self.inner.dynamic.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Who answers `POST /admin/switchover` (a serving primary); `None` when nobody can.
+    pub fn set_switchover(&self, handler: Option<tokio::sync::mpsc::UnboundedSender<SwitchoverReply>>) {
+        *self.inner.switchover.lock().unwrap_or_else(PoisonError::into_inner) = handler;
+    }
+
+    /// Asks the node for a planned switchover; `None` when it cannot take one (not a serving primary).
+    pub fn request_switchover(&self) -> Option<tokio::sync::oneshot::Receiver<(u16, serde_json::Value)>> {
+        let handler = self.inner.switchover.lock().unwrap_or_else(PoisonError::into_inner).clone()?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        handler.send(tx).ok()?;
+        Some(rx)
     }
 
     /// The typed metric handles.

@@ -279,6 +279,14 @@ impl Exchange {
         }
     }
 
+    /// Sent (or about to be sent) upstream, with no response head logged yet and not ended: a takeover
+    /// now would have to send the request again, since nothing says whether the origin got it.
+    pub fn awaiting_upstream(&self) -> bool {
+        self.meta.as_ref().is_some_and(|m| m.upstream.is_some())
+            && self.ended.is_none()
+            && self.upstream.as_ref().is_none_or(|u| u.head.is_none() && u.broken.is_none())
+    }
+
     fn retained_bytes(&self) -> usize {
         self.upstream.as_ref().map_or(0, |u| u.payload.len() + u.head_raw.len() + u.framer.retained_bytes())
     }
@@ -642,6 +650,11 @@ impl ReplicaTable {
         self.conns.values().filter(|c| c.unprotected().is_some()).count()
     }
 
+    /// Exchanges over every connection that [`Exchange::awaiting_upstream`].
+    pub fn awaiting_upstream(&self) -> usize {
+        self.conns.values().map(|c| c.tracked().map_or(0, |t| t.exchanges().iter().filter(|x| x.awaiting_upstream()).count())).sum()
+    }
+
     /// Bytes held in all (streams, partial heads, upstream payload).
     pub fn retained_bytes(&self) -> usize {
         self.conns.values().map(Conn::retained_bytes).sum()
@@ -690,7 +703,7 @@ impl ReplicaTable {
                 }
                 Ok(Applied::Taken)
             }),
-            Message::Ping => Applied::Taken,
+            Message::Ping | Message::Handover => Applied::Taken,
             Message::ConnClosed { conn } => match self.conns.remove(conn) {
                 Some(_) => Applied::Taken,
                 None => Applied::Ignored(Ignored::UnknownConnection(*conn)),
