@@ -55,7 +55,7 @@ const LOOP_DOCS: [Doc; 4] = [
     Doc { name: "a2.bin", key: 402, len: 150_000 },
     Doc { name: "a3.bin", key: 403, len: 5 },
 ];
-/// The long download of the odd-numbered active transfers (its length follows their rate).
+/// The long download of the download transfers (its length follows their rate).
 const BIG_NAME: &str = "big.bin";
 const BIG_KEY: u64 = 7;
 /// Waits for data at least this long are kept for the stall report.
@@ -86,17 +86,18 @@ active transfers, then the primary fails; join time, snapshot, restore time and 
     long_about = "Builds a namespace test bed (client, primary, spare, nginx origin) and starts the pair, then \
 kills the backup so that the primary serves unprotected. From the client host, --idle connections each make one \
 request and then stay open and idle, and --active transfers run continuously, every body checked byte for byte: \
-the even-numbered ones are keep-alive GET loops (5 B to 150 kB, read at full speed, --loop-pause-ms between \
-requests), the odd-numbered ones long downloads read at --download-rate-kb. After --settle seconds a spare joins the primary (snapshot of every connection, then the stream); the \
-join time is from starting the spare until both nodes' /status say `peer: connected`. After --settle more \
-seconds the primary fails (--failure); the spare restores every connection with TCP_REPAIR and serves them. \
+--downloads of them (half by default) are long downloads read at --download-rate-kb, the others keep-alive GET \
+loops (5 B to 150 kB, read at full speed, --loop-pause-ms between requests). After --settle seconds a spare joins the primary (snapshot of every connection, then the stream); the \
+join time is from starting the spare until both nodes' /status say `peer: connected`. Once the pair has \
+stayed protected for --settle seconds in a row (a primary may give its backup up and let it join again: each \
+such re-join is counted), the primary fails (--failure); the spare restores every connection with TCP_REPAIR and serves them. \
 Every active transfer must receive bytes the new primary sent (beyond what its socket held when the takeover \
 was seen), then every idle connection makes a second request on the same connection and checks the body.\n\n\
 The report: join time and the snapshot (connections, approximate bytes, time to build it; from the primary's \
 log), the takeover's phases from the new primary's /status (detection, fencing, restore of all connections, \
 total), the connections restored, and per client kind the errors. \"Stall\" is the longest time an active \
 transfer waited in a read for its next byte (a download's own rate pauses and a loop's pauses between requests \
-excluded; a loop's wait for a response counts), in four windows: before the join, \
+excluded; a loop's wait for a response counts), in four windows (by when the wait ended): before the join, \
 during the join, protected, and from the failure on. Goals (issue 4): join under 1 s, restore of all \
 connections under 200 ms, no client error.\n\n\
 Exit status 0 when no client saw an error and every connection continued after the takeover, 1 otherwise, \
@@ -112,10 +113,13 @@ struct Cli {
     /// Active transfers running through the join and the takeover.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(0..=5_000))]
     active: u64,
-    /// Each download's read rate (odd-numbered active transfers), in kB/s (10^3 bytes).
+    /// Each download's read rate, in kB/s (10^3 bytes).
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     download_rate_kb: u64,
-    /// Pause between the requests of a GET loop (even-numbered active transfers), in ms.
+    /// How many of the active transfers are downloads (the others are GET loops); default: half.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=5_000))]
+    downloads: Option<u64>,
+    /// Pause between the requests of a GET loop, in ms.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(0..=60_000))]
     loop_pause_ms: u64,
     /// Idle connections opening (or making their second request) at once.
@@ -214,7 +218,8 @@ fn ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1e3)
 }
 
-/// Raises the open-files limit (soft and hard) to at least `want`; the nodes started later inherit it.
+/// Raises the soft open-files limit to at least `want` (the nodes started later inherit it), within the hard
+/// limit, which is raised too when this process may (CAP_SYS_RESOURCE).
 fn raise_open_files(want: u64) -> Result<()> {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit/setrlimit with a valid struct owned by this frame.
@@ -222,14 +227,25 @@ fn raise_open_files(want: u64) -> Result<()> {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
             return Err(std::io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
         }
-        if lim.rlim_cur >= want && lim.rlim_max >= want {
+        if lim.rlim_cur >= want {
             return Ok(());
         }
-        lim.rlim_cur = lim.rlim_cur.max(want);
-        lim.rlim_max = lim.rlim_max.max(want);
+        if lim.rlim_max < want {
+            let raised = libc::rlimit { rlim_cur: want, rlim_max: want };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return Ok(());
+            }
+        }
+        let hard = lim.rlim_max;
+        ensure!(
+            hard >= want,
+            "the open-files limit's hard limit is {hard}, and this run needs {want} descriptors: raise it \
+             (ulimit -Hn), or run fewer connections"
+        );
+        lim.rlim_cur = want;
         if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
             return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("raising the open-files limit to {want} (run as root)"));
+                .with_context(|| format!("raising the open-files limit to {want}"));
         }
     }
     Ok(())
@@ -242,6 +258,8 @@ fn raise_open_files(want: u64) -> Result<()> {
 struct Shared {
     base: Instant,
     idle: usize,
+    /// Active transfers `0..downloads` are downloads.
+    downloads: usize,
     idle_opened: AtomicUsize,
     idle_open_failed: AtomicUsize,
     idle_second_ok: AtomicUsize,
@@ -301,6 +319,8 @@ struct ClientConfig {
     idle: usize,
     active: usize,
     rate: u64,
+    /// Active transfers `0..downloads` are downloads, the others GET loops.
+    downloads: usize,
     pause: Duration,
     concurrency: usize,
     big_len: u64,
@@ -518,11 +538,10 @@ async fn idle_conn(
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// One active transfer: even-numbered ones loop over [`LOOP_DOCS`] (reading at full speed, pausing between
-/// requests), odd-numbered ones download the big file (again and again) at the download rate. Runs until it
-/// fails or the runtime stops.
+/// One active transfer: a GET loop over [`LOOP_DOCS`] (reading at full speed, pausing between requests), or
+/// a download of the big file (again and again) at the download rate. Runs until it fails or the runtime stops.
 async fn active_conn(i: usize, cfg: ClientConfig, sh: Arc<Shared>) {
-    let download = i % 2 == 1;
+    let download = i < cfg.downloads;
     let result = async {
         let s = connect(&cfg).await?;
         let read_len = if download { (cfg.rate / 10).clamp(1024, 65536) as usize } else { 65536 };
@@ -538,7 +557,7 @@ async fn active_conn(i: usize, cfg: ClientConfig, sh: Arc<Shared>) {
         sh.active_started.fetch_add(1, Ordering::Relaxed);
         let big = Doc { name: BIG_NAME, key: BIG_KEY, len: cfg.big_len };
         for j in 0usize.. {
-            let doc = if download { big } else { LOOP_DOCS[(i / 2 + j) % LOOP_DOCS.len()] };
+            let doc = if download { big } else { LOOP_DOCS[(i + j) % LOOP_DOCS.len()] };
             c.get(doc).await.with_context(|| format!("request {j} ({})", doc.name))?;
             sh.active_requests.fetch_add(1, Ordering::Relaxed);
             if !download && !cfg.pause.is_zero() {
@@ -599,6 +618,7 @@ impl Clients {
         let sh = Arc::new(Shared {
             base: Instant::now(),
             idle: cfg.idle,
+            downloads: cfg.downloads,
             idle_opened: AtomicUsize::new(0),
             idle_open_failed: AtomicUsize::new(0),
             idle_second_ok: AtomicUsize::new(0),
@@ -668,20 +688,38 @@ impl Drop for Clients {
 // ---------------------------------------------------------------------------------------------------------
 // The run.
 
-/// The last "backup joined: snapshot queued" line of a node log: (connections, approximate bytes, the
-/// time to build it as logged).
-fn snapshot_line(log: &str) -> Option<(u64, u64, String)> {
-    let line = log.lines().rev().find(|l| l.contains("backup joined: snapshot queued"))?;
-    let field = |key: &str| {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{key}=")))
-            .map(|v| v.trim_matches('"').to_string())
-    };
-    Some((field("connections")?.parse().ok()?, field("bytes")?.parse().ok()?, field("took")?))
+/// Every "backup joined: snapshot queued" line of a node log, in order: (connections, approximate bytes,
+/// the time to build it as logged).
+fn snapshot_lines(log: &str) -> Vec<(u64, u64, String)> {
+    log.lines()
+        .filter(|l| l.contains("backup joined: snapshot queued"))
+        .filter_map(|line| {
+            let field = |key: &str| {
+                line.split_whitespace()
+                    .find_map(|w| w.strip_prefix(&format!("{key}=")))
+                    .map(|v| v.trim_matches('"').to_string())
+            };
+            Some((field("connections")?.parse().ok()?, field("bytes")?.parse().ok()?, field("took")?))
+        })
+        .collect()
 }
 
-/// The waits for data of one kind of active transfer (`kind` 0: the GET loops, 1: the downloads) that
-/// ended in `[from, to)`: the longest (which transfer, when it began relative to `origin`), the median over
+/// How many lines of a node's log (`stem`.log in `dir`) contain `needle`.
+fn log_count(dir: &std::path::Path, stem: &str, needle: &str) -> usize {
+    fs::read_to_string(dir.join(format!("{stem}.log")))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .count()
+}
+
+fn describe_snapshot(s: &(u64, u64, String)) -> String {
+    format!("{} connections, ≈ {:.1} MB, built in {}", s.0, s.1 as f64 / MB, s.2)
+}
+
+/// The waits for data of one kind of active transfer (`downloads`: the downloads, or else the GET loops) that
+/// ended in `[from, to)` (`unfinished`: when each transfer's wait in progress at `now` began, 0 for none): the
+/// longest (which transfer, when it began relative to `origin`), the median over
 /// the transfers of each one's longest, and how many waited at least `over`.
 struct WindowStall {
     longest: Duration,
@@ -693,20 +731,23 @@ struct WindowStall {
 #[allow(clippy::too_many_arguments)]
 fn stall_in(
     sh: &Shared,
-    kind: usize,
+    downloads: bool,
     from: Instant,
     to: Instant,
     now: Instant,
+    unfinished: &[u64],
     origin: Instant,
     over: Duration,
 ) -> WindowStall {
     let (from, to) = (sh.ns(from), sh.ns(to));
     let mut w = WindowStall { longest: Duration::ZERO, which: None, median: Duration::ZERO, over: 0 };
     let mut each = Vec::new();
-    for (i, a) in sh.actives.iter().enumerate().filter(|(i, _)| i % 2 == kind) {
+    let split = sh.downloads;
+    for (i, a) in sh.actives.iter().enumerate().filter(|&(i, _)| (i < split) == downloads) {
         let mut waits = a.waits.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let since = a.waiting_since.load(Ordering::Relaxed);
-        if since != 0 {
+        // A wait still in progress at `now` (begun before it) counts as ending then.
+        let since = unfinished[i];
+        if since != 0 && since < sh.ns(now) {
             waits.push((since, sh.ns(now)));
         }
         let mut longest_here = Duration::ZERO;
@@ -804,19 +845,23 @@ fn progress(sh: &Shared) -> String {
 fn scale(cli: &Cli) -> Result<bool> {
     let (idle, active) = (cli.idle as usize, cli.active as usize);
     ensure!(idle + active > 0, "nothing to measure: --idle and --active are both 0");
+    let downloads = cli.downloads.map_or(active / 2, |d| d as usize);
+    ensure!(downloads <= active, "--downloads {downloads} is more than --active {active}");
     let rate = cli.download_rate_kb * 1000;
     // Long enough that a download lasts the whole run (10 minutes at its rate).
     let big_len = (rate * 600).clamp(1_000_000, 200_000_000);
     let clock = Clock(Instant::now());
     println!(
-        "understudy scale: {idle} idle keep-alive connections and {active} active transfers (GET loops pausing \
-         {} ms, downloads at {} kB/s) through the VIP {VIP};",
-        cli.loop_pause_ms, cli.download_rate_kb
+        "understudy scale: {idle} idle keep-alive connections and {active} active transfers ({} GET loops \
+         pausing {} ms, {downloads} downloads at {} kB/s) through the VIP {VIP};",
+        active - downloads,
+        cli.loop_pause_ms,
+        cli.download_rate_kb
     );
     println!("a spare joins the unprotected primary, then the primary fails: {}.", cli.failure.describe());
 
-    // Clients, nodes (which inherit it) and restored sockets each need a descriptor per connection.
-    raise_open_files((idle + active) as u64 * 2 + 8192)?;
+    // The clients, and each node (which inherits the limit), need a descriptor per connection and some more.
+    raise_open_files((idle + active) as u64 + 2048)?;
 
     let id = unique_id('s');
     // Pair::up makes the scratch directory at this path; the nodes' config file goes there.
@@ -861,6 +906,7 @@ fn scale(cli: &Cli) -> Result<bool> {
         idle,
         active,
         rate,
+        downloads,
         pause: Duration::from_millis(cli.loop_pause_ms),
         concurrency: cli.concurrency as usize,
         big_len,
@@ -907,10 +953,13 @@ fn scale(cli: &Cli) -> Result<bool> {
 
     // The join.
     clock.line("starting the spare");
+    let joins_before = snapshot_lines(&fs::read_to_string(dir.join("primary.log")).unwrap_or_default()).len();
+    let suspected_before = log_count(&dir, "primary", "backup suspected");
     let spare_started = Instant::now();
     pair.start_spare()?;
     let primary_host = pair.primary_host;
     let backup_host = pair.backup_host();
+    let spare_stem = pair.node_log_stems().last().context("no spare log")?.clone();
     let join_timeout = Duration::from_secs(180);
     let (_, primary_saw) =
         wait_status(&pair, &mut clients, primary_host, "the primary to see its spare connected", join_timeout, |s| {
@@ -923,14 +972,67 @@ fn scale(cli: &Cli) -> Result<bool> {
     let join = joined_at - spare_started;
     let status = pair.status(primary_host)?;
     let protected = status["connections"]["protected"].as_u64().unwrap_or(0);
-    let primary_log = fs::read_to_string(dir.join("primary.log")).unwrap_or_default();
-    let snapshot = snapshot_line(&primary_log);
     clock.line(&format!(
         "pair protected again: joined in {} (the primary saw it connected after {}); {protected} connections protected",
         ms(join),
         ms(primary_saw - spare_started)
     ));
-    settle(&mut clients, &clock, Duration::from_secs(cli.settle))?;
+
+    // Protected for --settle seconds in a row before the failure. The primary may give its backup up (a late
+    // ack) and let it join again; after `hold_limit` the failure comes at the next moment the pair is protected.
+    let settle_for = Duration::from_secs(cli.settle);
+    let hold_limit = joined_at + Duration::from_secs(120);
+    let (mut drops, mut protected_since, mut was_protected) = (0usize, joined_at, true);
+    let mut next = Instant::now() + Duration::from_secs(1);
+    loop {
+        check_interrupted()?;
+        clients.check()?;
+        let now = Instant::now();
+        let connected =
+            |host: &str, role: &str| pair.status(host).is_ok_and(|s| s["role"] == role && s["peer"] == "connected");
+        if connected(primary_host, "primary") && connected(backup_host, "backup") {
+            if !was_protected {
+                protected_since = now;
+                clock.line("the pair is protected again");
+            }
+            was_protected = true;
+            if now - protected_since >= settle_for {
+                break;
+            }
+            if now >= hold_limit {
+                clock.line(&format!(
+                    "the pair did not stay protected for {} s in a row within {} s of the join: failing the primary \
+                     now, while it is protected",
+                    cli.settle,
+                    (hold_limit - joined_at).as_secs()
+                ));
+                break;
+            }
+        } else {
+            if was_protected {
+                drops += 1;
+                clock.line("the pair lost its protection (the primary gave its backup up, or the backup rejoins)");
+            }
+            was_protected = false;
+            ensure!(
+                now < hold_limit + Duration::from_secs(60),
+                "the pair was not protected again within {} s of the join\n{}",
+                (hold_limit - joined_at).as_secs() + 60,
+                pair.logs_tail()
+            );
+        }
+        if now >= next {
+            next += Duration::from_secs(1);
+            clock.line(&progress(&sh));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let snapshots: Vec<_> = snapshot_lines(&fs::read_to_string(dir.join("primary.log")).unwrap_or_default())
+        .into_iter()
+        .skip(joins_before)
+        .collect();
+    let backup_suspected = log_count(&dir, "primary", "backup suspected") - suspected_before;
+    let false_alarms = log_count(&dir, &spare_stem, "ALARM: not taking over");
 
     // The failure and the takeover.
     match cli.failure {
@@ -997,6 +1099,7 @@ fn scale(cli: &Cli) -> Result<bool> {
     let round2_took = round2_started.elapsed();
     settle(&mut clients, &clock, Duration::from_secs(cli.settle))?;
     let ended = Instant::now();
+    let unfinished: Vec<u64> = sh.actives.iter().map(|a| a.waiting_since.load(r)).collect();
     let new_primary_status = pair.status(pair.primary_host).ok();
     clients.stop()?;
     check_interrupted()?;
@@ -1007,12 +1110,14 @@ fn scale(cli: &Cli) -> Result<bool> {
     let windows = [
         ("unprotected, before the join", transfers_from, spare_started, spare_started, "the spare's start"),
         ("during the join", spare_started, joined_at, spare_started, "the spare's start"),
-        ("protected", joined_at, failed_at, failed_at, "the failure"),
-        ("across the takeover", failed_at, ended + Duration::from_secs(1), failed_at, "the failure"),
+        ("after the join", joined_at, failed_at, failed_at, "the failure"),
+        ("across the takeover", failed_at, ended + Duration::from_micros(1), failed_at, "the failure"),
     ];
     let stalls: Vec<[WindowStall; 2]> = windows
         .iter()
-        .map(|&(_, from, to, origin, _)| [0, 1].map(|kind| stall_in(&sh, kind, from, to, ended, origin, one_sec)))
+        .map(|&(_, from, to, origin, _)| {
+            [false, true].map(|d| stall_in(&sh, d, from, to, ended, &unfinished, origin, one_sec))
+        })
         .collect();
     let mut second: Vec<u64> = sh.idle_second_ns.iter().map(|a| a.load(r)).filter(|&n| n != 0).map(|n| n - 1).collect();
     second.sort_unstable();
@@ -1038,14 +1143,22 @@ fn scale(cli: &Cli) -> Result<bool> {
         ms(join),
         ms(primary_saw - spare_started)
     );
-    match &snapshot {
-        Some((conns, bytes, took)) => println!(
-            "  snapshot             {conns} connections, ≈ {:.2} MB, built in {took} (primary's log)",
-            *bytes as f64 / MB
-        ),
+    match snapshots.first() {
+        Some(first) => println!("  snapshot             {} (primary's log)", describe_snapshot(first)),
         None => println!("  snapshot             (no \"backup joined\" line in the primary's log)"),
     }
     println!("  protected after join {protected} connections (primary's /status)");
+    println!(
+        "  until the failure    {drops} losses of protection, {} re-joins{}; the primary suspected its backup {} \
+         times, the spare stood down {} times (\"ALARM: not taking over\")",
+        snapshots.len().saturating_sub(1),
+        match snapshots.last() {
+            Some(last) if snapshots.len() > 1 => format!(" (last snapshot: {})", describe_snapshot(last)),
+            _ => String::new(),
+        },
+        backup_suspected,
+        false_alarms
+    );
     println!("takeover (new primary's /status, epoch {}): {}", f["epoch"], f["reason"].as_str().unwrap_or("?"));
     println!("  detection {:>9.1} ms", num("detection_ms"));
     println!("  fencing   {:>9.1} ms", num("fencing_ms"));
@@ -1080,8 +1193,11 @@ fn scale(cli: &Cli) -> Result<bool> {
         sh.active_bytes.load(r) as f64 / MB
     );
     println!("  largest stall of the active transfers (longest wait in a read for the next byte):");
-    for (kind, name) in [(0, "GET loops"), (1, "downloads")] {
-        println!("    {name} ({})", (0..active).filter(|i| i % 2 == kind).count());
+    for (kind, name, n) in [(0, "GET loops", active - downloads), (1, "downloads", downloads)] {
+        if n == 0 {
+            continue;
+        }
+        println!("    {name} ({n})");
         for ((what, _, _, _, origin), st) in windows.iter().zip(&stalls) {
             println!("      {what:<30} {}", describe_stall(&st[kind], origin));
         }
