@@ -14,7 +14,11 @@ connection, then the stream, and from then on nothing reaches a client before th
 peer \"connected\"). Until a backup joins, and after it is lost (its acks stop for the lease and nobody else
 answers for the VIP), the primary serves unprotected (peer \"none\"). If another node answers for the VIP or
 a later epoch exists, it steps down: it gives up the VIP, sends nothing more for its connections, and exits
-with status 1.";
+with status 1.
+
+Planned switchover (maintenance, upgrades): `primary switchover --admin ADDR` (or POST /admin/switchover)
+hands every connection to the connected backup with nothing lost and no fencing delay; this process then
+restarts itself, same PID and flags, as `backup --join <the new primary>`. `primary switchover --help`.";
 
 fn main() {
     primary::cli::switchover_command("primary");

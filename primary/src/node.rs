@@ -531,14 +531,17 @@ async fn watch_serving(
                 return Stopping::Failed(e);
             }
             Event::SteppedDown(reason) => return Stopping::SteppedDown(reason),
-            Event::Switchover(reply) => match replicator.freeze_for_handover().await {
-                Ok(()) => return Stopping::HandingOver(reply),
-                Err(e) => {
-                    warn!(error = %e, "planned switchover refused; serving on");
-                    let status = if e.refused() { 409 } else { 500 };
-                    let _ = reply.send((status, serde_json::json!({ "error": e.to_string() })));
+            Event::Switchover(reply) => {
+                info!("planned switchover requested");
+                match replicator.freeze_for_handover().await {
+                    Ok(()) => return Stopping::HandingOver(reply),
+                    Err(e) => {
+                        warn!(error = %e, "planned switchover refused; serving on");
+                        let status = if e.refused() { 409 } else { 500 };
+                        let _ = reply.send((status, serde_json::json!({ "error": e.to_string() })));
+                    }
                 }
-            },
+            }
         }
     }
 }

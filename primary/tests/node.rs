@@ -443,6 +443,14 @@ fn primary_serves_vip_through_the_gate_refuses_second_primary_and_releases_vip_a
     ensure!(metric(&metrics, "understudy_protected") == Some(0.0), "{metrics}");
     ensure!(metrics.contains("understudy_connections_unprotected_total{reason=\"no_backup\"} 1"), "{metrics}");
 
+    // A planned switchover needs a backup: refused with the reason, and the primary serves on.
+    let answer = tb.exec(
+        "server",
+        &["curl", "-sS", "-X", "POST", "-w", "\n%{http_code}", "http://127.0.0.1:9900/admin/switchover"],
+    )?;
+    ensure!(answer.ends_with("\n409") && answer.contains("no backup is connected"), "switchover answer: {answer}");
+    ensure!(crate::status(&tb)?["role"] == "primary", "the primary stopped serving after a refused switchover");
+
     // A second primary on the spare finds the VIP answered, says by whom, and changes nothing.
     let t = Instant::now();
     let mut second = tb.spawn(
@@ -566,6 +574,16 @@ fn help_says_what_the_primary_does_with_a_backup() -> Result<()> {
     ensure!(help.contains("serves unprotected") && help.contains("steps down"), "{help}");
     ensure!(help.contains("One backup at a time"), "{help}");
     ensure!(help.contains("--repl-listen") && help.contains("--upstream") && help.contains("--root"), "{help}");
+    ensure!(help.contains("primary switchover"), "--help does not name the switchover command: {help}");
+    let out = primary_cmd(&["switchover", "--help"])?;
+    let help = String::from_utf8_lossy(&out.stdout);
+    ensure!(out.status.success() && help.contains("Planned switchover") && help.contains("--admin"), "{help}");
+    // Nothing listens on port 1: a clear error and exit 1, never a hang.
+    let out = primary_cmd(&["switchover", "--admin", "127.0.0.1:1"])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.code() == Some(1) && stderr.contains("cannot reach the admin endpoint"), "{stderr}");
+    let out = primary_cmd(&["switchover", "--admin", "nowhere"])?;
+    ensure!(out.status.code() == Some(2), "a bad --admin exits 2: {}", String::from_utf8_lossy(&out.stderr));
     Ok(())
 }
 

@@ -141,7 +141,7 @@ impl Pair {
         let dd = d.display();
         let conf = format!(
             "daemon off;\nmaster_process off;\nworker_processes 1;\npid {dd}/nginx.pid;\n\
-             error_log {dd}/error.log warn;\nevents {{ worker_connections 1024; }}\n\
+             error_log {dd}/error.log warn;\nworker_rlimit_nofile 65536;\nevents {{ worker_connections 16384; }}\n\
              http {{\n  log_format reqs '$connection $request_method $uri $status $request_length $http_transfer_encoding';\n\
              access_log {dd}/access.log reqs;\n  client_body_temp_path {dd}/body;\n  proxy_temp_path {dd}/proxy;\n\
              fastcgi_temp_path {dd}/fastcgi;\n  uwsgi_temp_path {dd}/uwsgi;\n  scgi_temp_path {dd}/scgi;\n\

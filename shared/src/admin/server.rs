@@ -347,10 +347,8 @@ async fn switchover(state: &AdminState) -> Response<Full<Bytes>> {
     let Some(answer) = state.request_switchover() else {
         let role = crate::config::role_name(state.role());
         let error = format!("this node ({role}) cannot hand over: only a serving primary with a connected backup can");
-        tracing::warn!(%error, "switchover request refused");
         return json(StatusCode::CONFLICT, serde_json::json!({ "error": error }));
     };
-    tracing::info!("switchover requested on the admin endpoint");
     match tokio::time::timeout(SWITCHOVER_TIMEOUT, answer).await {
         Ok(Ok((status, body))) => json(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), body),
         Ok(Err(_)) => json(
