@@ -408,15 +408,27 @@ impl Gate {
             early.extend(sock.get_ref().bind_queue(q, params, CONFIG_TIMEOUT)?);
         }
         // Only a process that could bind the queues may clean up: a live owner would have made bind fail.
-        let specs = rules::gate_rules(config.vip, config.port, config.queue, &tag, config.outbound_control, orphans);
-        let (rules, stale) = Rules::install(ipt, &tag, specs)?;
-        if stale > 0 {
-            warn!(instance = %config.instance, stale, "removed iptables rules left by an earlier run");
-        }
+        // The lease before the queue rules: replacing a table an earlier run left unregisters its hook, and
+        // the kernel then flushes every NFQUEUE of the namespace (a segment queued already would be lost).
         let lease = match config.output_lease {
             Some(ttl) => Some(output_lease::OutputLease::install(config.vip, config.port, &config.instance, ttl)?),
             None => None,
         };
+        let specs = rules::gate_rules(config.vip, config.port, config.queue, &tag, config.outbound_control, orphans);
+        let (rules, stale) = match Rules::install(ipt, &tag, specs) {
+            Ok(installed) => installed,
+            Err(e) => {
+                if let Some(lease) = lease
+                    && let Err(removal) = lease.remove()
+                {
+                    warn!(error = %removal, "removing the output lease after the gate failed to start");
+                }
+                return Err(e.into());
+            }
+        };
+        if stale > 0 {
+            warn!(instance = %config.instance, stale, "removed iptables rules left by an earlier run");
+        }
         let proc_stats = File::open("/proc/thread-self/net/netfilter/nfnetlink_queue").ok();
         info!(
             instance = %config.instance, queue = config.queue, orphan_queue = ?orphans,
