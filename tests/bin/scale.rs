@@ -758,7 +758,10 @@ fn stall_in(
                 longest_here = longest_here.max(d);
                 if d > w.longest {
                     w.longest = d;
-                    w.which = Some((i, sh.at(b).saturating_duration_since(origin).as_secs_f64()));
+                    let began = sh.at(b);
+                    let offset =
+                        if began >= origin { (began - origin).as_secs_f64() } else { -(origin - began).as_secs_f64() };
+                    w.which = Some((i, offset));
                 }
             }
         }
