@@ -39,6 +39,30 @@ fn finish_download(pair: &Pair, mut curl: Proc, name: &str, sha: &str) -> Result
     Ok(())
 }
 
+/// After some more progress, stops the load and checks everything the clients saw: no load error, both
+/// downloads complete and intact, no reset from the VIP in the client's capture (none dropped).
+fn finish_load(
+    pair: &Pair,
+    load: Load,
+    downloads: [Proc; 2],
+    sha: &str,
+    capture: Capture,
+    pcap: &std::path::Path,
+) -> Result<load::LoadReport> {
+    load.wait_progress(200, Duration::from_secs(60))?;
+    let report = load.stop()?;
+    let errors = report.errors();
+    ensure!(errors.is_empty(), "{} load errors:\n{}\n{}", errors.len(), errors.join("\n"), pair.logs_tail());
+    for (i, d) in downloads.into_iter().enumerate() {
+        finish_download(pair, d, &format!("dl{i}"), sha)?;
+    }
+    let stats = capture.stop()?;
+    let (resets, lines) = count_matching(pcap, &format!("src host {VIP} and tcp[tcpflags] & tcp-rst != 0"))?;
+    ensure!(resets == 0, "{resets} resets from the VIP reached the client:\n{lines}");
+    ensure!(stats.dropped_by_kernel == 0, "the client capture dropped packets: {stats:?}");
+    Ok(report)
+}
+
 /// A protected pair whose origin serves the load's files and `big.bin` of `big` bytes; its sha256.
 fn pair_with_files(tag: char, big: u64) -> Result<(Pair, String)> {
     let pair = Pair::up(&unique_id(tag), &PairOptions::default(), |www| {
@@ -92,17 +116,7 @@ fn five_failovers_alternating_between_hosts_under_load() -> Result<()> {
         );
         taken.push(f);
     }
-    load.wait_progress(200, Duration::from_secs(60))?;
-    let report = load.stop()?;
-    let errors = report.errors();
-    ensure!(errors.is_empty(), "{} load errors:\n{}\n{}", errors.len(), errors.join("\n"), pair.logs_tail());
-    for (i, d) in downloads.into_iter().enumerate() {
-        finish_download(&pair, d, &format!("dl{i}"), &sha)?;
-    }
-    let stats = capture.stop()?;
-    let (resets, lines) = count_matching(&pcap, &format!("src host {VIP} and tcp[tcpflags] & tcp-rst != 0"))?;
-    ensure!(resets == 0, "{resets} resets from the VIP reached the client:\n{lines}");
-    ensure!(stats.dropped_by_kernel == 0, "the client capture dropped packets: {stats:?}");
+    let report = finish_load(&pair, load, downloads, &sha, capture, &pcap)?;
     println!(
         "five failovers: {} requests on 64 keep-alive connections, 0 errors, slowest request {:?} ({}); 2 downloads of {} MB verified",
         report.requests(),
@@ -262,17 +276,7 @@ fn planned_switchovers_under_load_lose_nothing_and_execute_nothing_twice() -> Re
             rejoining.elapsed()
         );
     }
-    load.wait_progress(200, Duration::from_secs(60))?;
-    let report = load.stop()?;
-    let errors = report.errors();
-    ensure!(errors.is_empty(), "{} load errors:\n{}\n{}", errors.len(), errors.join("\n"), pair.logs_tail());
-    for (i, d) in downloads.into_iter().enumerate() {
-        finish_download(&pair, d, &format!("dl{i}"), &sha)?;
-    }
-    let stats = capture.stop()?;
-    let (resets, lines) = count_matching(&pcap, &format!("src host {VIP} and tcp[tcpflags] & tcp-rst != 0"))?;
-    ensure!(resets == 0, "{resets} resets from the VIP reached the client:\n{lines}");
-    ensure!(stats.dropped_by_kernel == 0, "the client capture dropped packets: {stats:?}");
+    let report = finish_load(&pair, load, downloads, &sha, capture, &pcap)?;
     // Fields: connection method uri status request_length transfer_encoding.
     let origin = pair.origin_log();
     let field = |l: &String, i: usize| l.split_whitespace().nth(i).unwrap_or("").to_string();

@@ -610,13 +610,17 @@ fn configured_token_is_required_except_for_healthz() -> Result<()> {
 #[test]
 fn unknown_paths_are_404_and_other_methods_405() -> Result<()> {
     let server = Server::start(None)?;
-    for path in ["/", "/status/", "/statusx", "/admin/switchover", "/STATUS"] {
+    for path in ["/", "/status/", "/statusx", "/admin/switchover/", "/STATUS"] {
         assert_eq!(get(&server, path)?.status, 404, "{path}");
     }
     // The server does not normalise dot segments.
     assert_eq!(curl(&["--path-as-is"], &server.url("/metrics/../status"))?.status, 404);
+    // The switchover takes POST only; a node that is not a serving primary refuses it with the reason.
+    let r = get(&server, "/admin/switchover")?;
+    assert_eq!((r.status, r.header("allow")), (405, Some("POST")));
     let r = curl(&["-X", "POST", "-d", "x=1"], &server.url("/admin/switchover"))?;
-    assert_eq!(r.status, 404);
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(r.body.contains("cannot hand over"), "{}", r.body);
     for method in ["POST", "PUT", "DELETE", "PATCH", "OPTIONS"] {
         let r = curl(&["-X", method], &server.url("/status"))?;
         assert_eq!(r.status, 405, "{method}");
