@@ -848,3 +848,73 @@ async fn joiner_from_a_later_epoch_makes_the_primary_step_down_and_refuse_reply_
     ensure!(stopped == Err(ReplyRefused::Stopped), "after shutdown: {stopped:?}");
     Ok(())
 }
+
+/// The planned switchover's protocol over a real link (loopback, no gate: runs without root). A backup
+/// that speaks only protocol 2 is refused with the reason and nothing changes; one at protocol 3 gets the
+/// handover record after everything else, answers that it is taking over, and the primary learns where
+/// to rejoin it (the backup's unspecified listen address read as the address its link came from).
+#[tokio::test]
+async fn handover_is_refused_to_an_old_backup_and_confirmed_by_a_current_one() -> Result<()> {
+    use primary::proxy::{ConnectionHooks, ReplyLog};
+    use primary::replicate::HandoverError;
+
+    let admin = AdminState::new("primary-a", CLUSTER, Role::Primary, 1, Instant::now());
+    let identity = LocalIdentity::new(CLUSTER, "primary-a", Role::Primary, 1);
+    let config = SenderConfig::new(identity, LinkConfig::default(), Duration::from_secs(1));
+    let (replicator, task) = Replicator::start(config, ReplicaTable::new(), None, admin, Arc::new(NoVipCheck))?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let joins = replicator.serve_joins(listener);
+    let refused = tokio::time::timeout(PROMPT, replicator.freeze_for_handover()).await?;
+    ensure!(refused == Err(HandoverError::NoBackup), "without a backup: {refused:?}");
+
+    // A backup that speaks protocol 2 only: linked and protecting, but it cannot take a handover.
+    let mut old = backup_identity("backup-old");
+    (old.min_version, old.version) = (2, 2);
+    let replica_config = ReplicaConfig::new(LinkConfig::default());
+    let old_replica = replica::join(addr, &old, &replica_config).await?;
+    replicator_peer(&replicator, PeerState::Connected).await?;
+    let refused = tokio::time::timeout(PROMPT, replicator.freeze_for_handover()).await?;
+    match &refused {
+        Err(e @ HandoverError::OldBackup { version: 2, needs: 3, .. }) => {
+            ensure!(e.refused() && e.to_string().contains("upgrade the backup first"), "{e}");
+        }
+        other => bail!("an old backup: {other:?}"),
+    }
+    let (log, _observer) = replicator.hooks().open("10.0.0.1:40000".parse()?, "10.0.0.100:80".parse()?);
+    tokio::time::timeout(PROMPT, log.append(0, bytes::Bytes::from_static(b"still served")))
+        .await
+        .context("after a refused switchover, reply bytes are committed as before")??;
+    old_replica.stop().await;
+    replicator_peer(&replicator, PeerState::None).await?;
+
+    // A current backup listening on an unspecified address.
+    let current_config =
+        ReplicaConfig { repl_listen: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 7799), ..replica_config.clone() };
+    let current = replica::join(addr, &backup_identity("backup-new"), &current_config).await?;
+    replicator_peer(&replicator, PeerState::Connected).await?;
+    tokio::time::timeout(PROMPT, replicator.freeze_for_handover()).await??;
+    // Frozen: nothing more is committed.
+    let held = tokio::time::timeout(Duration::from_millis(300), log.append(12, bytes::Bytes::from_static(b"held"))).await;
+    ensure!(held.is_err(), "a reply byte was committed after the freeze: {held:?}");
+    let again = tokio::time::timeout(PROMPT, replicator.freeze_for_handover()).await?;
+    ensure!(again == Err(HandoverError::InProgress), "a second switchover: {again:?}");
+    let rejoin = tokio::time::timeout(PROMPT, replicator.hand_over()).await??;
+    ensure!(rejoin == SocketAddrV4::new(Ipv4Addr::LOCALHOST, 7799), "rejoin at {rejoin}");
+    let progress = current.progress().borrow().clone();
+    ensure!(progress.handover && progress.synced, "the backup's replica: {progress:?}");
+    current.stop().await;
+    replicator.shutdown().await;
+    task.await?;
+    joins.abort();
+    Ok(())
+}
+
+/// Waits until the sender reports `peer`.
+async fn replicator_peer(replicator: &Replicator, peer: PeerState) -> Result<()> {
+    let mut status = replicator.status();
+    tokio::time::timeout(PROMPT, status.wait_for(|s| s.peer == peer))
+        .await
+        .with_context(|| format!("the sender never reported peer {}", peer.as_str()))??;
+    Ok(())
+}
