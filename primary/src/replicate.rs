@@ -99,6 +99,9 @@ const MAX_UPSTREAM_PIECE: usize = 256 << 10;
 /// How far ahead the output lease is granted while no backup is linked (nobody can take over then; a
 /// grant is renewed at every wake-up and revoked the moment a backup is suspected).
 const ALONE_GRANT: Duration = Duration::from_secs(3600);
+/// How far ahead the output lease is granted while a joining backup receives its snapshot (renewed at
+/// every wake-up): longer than building and sending a large snapshot keeps the sender busy.
+const SYNCING_GRANT: Duration = Duration::from_secs(1);
 /// Inputs handled per wake-up before the commit point and the gate are looked at again.
 const BATCH: usize = 64;
 
@@ -446,10 +449,10 @@ impl OutputCommit {
     }
 
     /// Until when this node's kernel may go on sending from the VIP ([`Gate::grant_output`]): `alone` ahead
-    /// while no backup exists; while one is linked, no later than `after_answer` past the send time of its
+    /// while no backup exists, `syncing` ahead while it receives its snapshot; once it is synced, no later than `after_answer` past the send time of its
     /// latest answer (never arrival time: a process resumed from a freeze reads answers the backup sent
     /// long ago) and never past the lease; `now` (revoked) once suspected, expired or stepped down.
-    pub fn output_grant(&self, now: Instant, alone: Duration, after_answer: Duration) -> Instant {
+    pub fn output_grant(&self, now: Instant, alone: Duration, syncing: Duration, after_answer: Duration) -> Instant {
         if self.frozen {
             return now;
         }
@@ -457,6 +460,9 @@ impl OutputCommit {
             State::Alone => now + alone,
             State::SteppedDown(_) => now,
             State::Linked(l) if l.suspect.is_some() => now,
+            // A backup still receiving its snapshot restores nothing if it takes over, so this kernel's
+            // output harms no connection of it; and its answers wait behind the snapshot's bytes.
+            State::Linked(l) if !l.synced => now + syncing,
             State::Linked(l) => match l.lease.state(now) {
                 LeaseState::Valid { until } => until.min(l.lease.anchor() + after_answer).max(now),
                 LeaseState::Expired { .. } => now,
@@ -1828,7 +1834,7 @@ impl Driver {
     /// its next renewal.
     fn grant_output(&self) {
         let Some(gate) = &self.gate else { return };
-        gate.grant_output(self.core.output_grant(Instant::now(), ALONE_GRANT, self.cfg.output_grant));
+        gate.grant_output(self.core.output_grant(Instant::now(), ALONE_GRANT, SYNCING_GRANT, self.cfg.output_grant));
     }
 
     fn heartbeat_rtt(&mut self) {
@@ -2074,31 +2080,35 @@ mod tests {
     fn echoes_renew_the_lease_from_their_send_time_and_bound_the_output_grant() {
         const ALONE: Duration = Duration::from_secs(3600);
         const GRANT: Duration = Duration::from_millis(90);
+        const SYNCING: Duration = Duration::from_secs(1);
         let t0 = Instant::now();
         let alone = OutputCommit::new(LEASE, 1, 0).unwrap();
-        assert_eq!(alone.output_grant(t0, ALONE, GRANT), t0 + ALONE);
+        assert_eq!(alone.output_grant(t0, ALONE, SYNCING, GRANT), t0 + ALONE);
+        let mut joining = OutputCommit::new(LEASE, 1, 0).unwrap();
+        joining.handle_link_up(t0, 2).unwrap();
+        assert_eq!(joining.output_grant(t0 + MS, ALONE, SYNCING, GRANT), t0 + MS + SYNCING, "syncing");
         let mut c = protected(t0);
-        assert_eq!(c.output_grant(t0, ALONE, GRANT), t0 + GRANT, "the grant ends before the backup may declare");
+        assert_eq!(c.output_grant(t0, ALONE, SYNCING, GRANT), t0 + GRANT, "the grant ends before the backup may declare");
         // An idle pair: echoes keep the lease and the grant moving.
         let t1 = t0 + 3 * LEASE;
         c.handle_echo(t1 + MS, t1);
         c.handle_timeout(t1 + MS, MS);
         assert!(events(&mut c).is_empty());
-        assert_eq!(c.output_grant(t1 + MS, ALONE, GRANT), t1 + GRANT);
+        assert_eq!(c.output_grant(t1 + MS, ALONE, SYNCING, GRANT), t1 + GRANT);
         // Frozen for a second: the echoes read on waking answer heartbeats sent before the freeze.
         let wake = t1 + 1000 * MS;
         c.handle_echo(wake, t1 + 20 * MS);
-        assert_eq!(c.output_grant(wake, ALONE, GRANT), wake, "revoked: nothing renews a grant on waking");
+        assert_eq!(c.output_grant(wake, ALONE, SYNCING, GRANT), wake, "revoked: nothing renews a grant on waking");
         // An echo of a heartbeat sent after waking grants again.
         c.handle_echo(wake + MS, wake);
-        assert_eq!(c.output_grant(wake + MS, ALONE, GRANT), wake + GRANT);
+        assert_eq!(c.output_grant(wake + MS, ALONE, SYNCING, GRANT), wake + GRANT);
         c.handle_link_down(wake + 2 * MS);
         c.handle_echo(wake + 3 * MS, wake + 3 * MS);
-        assert_eq!(c.output_grant(wake + 3 * MS, ALONE, GRANT), wake + 3 * MS, "a broken link grants nothing");
+        assert_eq!(c.output_grant(wake + 3 * MS, ALONE, SYNCING, GRANT), wake + 3 * MS, "a broken link grants nothing");
         let mac = Mac([2, 0, 0, 0, 0, 9]);
         c.handle_probe(0, &VipProbe::Answered { mac });
         assert_eq!(c.stepped_down(), Some(StepDownReason::Answered { mac }));
-        assert_eq!(c.output_grant(wake + 4 * MS, ALONE, GRANT), wake + 4 * MS);
+        assert_eq!(c.output_grant(wake + 4 * MS, ALONE, SYNCING, GRANT), wake + 4 * MS);
     }
 
     #[test]
