@@ -965,15 +965,45 @@ fn scale(cli: &Cli) -> Result<bool> {
     let primary_host = pair.primary_host;
     let backup_host = pair.backup_host();
     let spare_stem = pair.node_log_stems().last().context("no spare log")?.clone();
-    let join_timeout = Duration::from_secs(180);
-    let (_, primary_saw) =
-        wait_status(&pair, &mut clients, primary_host, "the primary to see its spare connected", join_timeout, |s| {
-            s["role"] == "primary" && s["peer"] == "connected"
-        })?;
-    let (_, joined_at) =
-        wait_status(&pair, &mut clients, backup_host, "the spare to be connected", join_timeout, |s| {
-            s["role"] == "backup" && s["peer"] == "connected"
-        })?;
+    // Until both say `peer: connected`. A spare that takes the VIP meanwhile (it judged the primary dead while
+    // joining) ends the run: there is nothing left to measure.
+    let join_deadline = spare_started + Duration::from_secs(180);
+    let (mut primary_saw, mut joined) = (None, None);
+    let mut next = Instant::now() + Duration::from_secs(1);
+    let joined_at = loop {
+        check_interrupted()?;
+        clients.check()?;
+        let spare = pair.status(backup_host).ok();
+        if let Some(s) = &spare
+            && s["role"] == "primary"
+        {
+            bail!(
+                "the spare took over while joining, though the primary was not failed (epoch {}, {}); {}\n{}",
+                s["epoch"],
+                s["failovers"],
+                progress(&sh),
+                pair.logs_tail()
+            );
+        }
+        if joined.is_none() && spare.as_ref().is_some_and(|s| s["role"] == "backup" && s["peer"] == "connected") {
+            joined = Some(Instant::now());
+        }
+        if primary_saw.is_none()
+            && pair.status(primary_host).is_ok_and(|s| s["role"] == "primary" && s["peer"] == "connected")
+        {
+            primary_saw = Some(Instant::now());
+        }
+        if let (Some(p), Some(j)) = (primary_saw, joined) {
+            break p.max(j);
+        }
+        if Instant::now() >= next {
+            next += Duration::from_secs(1);
+            clock.line(&format!("joining · {}", progress(&sh)));
+        }
+        ensure!(Instant::now() < join_deadline, "the spare did not join within 180 s\n{}", pair.logs_tail());
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let primary_saw = primary_saw.unwrap_or(joined_at);
     let join = joined_at - spare_started;
     let status = pair.status(primary_host)?;
     let protected = status["connections"]["protected"].as_u64().unwrap_or(0);
