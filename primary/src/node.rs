@@ -59,7 +59,7 @@ use shared::protocol::Role;
 use shared::replica::ReplicaTable;
 use shared::vip::addr::AddrError;
 use shared::vip::rules::RulesError;
-use shared::vip::{ArpError, Mac};
+use shared::vip::{ArpError, ArpKind, Mac};
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
@@ -500,6 +500,14 @@ async fn watch_serving(
             Event::Shutdown => {
                 info!("shutdown requested: no new connections; letting exchanges in progress finish");
                 return Stopping::Requested;
+            }
+            Event::Conflict(Some(c)) if matches!(c.kind, ArpKind::Announcement | ArpKind::GratuitousReply) => {
+                // Only a claim announces the address, and a backup claims only after its fence found this
+                // node silent: it took over (this node was stalled past the fence), and it serves the
+                // connections at a later epoch. Two nodes must not serve the VIP: this one gives way.
+                error!(vip = %claim.vip(), mac = %c.mac, kind = ?c.kind,
+                    "another node announced the VIP: it took over while this node was stalled");
+                return Stopping::SteppedDown(StepDownReason::Answered { mac: c.mac });
             }
             Event::Conflict(Some(c)) => {
                 // The responder logged it too. Who serves is the lease's decision (the sender probes when

@@ -1834,7 +1834,15 @@ impl Driver {
     /// its next renewal.
     fn grant_output(&self) {
         let Some(gate) = &self.gate else { return };
-        gate.grant_output(self.core.output_grant(Instant::now(), ALONE_GRANT, SYNCING_GRANT, self.cfg.output_grant));
+        let now = Instant::now();
+        let until = self.core.output_grant(now, ALONE_GRANT, SYNCING_GRANT, self.cfg.output_grant);
+        // Between this task's wake-ups the lease follows the echoes itself, while the grant stands.
+        let follow = match &self.link {
+            Some(l) if until > now && self.core.is_linked() => Some((l.liveness.clone(), self.cfg.output_grant)),
+            _ => None,
+        };
+        gate.follow_echoes(follow);
+        gate.grant_output(until);
     }
 
     fn heartbeat_rtt(&mut self) {

@@ -777,5 +777,26 @@ fn primary_steps_down_when_another_node_answers_for_the_vip_after_its_backup_is_
     ensure!(code.code() == Some(1), "want exit 1, got {code}:\n{log}");
     ensure!(last.contains("stepped down") && last.contains("epoch 5"), "{last:?}");
     ensure!(!tb.has_vip("server")?, "the VIP is still on the server");
+
+    // Serving alone, a primary that sees another node announce the VIP (a backup that took over while
+    // this one was stalled past its fence) gives way at once: two nodes must never serve the VIP.
+    let mut third = start_primary(&tb, &dir, "third.log", &[])?;
+    let t = Instant::now();
+    let ns = tb.ns("spare");
+    std::thread::spawn(move || -> Result<()> {
+        let _inside = Netns::enter(&ns)?;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(shared::vip::announce(IFACE, VIP, 1, Duration::from_millis(10)))?;
+        Ok(())
+    })
+    .join()
+    .map_err(|_| anyhow!("the announcing thread panicked"))??;
+    let code = third.wait(Duration::from_secs(10))?;
+    println!("primary alone: stepped down {:?} after another node announced the VIP", t.elapsed());
+    let log = third.log_text();
+    let last = log.lines().last().unwrap_or_default();
+    ensure!(code.code() == Some(1), "want exit 1 after an announcement from another node, got {code}:\n{log}");
+    ensure!(last.contains("stepped down") && last.contains(&spare_mac.to_string()), "{last:?}");
+    ensure!(!tb.has_vip("server")?, "the VIP is still on the server");
     Ok(())
 }

@@ -544,6 +544,13 @@ impl Gate {
         }
     }
 
+    /// Lets the output lease also follow the backup's heartbeat echoes ([`output_lease::OutputLease::follow_echoes`]).
+    pub fn follow_echoes(&self, follow: Option<(shared::link::PeerLiveness, std::time::Duration)>) {
+        if let Some(lease) = &self.lease {
+            lease.follow_echoes(follow);
+        }
+    }
+
     /// Revokes the kernel's right to send from the VIP at once (no effect without an output lease).
     pub fn revoke_output(&self) -> std::io::Result<()> {
         match &self.lease {

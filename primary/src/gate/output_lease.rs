@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use tracing::{error, info, warn};
 
 use super::rules::in_netns;
+use shared::link::PeerLiveness;
 
 /// The first grant, before the sender runs: covers a takeover's restore of thousands of connections.
 pub const STARTUP_GRANT: Duration = Duration::from_secs(2);
@@ -53,6 +54,10 @@ struct Shared {
     nft: std::sync::Mutex<Option<ChildStdin>>,
     table: String,
     vip: Ipv4Addr,
+    /// While set, the grant also runs to `after` past the send time of the backup's latest heartbeat
+    /// echo, read by the renewing thread itself: a replication sender kept busy for a moment does not let
+    /// the lease lapse while the backup still hears this node.
+    follow: std::sync::Mutex<Option<(PeerLiveness, Duration)>>,
 }
 
 /// The installed lease; renewals run until it is removed ([`OutputLease::remove`] or drop).
@@ -129,6 +134,7 @@ impl OutputLease {
             nft: std::sync::Mutex::new(Some(stdin)),
             table: table.clone(),
             vip,
+            follow: std::sync::Mutex::new(None),
         });
         let thread = {
             let shared = shared.clone();
@@ -147,12 +153,21 @@ impl OutputLease {
         self.shared.grant_us.store(us, Ordering::Relaxed);
     }
 
+    /// Lets the grant also follow the backup's heartbeat echoes on `liveness`, to `after` past each echoed
+    /// heartbeat's send time (`None` stops that). Safe for the reason the lease is: the backup heard this
+    /// node no earlier than that send time, so it declares it dead no earlier than the detection time
+    /// after it; `after` must be below that.
+    pub fn follow_echoes(&self, follow: Option<(PeerLiveness, Duration)>) {
+        *self.shared.follow.lock().unwrap_or_else(|e| e.into_inner()) = follow;
+    }
+
     /// Ends the grant now: the element is deleted (not left to expire), and no renewal follows until a
     /// later [`grant_until`](Self::grant_until). A planned switchover's old primary calls it before it
     /// hands over, so its kernel sends nothing more from the VIP.
     pub fn revoke_now(&self) -> io::Result<()> {
         let mut nft = self.shared.nft.lock().unwrap_or_else(|e| e.into_inner());
         self.shared.grant_us.store(0, Ordering::Relaxed);
+        self.follow_echoes(None);
         let stdin = nft.as_mut().ok_or_else(|| io::Error::other("the lease's nft process is gone"))?;
         let (table, vip) = (&self.shared.table, self.shared.vip);
         stdin.write_all(format!("delete element inet {table} lease {{ {vip} }}\n").as_bytes())?;
@@ -206,7 +221,13 @@ fn renew_loop(shared: &Shared, ttl: Duration) {
     while !shared.stop.load(Ordering::Relaxed) {
         let mut nft = shared.nft.lock().unwrap_or_else(|e| e.into_inner());
         let now = shared.base.elapsed().as_micros() as u64;
-        let grant = shared.grant_us.load(Ordering::Relaxed);
+        let mut grant = shared.grant_us.load(Ordering::Relaxed);
+        if let Some((liveness, after)) = &*shared.follow.lock().unwrap_or_else(|e| e.into_inner())
+            && let Some(echoed) = liveness.last_echoed()
+        {
+            let until = (echoed + *after).saturating_duration_since(shared.base).as_micros() as u64;
+            grant = grant.max(until);
+        }
         if grant > now {
             // Never past the grant: a process frozen right after this write stops sending by then.
             let left = Duration::from_micros(grant - now).min(ttl);

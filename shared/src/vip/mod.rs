@@ -24,7 +24,7 @@ pub mod responder;
 pub mod rules;
 pub mod socket;
 
-pub use arp::{ArpFrame, Mac};
+pub use arp::{ArpFrame, ArpKind, Mac};
 pub use probe::{ProbeOutcome, announce, announce_on, probe, probe_on};
 pub use responder::{Conflict, Responder, ResponderCounts};
 pub use rules::KernelArpSilence;
