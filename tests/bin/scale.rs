@@ -1004,13 +1004,16 @@ fn scale(cli: &Cli) -> Result<bool> {
         std::thread::sleep(Duration::from_millis(5));
     };
     let primary_saw = primary_saw.unwrap_or(joined_at);
+    let spare_saw = joined.unwrap_or(joined_at);
     let join = joined_at - spare_started;
     let status = pair.status(primary_host)?;
     let protected = status["connections"]["protected"].as_u64().unwrap_or(0);
     clock.line(&format!(
-        "pair protected again: joined in {} (the primary saw it connected after {}); {protected} connections protected",
+        "pair protected again: joined in {} (the primary said connected after {}, the spare after {}); {protected} \
+         connections protected",
         ms(join),
-        ms(primary_saw - spare_started)
+        ms(primary_saw - spare_started),
+        ms(spare_saw - spare_started)
     ));
 
     // Protected for --settle seconds in a row before the failure. The primary may give its backup up (a late
@@ -1175,9 +1178,10 @@ fn scale(cli: &Cli) -> Result<bool> {
     println!("understudy scale — report ({idle} idle + {active} active connections; {})", cli.failure.describe());
     println!("join (spare started → both /status say peer: connected)");
     println!(
-        "  join time            {:>9}   (the primary saw it connected after {})",
+        "  join time            {:>9}   (the primary said connected after {}, the spare after {})",
         ms(join),
-        ms(primary_saw - spare_started)
+        ms(primary_saw - spare_started),
+        ms(spare_saw - spare_started)
     );
     match snapshots.first() {
         Some(first) => println!("  snapshot             {} (primary's log)", describe_snapshot(first)),
