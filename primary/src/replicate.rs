@@ -99,6 +99,8 @@ const MAX_UPSTREAM_PIECE: usize = 256 << 10;
 /// How far ahead the output lease is granted while no backup is linked (nobody can take over then; a
 /// grant is renewed at every wake-up and revoked the moment a backup is suspected).
 const ALONE_GRANT: Duration = Duration::from_secs(3600);
+/// Leases of silence after which a backup still receiving its snapshot is given up.
+pub const SYNCING_SILENCE_LEASES: u32 = 8;
 /// How far ahead the output lease is granted while a joining backup receives its snapshot (renewed at
 /// every wake-up): longer than building and sending a large snapshot keeps the sender busy.
 const SYNCING_GRANT: Duration = Duration::from_secs(1);
@@ -344,18 +346,23 @@ impl OutputCommit {
     /// A record that waited a whole lease for its ack makes the backup suspect even while the lease is
     /// valid: heartbeat echoes keep the lease of a backup whose link is alive but whose applier is stuck,
     /// and clients must not wait on it for longer than that.
+    ///
+    /// A backup still syncing holds nothing a client waits for (records are released at once), while a
+    /// large snapshot keeps both ends busy and delays its answers: it is given up only after
+    /// [`SYNCING_SILENCE_LEASES`] leases of silence, so a join is not restarted from scratch over and over.
     pub fn handle_timeout(&mut self, now: Instant, peer_silent_for: Duration) {
         let grace = self.lease;
         let State::Linked(l) = &mut self.state else { return };
         if l.suspect.is_some() || self.frozen {
             return;
         }
+        let silence = if l.synced { grace } else { grace * SYNCING_SILENCE_LEASES };
         let overdue = l.uncommitted.front().is_some_and(|&(_, at)| now.saturating_duration_since(at) >= grace);
         if overdue {
             self.suspect(SuspectReason::AckOverdue);
         } else if l.lease.state(now).is_valid() {
             self.advance(now);
-        } else if peer_silent_for >= grace {
+        } else if peer_silent_for >= silence {
             self.suspect(SuspectReason::Silent);
         }
     }
@@ -2171,6 +2178,24 @@ mod tests {
         assert_eq!(events(&mut c), [CommitEvent::LeasePing, CommitEvent::Probe { id: 0 }]);
         assert_eq!(c.suspected(), Some(SuspectReason::AckOverdue));
         assert_eq!(c.committed(), 2);
+    }
+
+    #[test]
+    fn a_syncing_backup_is_given_up_only_after_a_long_silence() {
+        let t0 = Instant::now();
+        let mut c = OutputCommit::new(LEASE, 1, 0).unwrap();
+        c.handle_link_up(t0, 3).unwrap();
+        for _ in 0..3 {
+            c.handle_sent(t0, 1);
+        }
+        let later = t0 + 4 * LEASE;
+        c.handle_timeout(later, 3 * LEASE);
+        assert_eq!(events(&mut c), [CommitEvent::Peer(PeerState::Syncing)], "a slow snapshot is not a dead backup");
+        assert_eq!(c.handle_sent(later, 1), 4);
+        assert_eq!(c.committed(), 4, "nothing waits for a syncing backup");
+        c.handle_timeout(later, LEASE * SYNCING_SILENCE_LEASES);
+        assert_eq!(events(&mut c), [CommitEvent::LeasePing, CommitEvent::Probe { id: 0 }]);
+        assert_eq!(c.suspected(), Some(SuspectReason::Silent));
     }
 
     #[test]
