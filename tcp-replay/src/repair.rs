@@ -77,6 +77,10 @@ pub const INJECT_MARK: u32 = 0x7573_7464;
 // Kernel ABI (include/uapi/linux/tcp.h) that libc does not carry.
 const TCP_REPAIR_ON: c_int = 1;
 const TCP_REPAIR_OFF: c_int = 0;
+/// `TCP_RTO_MAX_MS` (Linux 6.15+; not in libc yet): the socket's largest retransmission timeout.
+const TCP_RTO_MAX_MS: c_int = 44;
+/// The largest retransmission timeout of a restored socket, in milliseconds.
+pub const RESTORED_RTO_MAX_MS: c_int = 3000;
 /// Leave repair mode without sending the window probe `TCP_REPAIR_OFF` sends.
 const TCP_REPAIR_OFF_NO_WP: c_int = -1;
 const TCP_NO_QUEUE: c_int = 0;
@@ -787,6 +791,12 @@ pub fn restore(plan: &RestorePlan) -> Result<TcpStream, RepairError> {
     // Ends repair mode with a window probe: the peer answers with an ACK, which
     // resynchronises its window and prompts retransmission of anything lost.
     repair_mode(fd, TCP_REPAIR_OFF)?;
+    // The peer's answer to that probe echoes the timestamp of the last segment it accepted, which may be
+    // seconds old (its data stopped with the failure, or with several in a row), and Linux takes it as
+    // the first RTT sample of a socket that has none: the retransmission timeout would grow to that many
+    // seconds and a connection missing bytes would crawl. Capping it (Linux 6.15+; older kernels refuse
+    // the option, and go without) bounds the wait until real samples bring the estimate down.
+    let _ = tcp_opt(fd, TCP_RTO_MAX_MS, RESTORED_RTO_MAX_MS, "TCP_RTO_MAX_MS");
     // Out of repair mode the socket has no address reuse at all (SK_NO_REUSE), so a listener could no
     // longer bind its port. With SO_REUSEADDR it is like a socket accepted from such a listener.
     sock.set_reuse_address(true).map_err(sys("SO_REUSEADDR"))?;
