@@ -811,13 +811,7 @@ async fn joiner_from_a_later_epoch_makes_the_primary_step_down_and_refuse_reply_
     use primary::replicate::ReplyRefused;
     use shared::lease::StepDownReason;
 
-    let admin = AdminState::new("primary-a", CLUSTER, Role::Primary, 1, Instant::now());
-    let identity = LocalIdentity::new(CLUSTER, "primary-a", Role::Primary, 1);
-    let config = SenderConfig::new(identity, LinkConfig::default(), Duration::from_secs(1));
-    let (replicator, task) = Replicator::start(config, ReplicaTable::new(), None, admin, Arc::new(NoVipCheck))?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let joins = replicator.serve_joins(listener);
+    let (replicator, task, joins, addr) = loopback_replicator().await?;
     let (log, _observer) = replicator.hooks().open("10.0.0.1:40000".parse()?, "10.0.0.100:80".parse()?);
     tokio::time::timeout(PROMPT, log.append(0, bytes::Bytes::from_static(b"alone")))
         .await
@@ -858,13 +852,7 @@ async fn handover_is_refused_to_an_old_backup_and_confirmed_by_a_current_one() -
     use primary::proxy::{ConnectionHooks, ReplyLog};
     use primary::replicate::HandoverError;
 
-    let admin = AdminState::new("primary-a", CLUSTER, Role::Primary, 1, Instant::now());
-    let identity = LocalIdentity::new(CLUSTER, "primary-a", Role::Primary, 1);
-    let config = SenderConfig::new(identity, LinkConfig::default(), Duration::from_secs(1));
-    let (replicator, task) = Replicator::start(config, ReplicaTable::new(), None, admin, Arc::new(NoVipCheck))?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let joins = replicator.serve_joins(listener);
+    let (replicator, task, joins, addr) = loopback_replicator().await?;
     let refused = tokio::time::timeout(PROMPT, replicator.freeze_for_handover()).await?;
     ensure!(refused == Err(HandoverError::NoBackup), "without a backup: {refused:?}");
 
@@ -908,6 +896,20 @@ async fn handover_is_refused_to_an_old_backup_and_confirmed_by_a_current_one() -
     task.await?;
     joins.abort();
     Ok(())
+}
+
+/// A primary's replication sender at epoch 1 with no gate, accepting joins on a loopback port: the
+/// sender, its task, the join acceptor and the port's address.
+async fn loopback_replicator() -> Result<(Replicator, tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>, SocketAddr)>
+{
+    let admin = AdminState::new("primary-a", CLUSTER, Role::Primary, 1, Instant::now());
+    let identity = LocalIdentity::new(CLUSTER, "primary-a", Role::Primary, 1);
+    let config = SenderConfig::new(identity, LinkConfig::default(), Duration::from_secs(1));
+    let (replicator, task) = Replicator::start(config, ReplicaTable::new(), None, admin, Arc::new(NoVipCheck))?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let joins = replicator.serve_joins(listener);
+    Ok((replicator, task, joins, addr))
 }
 
 /// Waits until the sender reports `peer`.
