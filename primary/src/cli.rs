@@ -14,9 +14,9 @@
 use clap::{Command, CommandFactory, FromArgMatches};
 use shared::config::{NodeArgs, NodeConfig};
 use std::fmt::Display;
-use std::net::SocketAddr;
 use std::future::Future;
 use std::io::IsTerminal;
+use std::net::SocketAddr;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 

@@ -714,7 +714,9 @@ pub const HANDOVER_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum HandoverError {
     #[error("no backup is connected: there is nobody to hand the connections to")]
     NoBackup,
-    #[error("the backup {node} is still syncing (its snapshot is not applied yet): try again once /status says connected")]
+    #[error(
+        "the backup {node} is still syncing (its snapshot is not applied yet): try again once /status says connected"
+    )]
     Syncing { node: String },
     #[error("the backup {node} is suspected (its acks stopped): it cannot be trusted with the connections")]
     Suspected { node: String },
@@ -908,8 +910,13 @@ impl Replicator {
                 break;
             }
             if Instant::now() >= deadline {
-                warn!(role = "primary", epoch = self.shared.identity.epoch, awaiting, ?QUIESCE_TIMEOUT,
-                    "handing over with upstream requests unanswered: the backup sends them again");
+                warn!(
+                    role = "primary",
+                    epoch = self.shared.identity.epoch,
+                    awaiting,
+                    ?QUIESCE_TIMEOUT,
+                    "handing over with upstream requests unanswered: the backup sends them again"
+                );
                 break;
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -1597,22 +1604,22 @@ impl Driver {
         let epoch = self.epoch;
         info!(role = "primary", epoch, seq, "handover record queued; waiting for the backup's confirmation");
         let wait = async move {
-                let confirmed = taking_over.wait_for(|t| t.is_some_and(|(s, _)| s == seq));
-                let result = match tokio::time::timeout(HANDOVER_TIMEOUT, confirmed).await {
-                    Ok(Ok(t)) => {
-                        let (_, mut addr) = t.expect("matched above");
-                        if addr.ip().is_unspecified()
-                            && let std::net::IpAddr::V4(ip) = from.ip()
-                        {
-                            addr.set_ip(ip);
-                        }
-                        Ok(addr)
+            let confirmed = taking_over.wait_for(|t| t.is_some_and(|(s, _)| s == seq));
+            let result = match tokio::time::timeout(HANDOVER_TIMEOUT, confirmed).await {
+                Ok(Ok(t)) => {
+                    let (_, mut addr) = t.expect("matched above");
+                    if addr.ip().is_unspecified()
+                        && let std::net::IpAddr::V4(ip) = from.ip()
+                    {
+                        addr.set_ip(ip);
                     }
-                    Ok(Err(_)) => Err(HandoverError::LinkLost),
-                    Err(_) => Err(HandoverError::Unconfirmed(HANDOVER_TIMEOUT)),
-                };
-                let _ = reply.send(result);
+                    Ok(addr)
+                }
+                Ok(Err(_)) => Err(HandoverError::LinkLost),
+                Err(_) => Err(HandoverError::Unconfirmed(HANDOVER_TIMEOUT)),
             };
+            let _ = reply.send(result);
+        };
         tokio::spawn(tracing::Instrument::in_current_span(wait));
     }
 
@@ -2103,7 +2110,11 @@ mod tests {
         joining.handle_link_up(t0, 2).unwrap();
         assert_eq!(joining.output_grant(t0 + MS, ALONE, SYNCING, GRANT), t0 + MS + SYNCING, "syncing");
         let mut c = protected(t0);
-        assert_eq!(c.output_grant(t0, ALONE, SYNCING, GRANT), t0 + GRANT, "the grant ends before the backup may declare");
+        assert_eq!(
+            c.output_grant(t0, ALONE, SYNCING, GRANT),
+            t0 + GRANT,
+            "the grant ends before the backup may declare"
+        );
         // An idle pair: echoes keep the lease and the grant moving.
         let t1 = t0 + 3 * LEASE;
         c.handle_echo(t1 + MS, t1);

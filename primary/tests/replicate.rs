@@ -883,7 +883,8 @@ async fn handover_is_refused_to_an_old_backup_and_confirmed_by_a_current_one() -
     replicator_peer(&replicator, PeerState::Connected).await?;
     tokio::time::timeout(PROMPT, replicator.freeze_for_handover()).await??;
     // Frozen: nothing more is committed.
-    let held = tokio::time::timeout(Duration::from_millis(300), log.append(12, bytes::Bytes::from_static(b"held"))).await;
+    let held =
+        tokio::time::timeout(Duration::from_millis(300), log.append(12, bytes::Bytes::from_static(b"held"))).await;
     ensure!(held.is_err(), "a reply byte was committed after the freeze: {held:?}");
     let again = tokio::time::timeout(PROMPT, replicator.freeze_for_handover()).await?;
     ensure!(again == Err(HandoverError::InProgress), "a second switchover: {again:?}");
@@ -900,8 +901,8 @@ async fn handover_is_refused_to_an_old_backup_and_confirmed_by_a_current_one() -
 
 /// A primary's replication sender at epoch 1 with no gate, accepting joins on a loopback port: the
 /// sender, its task, the join acceptor and the port's address.
-async fn loopback_replicator() -> Result<(Replicator, tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>, SocketAddr)>
-{
+async fn loopback_replicator()
+-> Result<(Replicator, tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>, SocketAddr)> {
     let admin = AdminState::new("primary-a", CLUSTER, Role::Primary, 1, Instant::now());
     let identity = LocalIdentity::new(CLUSTER, "primary-a", Role::Primary, 1);
     let config = SenderConfig::new(identity, LinkConfig::default(), Duration::from_secs(1));

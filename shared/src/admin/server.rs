@@ -238,7 +238,9 @@ async fn connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>, mut stop
         let ctx = ctx.clone();
         async move {
             let response = match route(req.uri().path()) {
-                Some(Route::Switchover) if req.method() == Method::POST && ctx.auth.authorise(req.headers()).is_ok() => {
+                Some(Route::Switchover)
+                    if req.method() == Method::POST && ctx.auth.authorise(req.headers()).is_ok() =>
+                {
                     switchover(&ctx.state).await
                 }
                 _ => handle(&ctx, &req),

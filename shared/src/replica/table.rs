@@ -652,7 +652,10 @@ impl ReplicaTable {
 
     /// Exchanges over every connection that [`Exchange::awaiting_upstream`].
     pub fn awaiting_upstream(&self) -> usize {
-        self.conns.values().map(|c| c.tracked().map_or(0, |t| t.exchanges().iter().filter(|x| x.awaiting_upstream()).count())).sum()
+        self.conns
+            .values()
+            .map(|c| c.tracked().map_or(0, |t| t.exchanges().iter().filter(|x| x.awaiting_upstream()).count()))
+            .sum()
     }
 
     /// Bytes held in all (streams, partial heads, upstream payload).
