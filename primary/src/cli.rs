@@ -92,7 +92,6 @@ where
         });
         node(config, shutdown).await
     });
-    drop(runtime);
     if let Err(e) = result {
         if let Some(join) = e.handed_over() {
             rejoin_as_spare(name, join);
