@@ -3,22 +3,25 @@
 //!
 //! **Hold.** Until every socket exists, a segment for VIP:port that finds no socket would be answered
 //! by the kernel with a RST, which kills the client's connection. The hold drops such segments in
-//! `mangle PREROUTING`, ahead of TCP, except the segments `tcp_replay::repair::restore` injects itself (a
-//! replayed FIN), marked [`INJECT_MARK`](tcp_replay::repair::INJECT_MARK), which pass.
+//! `mangle PREROUTING`, ahead of TCP, with two exceptions inserted above it:
+//! * segments that match a socket (`-m socket --nowildcard`, xt_socket): a restored connection's own
+//!   traffic passes at once, so the client's answer to the window probe a restored socket sends when it
+//!   leaves repair mode is not lost;
+//! * segments `tcp_replay::repair::restore` injects itself (a replayed FIN), marked
+//!   [`INJECT_MARK`](tcp_replay::repair::INJECT_MARK).
 //!
-//! The gate the new primary starts (before the restore) inserts its NFQUEUE rules at the top of the same
-//! chain. A segment the queue accepts leaves the chain there (an accepted verdict continues with the next
-//! hook, not the next rule), so the gate's start is what lifts the hold, and every client segment,
-//! including the answers to the window probes restored sockets send, waits in the gate until the new
-//! primary's replicator has applied it. [`Hold::release`] then removes the rules. Rules carry the comment
-//! `understudy:<node>-hold`; a crashed run's leftovers are removed on install.
+//! Known cost: removing the socket-match rule drops the kernel's last user of IPv4 defragmentation, whose
+//! hook then goes, and unregistering any hook flushes every NFQUEUE of the namespace, so the client segments
+//! the gate holds at that moment (the answers to the restored sockets' window probes among them) are lost
+//! and clients recover on their timers (downloads stall for seconds). A hold without that rule keeps them,
+//! but then back-to-back failovers can leave a restored download stuck (the answer's stale timestamp echo
+//! becomes its first RTT sample, among what is understood so far); see the README's Limitations.
 //!
-//! The hold has no socket match (`-m socket`): removing such a rule drops the kernel's last user of IPv4
-//! defragmentation, whose hook then goes, and unregistering any hook flushes every NFQUEUE of the
-//! namespace: the segments waiting in the gate would be lost (their verdicts fail with ENOENT), and with
-//! them the clients' answers to the window probes, stalling restored downloads until their
-//! retransmission timers fire (seconds).
-
+//! The gate the new primary starts inserts its NFQUEUE rules at the top of the same chain. A segment the
+//! queue accepts leaves the chain there (an accepted verdict continues with the next hook, not the next
+//! rule), so starting the gate is what lifts the hold; [`Hold::release`] then removes the rules. Rules
+//! carry the comment `understudy:<node>-hold`; a crashed run's leftovers are removed on install.
+//!
 //! **Restore.** Each connection the planner can restore is rebuilt with `TCP_REPAIR` from the tracker's
 //! plan; the VIP must already be on an interface (repair-mode bind needs a local address). Connections
 //! that cannot be restored are logged with the failing step and left to the client's retransmission
@@ -62,7 +65,7 @@ impl Hold {
     }
 }
 
-/// The hold's rules, in chain order: pass injected segments, drop the rest.
+/// The hold's rules, in chain order: pass what finds a socket, pass injected segments, drop the rest.
 pub fn hold_rules(vip: Ipv4Addr, port: u16, tag: &str) -> Vec<RuleSpec> {
     let base = |extra: &[&str]| -> Vec<String> {
         let mut args: Vec<String> =
@@ -73,6 +76,7 @@ pub fn hold_rules(vip: Ipv4Addr, port: u16, tag: &str) -> Vec<RuleSpec> {
     };
     let mark = format!("{INJECT_MARK:#x}");
     vec![
+        RuleSpec { chain: "PREROUTING", args: base(&["-m", "socket", "--nowildcard", "-j", "ACCEPT"]) },
         RuleSpec { chain: "PREROUTING", args: base(&["-m", "mark", "--mark", &mark, "-j", "ACCEPT"]) },
         RuleSpec { chain: "PREROUTING", args: base(&["-j", "DROP"]) },
     ]
@@ -148,14 +152,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hold_passes_injected_segments_before_dropping_and_matches_no_socket() {
+    fn hold_passes_sockets_and_injected_segments_before_dropping() {
         let rules = hold_rules(Ipv4Addr::new(10, 0, 0, 100), 80, "understudy:b-hold");
         let text: Vec<String> = rules.iter().map(|r| r.args.join(" ")).collect();
-        assert_eq!(rules.len(), 2);
-        assert!(text[0].contains(&format!("--mark {INJECT_MARK:#x} -j ACCEPT")), "{}", text[0]);
-        assert!(text[1].ends_with("-j DROP -m comment --comment understudy:b-hold"), "{}", text[1]);
-        // Removing a socket match would flush the gate's queue (see the module's docs).
-        assert!(text.iter().all(|t| !t.contains("-m socket")), "{text:?}");
+        assert_eq!(rules.len(), 3);
+        assert!(text[0].contains("-m socket --nowildcard -j ACCEPT"), "{}", text[0]);
+        assert!(text[1].contains(&format!("--mark {INJECT_MARK:#x} -j ACCEPT")), "{}", text[1]);
+        assert!(text[2].ends_with("-j DROP -m comment --comment understudy:b-hold"), "{}", text[2]);
         assert!(text.iter().all(|t| t.starts_with("-p tcp -d 10.0.0.100/32 --dport 80")));
     }
 }
