@@ -16,7 +16,6 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::fmt::Write as _;
 use std::fs;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,6 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use understudy_tests::harness::{Capture, Proc, packets_after, run, unique_id};
 use understudy_tests::pair::{Pair, PairOptions, VIP, read_offset};
 use understudy_tests::pattern;
+use understudy_tests::tool::{self, Clock, check_interrupted};
 
 const MB: u64 = 1_000_000;
 /// Pattern keys of the generated bodies (`pattern::fill`).
@@ -104,79 +104,9 @@ struct Cli {
     keep: bool,
 }
 
-/// SIGINT or SIGTERM arrived: the run stops and everything is cleaned up.
-#[derive(Debug)]
-struct Interrupted;
-
-impl std::fmt::Display for Interrupted {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("interrupted")
-    }
-}
-
-impl std::error::Error for Interrupted {}
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-/// SIGINT and SIGTERM only set a flag, which the run checks between steps and every few milliseconds
-/// while clients run; returning through the stack drops the `Pair` (processes, test bed).
-fn install_signal_handlers() -> Result<()> {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: a zeroed sigaction is valid; the handler only stores to an atomic (async-signal-safe).
-        let rc = unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
-            libc::sigemptyset(&mut sa.sa_mask);
-            sa.sa_flags = libc::SA_RESTART;
-            libc::sigaction(sig, &sa, std::ptr::null_mut())
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error()).context("installing a signal handler");
-        }
-    }
-    Ok(())
-}
-
-fn check_interrupted() -> Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        return Err(Interrupted.into());
-    }
-    Ok(())
-}
-
 fn main() {
     let cli = Cli::parse();
-    if cli.keep {
-        // SAFETY: single-threaded here; read by the Pair's scratch directory on drop.
-        unsafe { std::env::set_var("UNDERSTUDY_KEEP", "1") };
-    }
-    let code = match install_signal_handlers().and_then(|()| demo(&cli)) {
-        Ok(true) => 0,
-        Ok(false) => 1,
-        Err(e) if e.is::<Interrupted>() => {
-            eprintln!("us-demo: interrupted; the test bed and every process were cleaned up");
-            130
-        }
-        Err(e) => {
-            eprintln!("us-demo: {e:#}");
-            1
-        }
-    };
-    std::process::exit(code);
-}
-
-/// Seconds since the run's start, for progress lines.
-struct Clock(Instant);
-
-impl Clock {
-    fn line(&self, text: &str) {
-        println!("{:>6.1} s  {text}", self.0.elapsed().as_secs_f64());
-        let _ = std::io::stdout().flush();
-    }
+    tool::main("us-demo", cli.keep, || demo(&cli));
 }
 
 fn sha256_file(path: &Path) -> Result<String> {

@@ -22,7 +22,6 @@ use anyhow::{Context, Result, bail, ensure};
 use clap::{Parser, ValueEnum};
 use serde_json::Value;
 use std::fs;
-use std::io::Write as _;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -34,6 +33,7 @@ use tokio::sync::{Semaphore, watch};
 use understudy_tests::harness::unique_id;
 use understudy_tests::pair::{PORT, Pair, PairOptions, VIP};
 use understudy_tests::pattern;
+use understudy_tests::tool::{self, Clock, check_interrupted};
 
 const MB: f64 = 1e6;
 
@@ -140,79 +140,9 @@ struct Cli {
     keep: bool,
 }
 
-/// SIGINT or SIGTERM arrived: the run stops and everything is cleaned up.
-#[derive(Debug)]
-struct Interrupted;
-
-impl std::fmt::Display for Interrupted {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("interrupted")
-    }
-}
-
-impl std::error::Error for Interrupted {}
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-/// SIGINT and SIGTERM only set a flag, which the run checks between steps and every few milliseconds
-/// while it waits; returning through the stack stops the clients and drops the `Pair`.
-fn install_signal_handlers() -> Result<()> {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: a zeroed sigaction is valid; the handler only stores to an atomic (async-signal-safe).
-        let rc = unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
-            libc::sigemptyset(&mut sa.sa_mask);
-            sa.sa_flags = libc::SA_RESTART;
-            libc::sigaction(sig, &sa, std::ptr::null_mut())
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error()).context("installing a signal handler");
-        }
-    }
-    Ok(())
-}
-
-fn check_interrupted() -> Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        return Err(Interrupted.into());
-    }
-    Ok(())
-}
-
 fn main() {
     let cli = Cli::parse();
-    if cli.keep {
-        // SAFETY: single-threaded here; read by the Pair's scratch directory on drop.
-        unsafe { std::env::set_var("UNDERSTUDY_KEEP", "1") };
-    }
-    let code = match install_signal_handlers().and_then(|()| scale(&cli)) {
-        Ok(true) => 0,
-        Ok(false) => 1,
-        Err(e) if e.is::<Interrupted>() => {
-            eprintln!("us-scale: interrupted; the test bed and every process were cleaned up");
-            130
-        }
-        Err(e) => {
-            eprintln!("us-scale: {e:#}");
-            1
-        }
-    };
-    std::process::exit(code);
-}
-
-/// Seconds since the run's start, for progress lines.
-struct Clock(Instant);
-
-impl Clock {
-    fn line(&self, text: &str) {
-        println!("{:>6.1} s  {text}", self.0.elapsed().as_secs_f64());
-        let _ = std::io::stdout().flush();
-    }
+    tool::main("us-scale", cli.keep, || scale(&cli));
 }
 
 fn ms(d: Duration) -> String {
@@ -427,22 +357,7 @@ impl Conn {
             ensure!(self.buf.len() < 64 * 1024, "response head over 64 KiB");
             self.read_more().await?;
         };
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut resp = httparse::Response::new(&mut headers);
-        resp.parse(&self.buf[..head_end]).context("parsing the response head")?;
-        ensure!(resp.code == Some(200), "status {:?}", resp.code);
-        let length: u64 = resp
-            .headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-            .context("no content-length")
-            .and_then(|h| Ok(std::str::from_utf8(h.value)?.trim().parse::<u64>()?))?;
-        ensure!(length == doc.len, "content-length {length}, the file has {}", doc.len);
-        let closes = resp
-            .headers
-            .iter()
-            .any(|h| h.name.eq_ignore_ascii_case("connection") && h.value.eq_ignore_ascii_case(b"close"));
-        ensure!(!closes, "the server closes the connection");
+        understudy_tests::load::check_head(&self.buf[..head_end], doc.len)?;
         self.buf.drain(..head_end);
         let mut offset = 0u64;
         while offset < doc.len {

@@ -11,6 +11,7 @@
 //! * [`app`], [`derive`], [`takeover`]: the `us-testapp` application and the kernel takeover tests
 //!   (`tests/takeover.rs`); [`pair`]: the replicated pair in a test bed (`tests/pair.rs`), roles moving
 //!   between its hosts across failovers; [`load`]: a steady keep-alive load with every body checked.
+//! * [`tool`]: what the `us-demo` and `us-scale` tools share (clean stop on SIGINT, exit status, progress).
 //!
 //! It depends on no crate of ours but `tcp-replay`, so any crate can take it as a dev-dependency.
 
@@ -29,3 +30,5 @@ pub mod pattern;
 #[cfg(target_os = "linux")]
 pub mod takeover;
 pub mod tempdir;
+#[cfg(target_os = "linux")]
+pub mod tool;

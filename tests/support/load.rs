@@ -163,21 +163,7 @@ fn get(s: &mut TcpStream, buf: &mut Vec<u8>, i: usize, len: u64) -> Result<()> {
         ensure!(buf.len() < 64 * 1024, "response head over 64 KiB");
         read_more(s, buf)?;
     };
-    let mut headers = [httparse::EMPTY_HEADER; 32];
-    let mut resp = httparse::Response::new(&mut headers);
-    resp.parse(&buf[..head_end]).context("parsing the response head")?;
-    ensure!(resp.code == Some(200), "status {:?}", resp.code);
-    let length: u64 = resp
-        .headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-        .context("no content-length")
-        .and_then(|h| Ok(std::str::from_utf8(h.value)?.trim().parse::<u64>()?))?;
-    ensure!(length == len, "content-length {length}, file has {len}");
-    if resp.headers.iter().any(|h| h.name.eq_ignore_ascii_case("connection") && h.value.eq_ignore_ascii_case(b"close"))
-    {
-        bail!("the server closes the connection");
-    }
+    check_head(&buf[..head_end], len)?;
     buf.drain(..head_end);
     let mut offset = 0u64;
     while offset < len {
@@ -191,6 +177,28 @@ fn get(s: &mut TcpStream, buf: &mut Vec<u8>, i: usize, len: u64) -> Result<()> {
         offset += take as u64;
         buf.drain(..take);
     }
+    Ok(())
+}
+
+/// Checks the head of a keep-alive GET's response: 200, a `Content-Length` of the file's `len` bytes, and
+/// no `Connection: close`.
+pub fn check_head(head: &[u8], len: u64) -> Result<()> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut resp = httparse::Response::new(&mut headers);
+    resp.parse(head).context("parsing the response head")?;
+    ensure!(resp.code == Some(200), "status {:?}", resp.code);
+    let length: u64 = resp
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .context("no content-length")
+        .and_then(|h| Ok(std::str::from_utf8(h.value)?.trim().parse::<u64>()?))?;
+    ensure!(length == len, "content-length {length}, the file has {len}");
+    let closes = resp
+        .headers
+        .iter()
+        .any(|h| h.name.eq_ignore_ascii_case("connection") && h.value.eq_ignore_ascii_case(b"close"));
+    ensure!(!closes, "the server closes the connection");
     Ok(())
 }
 
