@@ -12,10 +12,14 @@
 //!   (`tests/takeover.rs`); [`pair`]: the replicated pair in a test bed (`tests/pair.rs`), roles moving
 //!   between its hosts across failovers; [`load`]: a steady keep-alive load with every body checked.
 //! * [`tool`]: what the `us-demo` and `us-scale` tools share (clean stop on SIGINT, exit status, progress).
+//! * [`bench_load`]: the benchmark's load clients (`us-bench`: throughput over time, stalls, resets; idle
+//!   connections for a takeover's scale); [`plot`]: SVG line plots for its report.
 //!
 //! It depends on no crate of ours but `tcp-replay`, so any crate can take it as a dev-dependency.
 
 pub mod app;
+#[cfg(target_os = "linux")]
+pub mod bench_load;
 pub mod derive;
 pub mod harness;
 pub mod hyper_origin;
@@ -27,6 +31,7 @@ pub mod nginx;
 #[cfg(target_os = "linux")]
 pub mod pair;
 pub mod pattern;
+pub mod plot;
 #[cfg(target_os = "linux")]
 pub mod takeover;
 pub mod tempdir;

@@ -1,0 +1,1893 @@
+//! `us-bench`: what replication costs and what a failover costs, side by side (`scripts/bench`).
+//!
+//! One namespace test bed (`scripts/testbed up ID --pair`: client, `server`, `spare`, origin) and one origin
+//! (nginx on `origin` serving `1k.bin` and `1m.bin`) for every measurement:
+//!
+//! * throughput, latency and CPU per request, measured with wrk from the client host through the VIP, for
+//!   (a) the understudy primary without a backup, (b) the replicated pair (`peer: connected` on both
+//!   `/status`, checked before and after each point), (c) nginx as a reverse proxy on the primary's host;
+//!   CPU time from `/proc/<pid>/stat` (utime + stime) of the proxy processes (both nodes for (b));
+//! * a failover under load: (d) the pair, the primary killed (`kill -9`); (e) nginx on `server` and `spare`
+//!   behind a keepalived VIP (VRRPv3, `advert_int 0.01`, the least keepalived accepts), the master's nginx
+//!   and keepalived killed (`kill -9`). The load is [`bench_load::Load`]: keep-alive GETs back to back, every
+//!   body checked, each completion time-stamped, each failed attempt classified (a reset is `ECONNRESET` or
+//!   `EPIPE`), failed requests retried on a new connection. RST segments from the VIP are also counted on
+//!   the client's interface (tcpdump);
+//! * the takeover's scale: idle keep-alive connections (100, 1000, 10 000 by default) on the protected pair,
+//!   the primary killed; the restore time is the new primary's `/status` `failovers[]` entry, and every
+//!   connection then makes a second request.
+//!
+//! The report (`target/bench/report.md`, with SVG plots, CSV series and `results.json`) gives the figures,
+//! the machine, and the targets of issue 5 with by how much each was met or missed. Exit status 0 when the
+//! run completed (targets are reported, not asserted), 1 when it failed, 130 when interrupted; the test bed
+//! and every process are removed on every exit path.
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::{Parser, ValueEnum};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use understudy_tests::bench_load::{
+    self, Failure, IdleConns, IdleSpec, Load, LoadRecord, LoadSpec, Recovery, longest_gap, per_bucket, percentile,
+    recovery,
+};
+use understudy_tests::harness::{Capture, Proc, unique_id, workspace_root};
+use understudy_tests::pair::{ORIGIN, PORT, Pair, PairOptions, VIP};
+use understudy_tests::pattern;
+use understudy_tests::plot::{Plot, Series};
+use understudy_tests::tool::{self, Clock, check_interrupted};
+
+/// Width of the throughput buckets across a failover.
+const BUCKET: Duration = Duration::from_millis(100);
+/// Throughput is back when a window of this many buckets averages [`RECOVERED`] of the baseline.
+const RECOVERY_WINDOW: usize = 5;
+const RECOVERED: f64 = 0.9;
+/// RST segments from the VIP, as the client's interface sees them.
+const RST_FILTER: &str = "src host 10.0.0.100 and tcp[tcpflags] & tcp-rst != 0";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ValueEnum)]
+enum Size {
+    /// 1 KiB responses (`/1k.bin`).
+    #[value(name = "1k")]
+    K1,
+    /// 1 MiB responses (`/1m.bin`).
+    #[value(name = "1m")]
+    M1,
+}
+
+impl Size {
+    fn path(self) -> &'static str {
+        match self {
+            Size::K1 => "/1k.bin",
+            Size::M1 => "/1m.bin",
+        }
+    }
+    fn len(self) -> u64 {
+        match self {
+            Size::K1 => 1024,
+            Size::M1 => 1 << 20,
+        }
+    }
+    fn key(self) -> u64 {
+        match self {
+            Size::K1 => 501,
+            Size::M1 => 502,
+        }
+    }
+    fn label(self) -> &'static str {
+        match self {
+            Size::K1 => "1 KiB",
+            Size::M1 => "1 MiB",
+        }
+    }
+    fn body(self) -> Arc<Vec<u8>> {
+        let mut b = vec![0u8; self.len() as usize];
+        pattern::fill(self.key(), 0, &mut b);
+        Arc::new(b)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ValueEnum)]
+enum Mode {
+    /// Keep-alive: each wrk connection sends request after request.
+    KeepAlive,
+    /// A connection per request (`Connection: close`).
+    Close,
+}
+
+impl Mode {
+    fn label(self) -> &'static str {
+        match self {
+            Mode::KeepAlive => "keep-alive",
+            Mode::Close => "conn/request",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ValueEnum)]
+enum Phase {
+    /// (a) throughput of the primary without a backup.
+    A,
+    /// (b) throughput of the replicated pair.
+    B,
+    /// (c) throughput of nginx as a reverse proxy.
+    C,
+    /// (d) failover of the pair under load (kill -9 of the primary).
+    D,
+    /// (e) failover of two nginx behind keepalived under load (kill -9 of the master).
+    E,
+    /// Restore time against the number of idle connections.
+    Scale,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Proxy {
+    A,
+    B,
+    C,
+}
+
+impl Proxy {
+    fn label(self) -> &'static str {
+        match self {
+            Proxy::A => "(a) primary, no backup",
+            Proxy::B => "(b) replicated pair",
+            Proxy::C => "(c) nginx reverse proxy",
+        }
+    }
+    fn short(self) -> &'static str {
+        match self {
+            Proxy::A => "a",
+            Proxy::B => "b",
+            Proxy::C => "c",
+        }
+    }
+}
+
+#[derive(Parser)]
+#[command(
+    name = "us-bench",
+    about = "Throughput, latency and CPU of understudy with and without replication against nginx, failover under \
+load against nginx + keepalived, and restore time against connections; writes target/bench/report.md",
+    long_about = "Builds one namespace test bed (client, server, spare, origin) with one origin (nginx serving a 1 KiB \
+and a 1 MiB file) and measures, in this order:\n\n\
+(b) the replicated pair (primary on server, backup on spare, both /status saying `peer: connected` before and after \
+every point) and then (a) the same primary with its backup killed: wrk from the client through the VIP, for each \
+--sizes, --modes and --concurrency, --duration seconds after --warmup seconds; requests/s, MB/s, latency p50/p99/p99.9 \
+and the proxy processes' CPU time per request (/proc/<pid>/stat utime+stime; both nodes for (b)).\n\n\
+(d) a spare joins, then the failover load (--failover-conns keep-alive connections of --failover-size GETs back to \
+back, every body checked) runs --failover-before seconds, the primary is killed (kill -9), and it runs \
+--failover-after seconds more. Reported: failed attempts by kind (reset = ECONNRESET/EPIPE, refused = RST to a \
+SYN, closed = EOF mid-request, timeout), RST segments from the VIP seen on the client's interface, the longest stall \
+(the longest time a request waited, retries included), the longest time with no completion at all, the time until \
+throughput (per 100 ms) is back to 90 % of the seconds before the failure, and the takeover's phases from /status.\n\n\
+(scale) for each --scale N: N idle keep-alive connections (one GET each) on the protected pair, kill -9 of the \
+primary, the restore time from the new primary's /status failovers[], then a second GET on every connection.\n\n\
+(c) the nodes are stopped and nginx (2 workers, upstream keep-alive, access log on as the nodes' request log is) \
+runs as a reverse proxy on server with the VIP: the same wrk matrix. (e) a second nginx on spare, keepalived on \
+both (VRRPv3, advert_int 0.01, the least keepalived accepts; server MASTER), the same failover load, and the master's \
+nginx and keepalived are killed (kill -9; the VIP stays on its interface, as after any crash of keepalived).\n\n\
+The report goes to --out (target/bench by default): report.md with tables, the machine, the targets of issue 5 \
+(met, or missed and by how much), failover.svg and restore.svg, CSV series and results.json. Targets are reported, \
+not asserted. Exit status 0 when the run completed, 1 when it failed, 130 when interrupted; the test bed and every \
+process are removed on every exit path. Needs root, wrk, nginx, keepalived, tcpdump, curl, iptables, arptables, \
+nftables and the release build of primary, backup and us-bench side by side (scripts/bench does all of that). The \
+default run takes about 10 minutes; --quick about 3."
+)]
+struct Cli {
+    /// Short run for development: 2 s points at concurrency 16 only, a shorter failover load, scale 100 and 1000
+    /// connections. Any flag given as well overrides its part.
+    #[arg(long)]
+    quick: bool,
+    /// Seconds of each throughput point (default 8; 2 with --quick).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=600))]
+    duration: Option<u64>,
+    /// Seconds of wrk before each point, not measured (0: none).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(0..=60))]
+    warmup: u64,
+    /// wrk connections of the throughput points, comma-separated (default 1,16,64; 16 with --quick).
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=4096))]
+    concurrency: Option<Vec<u32>>,
+    /// Response sizes of the throughput points, comma-separated.
+    #[arg(long, value_delimiter = ',', value_enum, default_values_t = [Size::K1, Size::M1])]
+    sizes: Vec<Size>,
+    /// Connection modes of the throughput points, comma-separated.
+    #[arg(long, value_delimiter = ',', value_enum, default_values_t = [Mode::KeepAlive, Mode::Close])]
+    modes: Vec<Mode>,
+    /// What to measure, comma-separated (a, b, c: throughput; d, e: failover; scale: restore time).
+    #[arg(long, value_delimiter = ',', value_enum, default_values_t = [Phase::A, Phase::B, Phase::C, Phase::D, Phase::E, Phase::Scale])]
+    phases: Vec<Phase>,
+    /// Keep-alive connections of the failover load of (d) and (e).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    failover_conns: u64,
+    /// Response size of the failover load.
+    #[arg(long, value_enum, default_value_t = Size::K1)]
+    failover_size: Size,
+    /// Seconds of failover load before the kill (default 5; 3 with --quick). The last up to 3 s (not the first
+    /// second) are the baseline throughput.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(2..=600))]
+    failover_before: Option<u64>,
+    /// Seconds of failover load after the kill (default 8; 4 with --quick).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=600))]
+    failover_after: Option<u64>,
+    /// Idle connection counts of the takeover's scale, comma-separated (default 100,1000,10000; 100,1000 with
+    /// --quick).
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u64).range(1..=30_000))]
+    scale: Option<Vec<u64>>,
+    /// Directory of the report (default: target/bench of the workspace).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Keep the scratch directory (node logs, wrk output, nginx and keepalived configs and logs); its path is
+    /// printed.
+    #[arg(long)]
+    keep: bool,
+}
+
+/// `v` sorted, without repeats.
+fn dedup<T: Ord>(mut v: Vec<T>) -> Vec<T> {
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// The flags with the defaults of the run resolved.
+struct Settings {
+    quick: bool,
+    duration: u64,
+    warmup: u64,
+    concurrency: Vec<u32>,
+    sizes: Vec<Size>,
+    modes: Vec<Mode>,
+    phases: Vec<Phase>,
+    failover_conns: usize,
+    failover_size: Size,
+    before: u64,
+    after: u64,
+    scale: Vec<u64>,
+    out: PathBuf,
+    command_line: String,
+}
+
+impl Settings {
+    fn from(cli: &Cli) -> Settings {
+        let q = cli.quick;
+        Settings {
+            quick: q,
+            duration: cli.duration.unwrap_or(if q { 2 } else { 8 }),
+            warmup: cli.warmup,
+            concurrency: dedup(cli.concurrency.clone().unwrap_or(if q { vec![16] } else { vec![1, 16, 64] })),
+            sizes: dedup(cli.sizes.clone()),
+            modes: dedup(cli.modes.clone()),
+            phases: dedup(cli.phases.clone()),
+            failover_conns: cli.failover_conns as usize,
+            failover_size: cli.failover_size,
+            before: cli.failover_before.unwrap_or(if q { 3 } else { 5 }),
+            after: cli.failover_after.unwrap_or(if q { 4 } else { 8 }),
+            scale: dedup(cli.scale.clone().unwrap_or(if q { vec![100, 1000] } else { vec![100, 1000, 10_000] })),
+            out: cli.out.clone().unwrap_or_else(|| workspace_root().join("target/bench")),
+            command_line: std::env::args().skip(1).collect::<Vec<_>>().join(" "),
+        }
+    }
+
+    fn has(&self, p: Phase) -> bool {
+        self.phases.contains(&p)
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tool::main("us-bench", cli.keep, || bench(&Settings::from(&cli)))
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Small helpers.
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Raises the soft open-files limit to at least `want` (the nodes, nginx and wrk inherit it), within the hard
+/// limit, which is raised too when this process may.
+fn raise_open_files(want: u64) -> Result<()> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a valid struct owned by this frame.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Err(std::io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
+        }
+        if lim.rlim_cur >= want {
+            return Ok(());
+        }
+        if lim.rlim_max < want {
+            let raised = libc::rlimit { rlim_cur: want, rlim_max: want };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return Ok(());
+            }
+        }
+        ensure!(lim.rlim_max >= want, "the open-files hard limit is {}; this run needs {want}", lim.rlim_max);
+        lim.rlim_cur = want;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+            return Err(std::io::Error::last_os_error()).context("raising the open-files limit");
+        }
+    }
+    Ok(())
+}
+
+/// utime + stime of process `pid` (all its threads), if it exists.
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some(Duration::from_secs_f64(ticks as f64 / hz))
+}
+
+/// The children of process `pid` (from every process's parent PID in /proc).
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(child) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{child}/stat")) else { continue };
+        let ppid = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            out.push(child);
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+fn loadavg() -> String {
+    fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+}
+
+/// Sleeps `d` in small steps, checking for SIGINT.
+fn pause(d: Duration) -> Result<()> {
+    let until = Instant::now() + d;
+    while Instant::now() < until {
+        check_interrupted()?;
+        std::thread::sleep(Duration::from_millis(10).min(until.saturating_duration_since(Instant::now())));
+    }
+    Ok(())
+}
+
+/// Sends `sig` to `p` and waits up to `timeout` for it to exit; SIGKILL after that.
+fn stop_proc(mut p: Proc, sig: i32, timeout: Duration) -> Result<()> {
+    if p.try_wait()?.is_some() {
+        return Ok(());
+    }
+    p.signal(sig)?;
+    if p.wait(timeout).is_err() {
+        let _ = p.signal(libc::SIGKILL);
+        p.wait(Duration::from_secs(5))?;
+    }
+    Ok(())
+}
+
+/// Lines containing `needle` in every node log of the pair so far.
+fn node_log_count(pair: &Pair, needle: &str) -> usize {
+    pair.node_log_stems()
+        .iter()
+        .map(|stem| {
+            fs::read_to_string(pair.dir.0.join(format!("{stem}.log")))
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains(needle))
+                .count()
+        })
+        .sum()
+}
+
+/// Whether `host` has the VIP on its eth0.
+fn has_vip(pair: &Pair, host: &str) -> bool {
+    pair.tb
+        .exec(host, &["ip", "-o", "-4", "addr", "show", "dev", "eth0"])
+        .is_ok_and(|out| out.contains(&format!(" {VIP}/")))
+}
+
+/// Waits until a GET of `path` through the VIP from the client answers 200.
+fn wait_serving(pair: &Pair, path: &str, timeout: Duration) -> Result<()> {
+    let url = format!("http://{VIP}{path}");
+    let deadline = Instant::now() + timeout;
+    loop {
+        check_interrupted()?;
+        let code = pair.client(&["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "2", &url]);
+        if code.as_deref().is_ok_and(|c| c.trim() == "200") {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "{url} did not answer 200 from the client within {timeout:?}: {code:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// wrk.
+
+const WRK_SCRIPT: &str = r#"-- us-bench: one summary line that us-bench parses.
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "BENCH requests=%.0f duration_us=%.0f bytes=%.0f connect=%.0f read=%.0f write=%.0f status=%.0f timeout=%.0f p50_us=%.0f p99_us=%.0f p999_us=%.0f mean_us=%.1f max_us=%.0f\n",
+    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(99), latency:percentile(99.9), latency.mean, latency.max))
+end
+"#;
+
+/// What wrk measured for one point; latencies in µs.
+#[derive(Debug, Clone, Default)]
+struct WrkResult {
+    requests: u64,
+    secs: f64,
+    bytes: u64,
+    /// connect, read, write, status, timeout.
+    errors: [u64; 5],
+    p50: f64,
+    p99: f64,
+    p999: f64,
+    mean: f64,
+    max: f64,
+}
+
+impl WrkResult {
+    fn rps(&self) -> f64 {
+        if self.secs > 0.0 { self.requests as f64 / self.secs } else { 0.0 }
+    }
+    fn mbps(&self) -> f64 {
+        if self.secs > 0.0 { self.bytes as f64 / self.secs / 1e6 } else { 0.0 }
+    }
+    fn error_total(&self) -> u64 {
+        self.errors.iter().sum()
+    }
+    fn errors_text(&self) -> String {
+        let names = ["connect", "read", "write", "status", "timeout"];
+        let parts: Vec<String> =
+            names.iter().zip(self.errors).filter(|&(_, n)| n > 0).map(|(name, n)| format!("{n} {name}")).collect();
+        if parts.is_empty() { "0".into() } else { parts.join(", ") }
+    }
+
+    fn parse(out: &str) -> Result<WrkResult> {
+        let line =
+            out.lines().find(|l| l.starts_with("BENCH ")).with_context(|| format!("no summary from wrk:\n{out}"))?;
+        let kv: BTreeMap<&str, f64> = line
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|w| w.split_once('='))
+            .filter_map(|(k, v)| Some((k, v.parse().ok()?)))
+            .collect();
+        let get = |k: &str| kv.get(k).copied().with_context(|| format!("wrk summary without {k}: {line}"));
+        Ok(WrkResult {
+            requests: get("requests")? as u64,
+            secs: get("duration_us")? / 1e6,
+            bytes: get("bytes")? as u64,
+            errors: [
+                get("connect")? as u64,
+                get("read")? as u64,
+                get("write")? as u64,
+                get("status")? as u64,
+                get("timeout")? as u64,
+            ],
+            p50: get("p50_us")?,
+            p99: get("p99_us")?,
+            p999: get("p999_us")?,
+            mean: get("mean_us")?,
+            max: get("max_us")?,
+        })
+    }
+}
+
+/// Runs wrk in the client host against the VIP and parses its summary.
+fn run_wrk(pair: &Pair, dir: &Path, size: Size, mode: Mode, conns: u32, secs: u64, tag: &str) -> Result<WrkResult> {
+    let script = dir.join("summary.lua");
+    if !script.exists() {
+        fs::write(&script, WRK_SCRIPT)?;
+    }
+    let (t, c, d) = (conns.min(2).to_string(), conns.to_string(), format!("{secs}s"));
+    let url = format!("http://{VIP}{}", size.path());
+    let script = script.to_str().context("path")?.to_string();
+    let mut args = vec!["wrk", "-t", &t, "-c", &c, "-d", &d, "--timeout", "10s", "-s", &script];
+    if mode == Mode::Close {
+        args.extend(["-H", "Connection: close"]);
+    }
+    args.push(&url);
+    let log = dir.join(format!("wrk-{tag}.log"));
+    let mut p = pair.tb.spawn("wrk", "client", &args, &log)?;
+    let deadline = Instant::now() + Duration::from_secs(secs + 30);
+    loop {
+        check_interrupted()?;
+        if let Some(status) = p.try_wait()? {
+            ensure!(status.success(), "wrk exited with {status}: {}", p.log_text());
+            break;
+        }
+        ensure!(Instant::now() < deadline, "wrk did not finish within {} s: {}", secs + 30, p.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    WrkResult::parse(&p.log_text())
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The throughput matrix.
+
+#[derive(Debug, Clone)]
+struct Point {
+    proxy: Proxy,
+    size: Size,
+    mode: Mode,
+    conns: u32,
+    wrk: WrkResult,
+    /// CPU time of each proxy process over the point.
+    cpu: Vec<(String, Duration)>,
+    /// Something that makes the point doubtful (the pair lost its protection during it).
+    note: Option<String>,
+}
+
+impl Point {
+    fn cpu_total(&self) -> Duration {
+        self.cpu.iter().map(|c| c.1).sum()
+    }
+    fn cpu_per_request_us(&self) -> f64 {
+        if self.wrk.requests == 0 { f64::NAN } else { self.cpu_total().as_secs_f64() * 1e6 / self.wrk.requests as f64 }
+    }
+}
+
+/// The processes whose CPU a point counts: (name, PID).
+type Pids = Vec<(String, u32)>;
+
+fn cpu_snapshot(pids: &Pids) -> Vec<Duration> {
+    pids.iter().map(|(_, p)| cpu_time(*p).unwrap_or_default()).collect()
+}
+
+/// Makes sure the pair is protected: restarts a spare if there is none, takes note of a backup that took over
+/// unasked (then the old primary is gone and a new spare joins), and waits for both `/status`.
+fn ensure_protected(pair: &mut Pair, clock: &Clock) -> Result<()> {
+    if pair.backup.is_some() && pair.status(pair.backup_host()).is_ok_and(|s| s["role"] == "primary") {
+        clock.line("the backup took over unasked (the primary was judged dead under load); a new spare joins");
+        pair.promoted()?;
+    }
+    if pair.backup.is_none() {
+        pair.start_spare()?;
+    }
+    pair.wait_protected(Duration::from_secs(90))
+}
+
+fn understudy_pids(pair: &Pair, proxy: Proxy) -> Pids {
+    let mut pids = Vec::new();
+    if let Some(p) = &pair.primary {
+        pids.push(("primary".to_string(), p.pid()));
+    }
+    if proxy == Proxy::B
+        && let Some(b) = &pair.backup
+    {
+        pids.push(("backup".to_string(), b.pid()));
+    }
+    pids
+}
+
+fn nginx_pids(master: &Proc) -> Pids {
+    let mut pids = vec![("nginx master".to_string(), master.pid())];
+    pids.extend(children(master.pid()).into_iter().map(|p| ("nginx worker".to_string(), p)));
+    pids
+}
+
+/// Runs every point of the matrix against the proxy now on the VIP.
+fn run_matrix(
+    s: &Settings,
+    pair: &mut Pair,
+    clock: &Clock,
+    proxy: Proxy,
+    nginx: Option<&Proc>,
+    points: &mut Vec<Point>,
+) -> Result<()> {
+    let dir = pair.dir.0.clone();
+    for &size in &s.sizes {
+        for &mode in &s.modes {
+            for &conns in &s.concurrency {
+                check_interrupted()?;
+                if proxy == Proxy::B {
+                    ensure_protected(pair, clock)?;
+                }
+                let tag = format!("{}-{size:?}-{mode:?}-{conns}", proxy.short());
+                if s.warmup > 0 {
+                    run_wrk(pair, &dir, size, mode, conns, s.warmup, &format!("{tag}-warmup"))?;
+                }
+                let pids = match nginx {
+                    Some(n) => nginx_pids(n),
+                    None => understudy_pids(pair, proxy),
+                };
+                let suspected = node_log_count(pair, "backup suspected");
+                let epoch = pair.status(pair.primary_host).map(|st| st["epoch"].clone()).unwrap_or(Value::Null);
+                let before = cpu_snapshot(&pids);
+                let wrk = run_wrk(pair, &dir, size, mode, conns, s.duration, &tag)?;
+                let after = cpu_snapshot(&pids);
+                let cpu = pids
+                    .iter()
+                    .zip(before.iter().zip(&after))
+                    .map(|((name, _), (b, a))| (name.clone(), a.saturating_sub(*b)))
+                    .collect();
+                let mut note = None;
+                if proxy == Proxy::B {
+                    let primary = pair.status(pair.primary_host).ok();
+                    let backup = pair.status(pair.backup_host()).ok();
+                    let still = primary.as_ref().is_some_and(|p| p["peer"] == "connected" && p["epoch"] == epoch)
+                        && backup.as_ref().is_some_and(|b| b["role"] == "backup" && b["peer"] == "connected");
+                    let lost = node_log_count(pair, "backup suspected") - suspected;
+                    if !still || lost > 0 {
+                        note = Some(format!(
+                            "the pair lost its protection during this point (backup suspected {lost} times; after it: \
+                             primary peer {}, backup role {})",
+                            primary.as_ref().map_or(Value::Null, |p| p["peer"].clone()),
+                            backup.as_ref().map_or(Value::Null, |b| b["role"].clone())
+                        ));
+                    }
+                }
+                let p = Point { proxy, size, mode, conns, wrk, cpu, note };
+                clock.line(&format!(
+                    "{} {} {} c={conns}: {:.0} req/s ({:.1} MB/s), p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs, CPU \
+                     {:.1} µs/request, errors {}{}",
+                    proxy.label(),
+                    size.label(),
+                    mode.label(),
+                    p.wrk.rps(),
+                    p.wrk.mbps(),
+                    p.wrk.p50,
+                    p.wrk.p99,
+                    p.wrk.p999,
+                    p.cpu_per_request_us(),
+                    p.wrk.errors_text(),
+                    p.note.as_ref().map(|n| format!(" — {n}")).unwrap_or_default()
+                ));
+                points.push(p);
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Failover under load.
+
+#[derive(Debug, Clone)]
+struct FailoverResult {
+    label: String,
+    record: LoadRecord,
+    conns: usize,
+    /// The kill, relative to the load's start.
+    kill_at: Duration,
+    /// The first bucket starts this long before the kill.
+    lead: Duration,
+    /// Completions per [`BUCKET`] from `kill_at - lead` to the end.
+    buckets: Vec<u64>,
+    baseline_rps: f64,
+    recovery: Recovery,
+    rst_on_wire: Option<u64>,
+    /// What the surviving side reported: understudy's failovers[] entry, or when the VIP appeared on the
+    /// keepalived backup.
+    takeover: Value,
+    takeover_text: String,
+}
+
+impl FailoverResult {
+    #[allow(clippy::too_many_arguments)]
+    fn analyse(
+        label: &str,
+        record: LoadRecord,
+        conns: usize,
+        kill_at: Duration,
+        before: Duration,
+        rst_on_wire: Option<u64>,
+        takeover: Value,
+        takeover_text: String,
+    ) -> FailoverResult {
+        // The baseline: up to 3 s before the kill, leaving out the load's first second.
+        let lead = before.saturating_sub(Duration::from_secs(1)).min(Duration::from_secs(3));
+        let lead = BUCKET * (lead.as_millis() / BUCKET.as_millis()) as u32;
+        let times = record.times();
+        let buckets = per_bucket(&times, kill_at - lead, record.ended, BUCKET);
+        let n_before = (lead.as_millis() / BUCKET.as_millis()) as usize;
+        let base: &[u64] = &buckets[..n_before.min(buckets.len())];
+        let baseline = if base.is_empty() { 0.0 } else { base.iter().sum::<u64>() as f64 / base.len() as f64 };
+        let recovery = recovery(buckets.get(n_before..).unwrap_or(&[]), baseline, RECOVERED, RECOVERY_WINDOW);
+        FailoverResult {
+            label: label.into(),
+            record,
+            conns,
+            kill_at,
+            lead,
+            buckets,
+            baseline_rps: baseline / BUCKET.as_secs_f64(),
+            recovery,
+            rst_on_wire,
+            takeover,
+            takeover_text,
+        }
+    }
+
+    fn errors(&self) -> usize {
+        self.record.failed.len()
+    }
+    fn resets(&self) -> usize {
+        self.record.count(Failure::Reset)
+    }
+    fn stall(&self) -> Duration {
+        self.record.longest_wait().0
+    }
+    fn gap(&self) -> Duration {
+        longest_gap(&self.record.times(), self.kill_at - self.lead, self.record.ended).0
+    }
+    fn recovery_text(&self) -> String {
+        match self.recovery {
+            Recovery::NoDip => "no dip below 90 %".into(),
+            Recovery::After(k) => format!("{:.0} ms", ms(BUCKET * k as u32)),
+            Recovery::Never => format!("not within {:.1} s", (self.record.ended - self.kill_at).as_secs_f64()),
+        }
+    }
+    fn recovery_ms(&self) -> Option<f64> {
+        match self.recovery {
+            Recovery::NoDip => Some(0.0),
+            Recovery::After(k) => Some(ms(BUCKET * k as u32)),
+            Recovery::Never => None,
+        }
+    }
+    /// (seconds from the kill at the bucket's middle, requests/s).
+    fn series(&self) -> Vec<(f64, f64)> {
+        let w = BUCKET.as_secs_f64();
+        self.buckets
+            .iter()
+            .enumerate()
+            .map(|(k, &c)| ((k as f64 + 0.5) * w - self.lead.as_secs_f64(), c as f64 / w))
+            .collect()
+    }
+
+    /// Prints the throughput per 100 ms from 1 s before the kill to 3 s after it.
+    fn print_series(&self) {
+        println!("  {}: requests per 100 ms (10 per line), from 1 s before the kill:", self.label);
+        let start = self.lead.saturating_sub(Duration::from_secs(1));
+        let first = (start.as_millis() / BUCKET.as_millis()) as usize;
+        let rows: Vec<&u64> = self.buckets.iter().skip(first).take(40).collect();
+        for (i, row) in rows.chunks(10).enumerate() {
+            let t = i as f64 - 1.0;
+            let cells: Vec<String> = row.iter().map(|c| format!("{c:>5}")).collect();
+            println!("    {t:+.1} s {}", cells.join(""));
+        }
+    }
+
+    fn write_csv(&self, out: &Path, stem: &str) -> Result<()> {
+        let mut s = String::from("t_from_kill_s,requests_per_s\n");
+        for (t, r) in self.series() {
+            let _ = writeln!(s, "{t:.2},{r:.0}");
+        }
+        fs::write(out.join(format!("{stem}.csv")), s)?;
+        let mut s = String::from("completed_at_s_from_kill,conn,latency_ms,attempts\n");
+        for d in &self.record.done {
+            let t = d.at.as_secs_f64() - self.kill_at.as_secs_f64();
+            let _ = writeln!(s, "{t:.6},{},{:.3},{}", d.conn, ms(d.latency), d.attempts);
+        }
+        fs::write(out.join(format!("{stem}-requests.csv")), s)?;
+        let mut s = String::from("at_s_from_kill,conn,kind,connecting,error\n");
+        for f in &self.record.failed {
+            let t = f.at.as_secs_f64() - self.kill_at.as_secs_f64();
+            let _ =
+                writeln!(s, "{t:.6},{},{},{},\"{}\"", f.conn, f.kind.name(), f.connecting, f.text.replace('"', "'"));
+        }
+        fs::write(out.join(format!("{stem}-errors.csv")), s)?;
+        Ok(())
+    }
+
+    fn json(&self) -> Value {
+        let kinds: BTreeMap<&str, usize> = Failure::ALL.iter().map(|&k| (k.name(), self.record.count(k))).collect();
+        let (stall, stall_began) = self.record.longest_wait();
+        json!({
+            "label": self.label,
+            "connections": self.conns,
+            "requests": self.record.done.len(),
+            "failed_attempts": self.errors(),
+            "failed_by_kind": kinds,
+            "requests_retried": self.record.retried(),
+            "connects": self.record.connects,
+            "rst_segments_from_vip": self.rst_on_wire,
+            "longest_stall_ms": ms(stall),
+            "longest_stall_began_s_from_kill": stall_began.as_secs_f64() - self.kill_at.as_secs_f64(),
+            "longest_gap_ms": ms(self.gap()),
+            "baseline_rps": self.baseline_rps,
+            "recovery_90_ms": self.recovery_ms(),
+            "takeover": self.takeover,
+        })
+    }
+}
+
+/// The failover load running on the VIP, with the client-side RST capture.
+struct FailoverLoad {
+    label: String,
+    load: Load,
+    capture: Option<Capture>,
+    kill_at: Option<Duration>,
+}
+
+impl FailoverLoad {
+    fn start(s: &Settings, pair: &Pair, clock: &Clock, label: &str, stem: &str) -> Result<FailoverLoad> {
+        let size = s.failover_size;
+        let spec = LoadSpec {
+            addr: format!("{VIP}:{PORT}").parse()?,
+            host: VIP.into(),
+            path: size.path().into(),
+            body: size.body(),
+            conns: s.failover_conns,
+            timeout: Duration::from_secs(30),
+            retry_pause: Duration::from_millis(10),
+        };
+        let pcap = pair.dir.0.join(format!("{stem}-rst.pcap"));
+        let capture = match Capture::start(&pair.tb, "client", "eth0", RST_FILTER, 128, &pcap) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                clock.line(&format!("no RST capture ({e:#}); resets are counted by the client only"));
+                None
+            }
+        };
+        let load = Load::start(&pair.tb.ns("client"), spec)?;
+        Ok(FailoverLoad { label: label.into(), load, capture, kill_at: None })
+    }
+
+    /// Lets the load run until `until` after its start, with a progress line every second.
+    fn run_until(&self, clock: &Clock, until: Duration, what: &str) -> Result<()> {
+        let mut next = Instant::now() + Duration::from_secs(1);
+        let mut last = self.load.live.done.load(Ordering::Relaxed);
+        while self.load.base.elapsed() < until {
+            check_interrupted()?;
+            ensure!(!self.load.is_finished(), "the load stopped early");
+            if Instant::now() >= next {
+                next += Duration::from_secs(1);
+                let done = self.load.live.done.load(Ordering::Relaxed);
+                clock.line(&format!(
+                    "{} {what}: {} requests/s, {} failed attempts so far",
+                    self.label,
+                    done - last,
+                    self.load.live.failed.load(Ordering::Relaxed)
+                ));
+                last = done;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
+    /// Marks the kill (called right before it); returns its time since the load's start.
+    fn mark_kill(&mut self) -> Duration {
+        let at = self.load.base.elapsed();
+        self.kill_at = Some(at);
+        at
+    }
+
+    /// Stops the load and the capture; analyses.
+    fn finish(self, s: &Settings, clock: &Clock, takeover: Value, takeover_text: String) -> Result<FailoverResult> {
+        let kill_at = self.kill_at.context("the load ended before the kill")?;
+        let record = self.load.stop()?;
+        let rst = match self.capture {
+            Some(c) => Some(c.stop()?.captured),
+            None => None,
+        };
+        let label = self.label;
+        let r = FailoverResult::analyse(
+            &label,
+            record,
+            s.failover_conns,
+            kill_at,
+            Duration::from_secs(s.before),
+            rst,
+            takeover,
+            takeover_text,
+        );
+        r.print_series();
+        clock.line(&format!(
+            "{label}: {} requests, {} failed attempts ({} resets), {} RST from the VIP on the wire, longest stall \
+             {:.0} ms, longest time without a completion {:.0} ms, back to 90 % of {:.0} req/s: {}",
+            r.record.done.len(),
+            r.errors(),
+            r.resets(),
+            r.rst_on_wire.map_or("?".into(), |n| n.to_string()),
+            ms(r.stall()),
+            ms(r.gap()),
+            r.baseline_rps,
+            r.recovery_text()
+        ));
+        Ok(r)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The takeover's scale.
+
+#[derive(Debug, Clone)]
+struct ScalePoint {
+    n: u64,
+    opened: usize,
+    open_failed: usize,
+    protected_before: u64,
+    failover: Value,
+    report: bench_load::IdleReport,
+}
+
+fn scale_point(pair: &mut Pair, clock: &Clock, n: u64) -> Result<ScalePoint> {
+    ensure_protected(pair, clock)?;
+    let spec = IdleSpec {
+        addr: format!("{VIP}:{PORT}").parse()?,
+        host: VIP.into(),
+        path: Size::K1.path().into(),
+        body: Size::K1.body(),
+        count: n as usize,
+        concurrency: 100,
+        timeout: Duration::from_secs(30),
+    };
+    let idle = IdleConns::open(&pair.tb.ns("client"), spec)?;
+    let deadline = Instant::now() + Duration::from_secs(60) + Duration::from_millis(20) * n as u32;
+    let mut next = Instant::now() + Duration::from_secs(1);
+    while !idle.settled() {
+        check_interrupted()?;
+        ensure!(!idle.is_finished(), "the idle connections' client stopped early");
+        ensure!(Instant::now() < deadline, "the {n} idle connections did not open in time ({:?})", idle.opening());
+        if Instant::now() >= next {
+            next += Duration::from_secs(1);
+            clock.line(&format!("scale {n}: {} connections open", idle.opening().0));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (opened, open_failed) = idle.opening();
+    // The primary counts them protected once the backup holds them.
+    let st = pair.wait_status(pair.primary_host, "the connections to be protected", Duration::from_secs(60), |st| {
+        st["connections"]["protected"].as_u64().is_some_and(|p| p >= opened as u64)
+    });
+    let protected_before = match st {
+        Ok(st) => st["connections"]["protected"].as_u64().unwrap_or(0),
+        Err(_) => {
+            let st = pair.status(pair.primary_host)?;
+            clock.line(&format!("scale {n}: not every connection is protected: {}", st["connections"]));
+            st["connections"]["protected"].as_u64().unwrap_or(0)
+        }
+    };
+    pause(Duration::from_millis(500))?;
+    pair.wait_protected(Duration::from_secs(30))?;
+    clock.line(&format!("scale {n}: {opened} open ({protected_before} protected); killing the primary (kill -9)"));
+    pair.kill_primary()?;
+    let taken = pair.wait_taken_over(Duration::from_secs(90))?;
+    pair.promoted()?;
+    let f = taken["failovers"].as_array().and_then(|f| f.last()).cloned().unwrap_or(Value::Null);
+    clock.line(&format!(
+        "scale {n}: taken over: restore {:.1} ms, total {:.1} ms, {} restored, {} lost; second request on each",
+        f["restore_ms"].as_f64().unwrap_or(f64::NAN),
+        f["total_ms"].as_f64().unwrap_or(f64::NAN),
+        f["connections_restored"],
+        f["connections_lost"]
+    ));
+    idle.second_round();
+    let deadline = Instant::now() + Duration::from_secs(90) + Duration::from_millis(5) * n as u32;
+    while idle.second_done() < opened {
+        check_interrupted()?;
+        if Instant::now() >= deadline {
+            clock.line(&format!("scale {n}: only {} of {opened} second requests finished in time", idle.second_done()));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let report = idle.finish()?;
+    clock.line(&format!(
+        "scale {n}: second requests {} ok, {} failed, {} broke while idle; p50 {:.1} ms, max {:.1} ms",
+        report.second_ok,
+        report.second_failed,
+        report.broke_while_idle,
+        ms(percentile(&report.second_latency, 50.0)),
+        ms(report.second_latency.last().copied().unwrap_or_default())
+    ));
+    // The clients closed their connections; let the new primary see them go before the next point.
+    let _ = pair.wait_status(pair.primary_host, "the closed connections to go", Duration::from_secs(30), |st| {
+        st["connections"]["total"].as_u64().is_some_and(|t| t < 10)
+    });
+    Ok(ScalePoint { n, opened, open_failed, protected_before, failover: f, report })
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// nginx and keepalived.
+
+/// Starts nginx as a reverse proxy to the origin on `host` (port 80, every address), two workers.
+fn start_nginx_proxy(pair: &Pair, host: &str) -> Result<Proc> {
+    let d = pair.dir.0.join(format!("nginx-proxy-{host}"));
+    fs::create_dir_all(&d)?;
+    let dd = d.display();
+    let conf = format!(
+        "daemon off;\nmaster_process on;\nworker_processes 2;\npid {dd}/nginx.pid;\nerror_log {dd}/error.log warn;\n\
+         worker_rlimit_nofile 65536;\nevents {{ worker_connections 16384; }}\n\
+         http {{\n  access_log {dd}/access.log;\n  client_body_temp_path {dd}/body;\n  proxy_temp_path {dd}/proxy;\n\
+         fastcgi_temp_path {dd}/fastcgi;\n  uwsgi_temp_path {dd}/uwsgi;\n  scgi_temp_path {dd}/scgi;\n\
+         keepalive_requests 1000000;\n  keepalive_timeout 75s;\n\
+         upstream origin {{ server {ORIGIN}; keepalive 64; }}\n\
+         server {{\n    listen {PORT} backlog=4096;\n    location / {{\n      proxy_pass http://origin;\n\
+         proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_set_header Host $host;\n\
+         proxy_buffers 16 16k;\n      proxy_max_temp_file_size 0;\n    }}\n  }}\n}}\n"
+    );
+    let conf_path = d.join("nginx.conf");
+    fs::write(&conf_path, conf)?;
+    let p = d.to_str().context("path")?;
+    let c = conf_path.to_str().context("path")?;
+    let mut proc = pair.tb.spawn("nginx proxy", host, &["nginx", "-p", p, "-c", c], &d.join("stdout.log"))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        check_interrupted()?;
+        if let Some(status) = proc.try_wait()? {
+            bail!("nginx on {host} exited ({status}): {}", fs::read_to_string(d.join("error.log")).unwrap_or_default());
+        }
+        let listening = pair.tb.exec(host, &["ss", "-Hltn", &format!("sport = :{PORT}")])?;
+        if !listening.trim().is_empty() && children(proc.pid()).len() >= 2 {
+            return Ok(proc);
+        }
+        ensure!(Instant::now() < deadline, "nginx on {host} did not listen within 10 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Starts keepalived (VRRP only) on `host` for the VIP on eth0.
+fn start_keepalived(pair: &Pair, host: &str, master: bool) -> Result<Proc> {
+    let d = pair.dir.0.join(format!("keepalived-{host}"));
+    fs::create_dir_all(&d)?;
+    let conf = format!(
+        "global_defs {{\n  router_id us_bench_{host}\n  vrrp_version 3\n}}\n\
+         vrrp_instance VI_BENCH {{\n  state {state}\n  interface eth0\n  virtual_router_id 51\n  priority {prio}\n\
+         advert_int 0.01\n  virtual_ipaddress {{\n    {VIP}/24 dev eth0\n  }}\n}}\n",
+        state = if master { "MASTER" } else { "BACKUP" },
+        prio = if master { 150 } else { 100 }
+    );
+    let conf_path = d.join("keepalived.conf");
+    fs::write(&conf_path, conf)?;
+    let path = |name: &str| d.join(name).to_str().map(str::to_owned).context("path");
+    let args = [
+        "keepalived".to_string(),
+        "--dont-fork".into(),
+        "--log-console".into(),
+        "--log-detail".into(),
+        "--no-syslog".into(),
+        "--dont-respawn".into(),
+        "--vrrp".into(),
+        "--use-file".into(),
+        path("keepalived.conf")?,
+        "--pid".into(),
+        path("keepalived.pid")?,
+        "--vrrp_pid".into(),
+        path("vrrp.pid")?,
+        "--checkers_pid".into(),
+        path("checkers.pid")?,
+        "--bfd_pid".into(),
+        path("bfd.pid")?,
+    ];
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut proc = pair.tb.spawn("keepalived", host, &argv, &d.join("keepalived.log"))?;
+    let want = if master { "Entering MASTER STATE" } else { "Entering BACKUP STATE" };
+    proc.wait_for_log(want, Duration::from_secs(15))?;
+    Ok(proc)
+}
+
+/// Removes what the nodes may have left in `host` (its own namespace of this run's test bed): iptables,
+/// arptables and nftables rules and the VIP.
+fn clear_host(pair: &Pair, host: &str) -> Result<()> {
+    let script = format!(
+        "for t in raw mangle nat filter; do iptables -t $t -F 2>/dev/null; iptables -t $t -X 2>/dev/null; done; \
+         arptables -F 2>/dev/null; nft flush ruleset 2>/dev/null; \
+         ip addr del {VIP}/24 dev eth0 2>/dev/null; true"
+    );
+    pair.tb.exec(host, &["sh", "-c", &script]).map(drop)
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The run.
+
+fn bench(s: &Settings) -> Result<bool> {
+    let clock = Clock(Instant::now());
+    let started_wall = std::process::Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output();
+    let started_wall = started_wall.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+    let load_start = loadavg();
+    let max_scale = if s.has(Phase::Scale) { s.scale.iter().copied().max().unwrap_or(0) } else { 0 };
+    raise_open_files(max_scale + 8192)?;
+    fs::create_dir_all(&s.out).with_context(|| format!("creating {}", s.out.display()))?;
+
+    let id = unique_id('b');
+    let dir = std::env::temp_dir().join(format!("understudy-{id}-{}", std::process::id()));
+    let config = dir.join("bench.toml");
+    let opts = PairOptions {
+        node_flags: vec!["--config".into(), config.to_str().context("path")?.into()],
+        ..PairOptions::default()
+    };
+    clock.line(&format!("test bed {id}: origin nginx (1k.bin, 1m.bin), primary on server, backup on spare"));
+    let mut pair = Pair::up(&id, &opts, |www| {
+        let scratch = www.parent().context("www has no parent")?;
+        fs::write(
+            scratch.join("bench.toml"),
+            format!("[limits]\nidle_timeout = \"30m\"\nmax_connections = {}\n", max_scale + 4096),
+        )?;
+        for size in [Size::K1, Size::M1] {
+            pattern::write_file(&www.join(&size.path()[1..]), size.key(), size.len())?;
+        }
+        check_interrupted()
+    })?;
+    ensure!(pair.dir.0 == dir, "the scratch directory is {}, not {}", pair.dir.0.display(), dir.display());
+    if std::env::var_os("UNDERSTUDY_KEEP").is_some() {
+        clock.line(&format!("scratch directory (kept): {}", dir.display()));
+    }
+    // Connection-per-request points open tens of thousands of connections.
+    pair.client(&["sh", "-c", "echo '10000 64999' > /proc/sys/net/ipv4/ip_local_port_range"])?;
+    wait_serving(&pair, Size::K1.path(), Duration::from_secs(10))?;
+
+    let mut points: Vec<Point> = Vec::new();
+    let mut loads: Vec<(String, String)> = vec![("start".into(), load_start)];
+    let mut fail_d = None;
+    let mut fail_e = None;
+    let mut scale = Vec::new();
+
+    if s.has(Phase::B) {
+        loads.push(("(b)".into(), loadavg()));
+        clock.line("(b) the replicated pair");
+        run_matrix(s, &mut pair, &clock, Proxy::B, None, &mut points)?;
+    }
+    if s.has(Phase::A) {
+        loads.push(("(a)".into(), loadavg()));
+        clock.line("(a) the primary alone: killing the backup");
+        if pair.backup.is_some() {
+            pair.kill_backup()?;
+        }
+        pair.wait_status(pair.primary_host, "the primary to serve unprotected", Duration::from_secs(10), |st| {
+            st["peer"] == "none"
+        })?;
+        run_matrix(s, &mut pair, &clock, Proxy::A, None, &mut points)?;
+    }
+    if s.has(Phase::D) {
+        loads.push(("(d)".into(), loadavg()));
+        clock.line("(d) failover of the pair under load");
+        ensure_protected(&mut pair, &clock)?;
+        pause(Duration::from_secs(1))?;
+        pair.wait_protected(Duration::from_secs(30))?;
+        let backup_host = pair.backup_host();
+        let mut fl = FailoverLoad::start(s, &pair, &clock, "(d) understudy pair", "failover-d")?;
+        fl.run_until(&clock, Duration::from_secs(s.before), "before the kill")?;
+        let kill_at = fl.mark_kill();
+        let killed = Instant::now();
+        pair.kill_primary()?;
+        clock.line("(d) understudy pair: KILLED the primary (kill -9)");
+        let st = pair.wait_status(backup_host, "the backup to take over", Duration::from_secs(60), |st| {
+            st["role"] == "primary" && st["failovers"].as_array().is_some_and(|f| !f.is_empty())
+        })?;
+        let f = st["failovers"].as_array().and_then(|f| f.last()).cloned().unwrap_or(Value::Null);
+        let num = |k: &str| f[k].as_f64().unwrap_or(f64::NAN);
+        let text = format!(
+            "the backup serves as primary (seen {:.0} ms after the kill): detection {:.1} ms, fencing {:.1} ms, \
+             restore {:.1} ms, total {:.1} ms, {} connections restored, {} lost",
+            ms(killed.elapsed()),
+            num("detection_ms"),
+            num("fencing_ms"),
+            num("restore_ms"),
+            num("total_ms"),
+            f["connections_restored"],
+            f["connections_lost"]
+        );
+        clock.line(&format!("(d) understudy pair: {text}"));
+        fl.run_until(&clock, kill_at + Duration::from_secs(s.after), "after the kill")?;
+        let r = fl.finish(s, &clock, f, text)?;
+        pair.promoted()?;
+        fail_d = Some(r);
+    }
+    if s.has(Phase::Scale) {
+        loads.push(("scale".into(), loadavg()));
+        for &n in &s.scale {
+            check_interrupted()?;
+            clock.line(&format!("takeover scale: {n} idle keep-alive connections"));
+            scale.push(scale_point(&mut pair, &clock, n)?);
+        }
+    }
+
+    // The nginx side: the nodes stop (cleanly), their hosts are cleared, nginx takes the primary's place.
+    let mut nginx_server = None;
+    if s.has(Phase::C) || s.has(Phase::E) {
+        clock.line("stopping the understudy nodes; nginx takes their hosts");
+        if let Some(b) = pair.backup.take() {
+            stop_proc(b, libc::SIGTERM, Duration::from_secs(10))?;
+        }
+        if let Some(p) = pair.primary.take() {
+            stop_proc(p, libc::SIGTERM, Duration::from_secs(20))?;
+        }
+        for host in ["server", "spare"] {
+            clear_host(&pair, host)?;
+        }
+        nginx_server = Some(start_nginx_proxy(&pair, "server")?);
+    }
+    if s.has(Phase::C) {
+        loads.push(("(c)".into(), loadavg()));
+        clock.line("(c) nginx as a reverse proxy on server");
+        pair.tb.vip("server")?;
+        wait_serving(&pair, Size::K1.path(), Duration::from_secs(10))?;
+        let nginx = nginx_server.as_ref().context("no nginx")?;
+        run_matrix(s, &mut pair, &clock, Proxy::C, Some(nginx), &mut points)?;
+        pair.tb.exec("server", &["ip", "addr", "del", &format!("{VIP}/24"), "dev", "eth0"])?;
+    }
+    if s.has(Phase::E) {
+        loads.push(("(e)".into(), loadavg()));
+        clock.line("(e) failover of nginx + keepalived under load");
+        let nginx_spare = start_nginx_proxy(&pair, "spare")?;
+        let ka_server = start_keepalived(&pair, "server", true)?;
+        let ka_spare = start_keepalived(&pair, "spare", false)?;
+        ensure!(has_vip(&pair, "server") && !has_vip(&pair, "spare"), "the VIP is not on the keepalived master");
+        wait_serving(&pair, Size::K1.path(), Duration::from_secs(10))?;
+        pause(Duration::from_secs(1))?;
+        let nginx = nginx_server.take().context("no nginx on server")?;
+        let mut victims: Vec<u32> = children(nginx.pid());
+        victims.push(nginx.pid());
+        victims.extend(children(ka_server.pid()));
+        victims.push(ka_server.pid());
+        let mut fl = FailoverLoad::start(s, &pair, &clock, "(e) nginx + keepalived", "failover-e")?;
+        fl.run_until(&clock, Duration::from_secs(s.before), "before the kill")?;
+        let kill_at = fl.mark_kill();
+        let killed = Instant::now();
+        for &pid in &victims {
+            // SAFETY: kill(2) on processes this run started (nginx and keepalived on server, and their children),
+            // not yet reaped.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+        clock.line("(e) nginx + keepalived: KILLED the master's nginx and keepalived (kill -9)");
+        let deadline = killed + Duration::from_secs(30);
+        while !has_vip(&pair, "spare") {
+            check_interrupted()?;
+            ensure!(Instant::now() < deadline, "the keepalived backup did not take the VIP within 30 s");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let t = ms(killed.elapsed());
+        let text = format!("the VIP is on the keepalived backup {t:.0} ms after the kill (polled)");
+        clock.line(&format!("(e) nginx + keepalived: {text}"));
+        fl.run_until(&clock, kill_at + Duration::from_secs(s.after), "after the kill")?;
+        let r = fl.finish(s, &clock, json!({ "vip_on_backup_ms": t }), text)?;
+        fail_e = Some(r);
+        drop((nginx, ka_server, ka_spare, nginx_spare));
+    }
+    drop(nginx_server);
+    loads.push(("end".into(), loadavg()));
+
+    let report = Report { s, started_wall, loads, points, fail_d, fail_e, scale };
+    report.write(&s.out)?;
+    clock.line(&format!("report: {}", s.out.join("report.md").display()));
+    println!();
+    println!("{}", report.targets_text());
+    Ok(true)
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The report.
+
+struct Report<'a> {
+    s: &'a Settings,
+    started_wall: String,
+    loads: Vec<(String, String)>,
+    points: Vec<Point>,
+    fail_d: Option<FailoverResult>,
+    fail_e: Option<FailoverResult>,
+    scale: Vec<ScalePoint>,
+}
+
+fn cmd_out(program: &str, args: &[&str]) -> String {
+    std::process::Command::new(program)
+        .args(args)
+        .output()
+        .map(|o| {
+            let mut t = String::from_utf8_lossy(&o.stdout).into_owned();
+            t.push_str(&String::from_utf8_lossy(&o.stderr));
+            t.lines().next().unwrap_or_default().trim().to_string()
+        })
+        .unwrap_or_default()
+}
+
+fn fmt_us(us: f64) -> String {
+    if !us.is_finite() {
+        "–".into()
+    } else if us.abs() >= 10_000.0 {
+        format!("{:.1} ms", us / 1e3)
+    } else if us.abs() >= 1000.0 {
+        format!("{:.2} ms", us / 1e3)
+    } else {
+        format!("{us:.0} µs")
+    }
+}
+
+fn fmt_rps(r: f64) -> String {
+    if r >= 100.0 { format!("{r:.0}") } else { format!("{r:.1}") }
+}
+
+/// A row of the failover table: how to show one result.
+type FailoverCell = Box<dyn Fn(&FailoverResult) -> String>;
+
+/// One target's outcome: the line for the report.
+struct Verdict {
+    met: bool,
+    text: String,
+}
+
+impl Report<'_> {
+    fn point(&self, proxy: Proxy, size: Size, mode: Mode, conns: u32) -> Option<&Point> {
+        self.points.iter().find(|p| p.proxy == proxy && p.size == size && p.mode == mode && p.conns == conns)
+    }
+
+    fn machine(&self) -> Vec<(String, String)> {
+        let cpu = fs::read_to_string("/proc/cpuinfo")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))
+            .unwrap_or_else(|| "?".into());
+        let mem = fs::read_to_string("/proc/meminfo")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:").map(|v| v.trim().to_string()))
+            .unwrap_or_default();
+        let nproc = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+        let root = workspace_root();
+        let root = root.to_str().unwrap_or(".");
+        let commit = cmd_out("git", &["-C", root, "rev-parse", "--short", "HEAD"]);
+        // The build is of the work tree: say so when the nodes' code differs from the commit.
+        let dirty = std::process::Command::new("git")
+            .args(["-C", root, "status", "--porcelain", "--", "primary", "backup", "shared", "tcp-replay"])
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout).lines().map(|l| l[3.min(l.len())..].to_string()).collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        let dirty = if dirty.is_empty() {
+            String::new()
+        } else {
+            format!(", with uncommitted changes in {}", dirty.join(", "))
+        };
+        vec![
+            ("date".into(), self.started_wall.clone()),
+            ("nproc".into(), nproc.to_string()),
+            ("CPU".into(), cpu),
+            ("memory".into(), mem),
+            ("kernel".into(), fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().into()),
+            ("understudy".into(), format!("commit {commit}{dirty} (release build of the work tree)")),
+            ("wrk".into(), cmd_out("wrk", &["-v"])),
+            ("nginx".into(), cmd_out("nginx", &["-v"])),
+            ("keepalived".into(), cmd_out("keepalived", &["--version"])),
+            (
+                "load average (1, 5, 15 min)".into(),
+                self.loads.iter().map(|(w, l)| format!("{w}: {l}")).collect::<Vec<_>>().join("; "),
+            ),
+        ]
+    }
+
+    /// The targets of issue 5, judged on what was measured.
+    fn verdicts(&self) -> Vec<(String, Vec<Verdict>)> {
+        let mut out = Vec::new();
+        let ka = Mode::KeepAlive;
+        for (size, floor) in [(Size::K1, 0.80), (Size::M1, 0.95)] {
+            let mut v = Vec::new();
+            for &c in &self.s.concurrency {
+                if let (Some(a), Some(b)) = (self.point(Proxy::A, size, ka, c), self.point(Proxy::B, size, ka, c)) {
+                    let ratio = b.wrk.rps() / a.wrk.rps();
+                    let met = ratio >= floor;
+                    v.push(Verdict {
+                        met,
+                        text: format!(
+                            "c={c}: (b) {} req/s is {:.1} % of (a) {} req/s{}",
+                            fmt_rps(b.wrk.rps()),
+                            ratio * 100.0,
+                            fmt_rps(a.wrk.rps()),
+                            if met {
+                                String::new()
+                            } else {
+                                format!(" — missed by {:.1} points", (floor - ratio) * 100.0)
+                            }
+                        ),
+                    });
+                }
+            }
+            if !v.is_empty() {
+                out.push((format!("(b) ≥ {:.0} % of (a), {} keep-alive", floor * 100.0, size.label()), v));
+            }
+        }
+        let mut v = Vec::new();
+        for b in self.points.iter().filter(|p| p.proxy == Proxy::B) {
+            if let Some(c) = self.point(Proxy::C, b.size, b.mode, b.conns) {
+                let ratio = b.wrk.rps() / c.wrk.rps();
+                let met = ratio >= 1.0;
+                v.push(Verdict {
+                    met,
+                    text: format!(
+                        "{} {} c={}: (b) {} vs (c) {} req/s ({:.1} %){}",
+                        b.size.label(),
+                        b.mode.label(),
+                        b.conns,
+                        fmt_rps(b.wrk.rps()),
+                        fmt_rps(c.wrk.rps()),
+                        ratio * 100.0,
+                        if met { String::new() } else { format!(" — missed by {:.1} %", (1.0 - ratio) * 100.0) }
+                    ),
+                });
+            }
+        }
+        if !v.is_empty() {
+            out.push(("(b) ≥ (c) throughput".into(), v));
+        }
+        let mut v = Vec::new();
+        for &c in &self.s.concurrency {
+            if let (Some(a), Some(b)) = (self.point(Proxy::A, Size::K1, ka, c), self.point(Proxy::B, Size::K1, ka, c)) {
+                let added = b.wrk.p99 - a.wrk.p99;
+                let met = added <= 250.0;
+                v.push(Verdict {
+                    met,
+                    text: format!(
+                        "1 KiB keep-alive c={c}: p99 {} (b) − {} (a) = {}{}",
+                        fmt_us(b.wrk.p99),
+                        fmt_us(a.wrk.p99),
+                        fmt_us(added),
+                        if met { String::new() } else { format!(" — missed by {}", fmt_us(added - 250.0)) }
+                    ),
+                });
+            }
+        }
+        if !v.is_empty() {
+            out.push(("added p99 latency of replication ≤ 250 µs".into(), v));
+        }
+        if let Some(d) = &self.fail_d {
+            let stall = ms(d.stall());
+            out.push((
+                "(d) zero client errors, zero resets, longest stall ≤ 150 ms".into(),
+                vec![
+                    Verdict { met: d.errors() == 0, text: format!("client errors (failed attempts): {}", d.errors()) },
+                    Verdict {
+                        met: d.resets() == 0 && d.rst_on_wire.unwrap_or(0) == 0,
+                        text: format!(
+                            "resets seen by the client: {}; RST segments from the VIP on the client's interface: {}",
+                            d.resets(),
+                            d.rst_on_wire.map_or("not captured".into(), |n| n.to_string())
+                        ),
+                    },
+                    Verdict {
+                        met: stall <= 150.0,
+                        text: format!(
+                            "longest stall {stall:.0} ms{}",
+                            if stall <= 150.0 {
+                                String::new()
+                            } else {
+                                format!(" — missed by {:.0} ms", stall - 150.0)
+                            }
+                        ),
+                    },
+                ],
+            ));
+        }
+        out
+    }
+
+    fn targets_text(&self) -> String {
+        let mut s = String::from("Targets (reported, not asserted)\n");
+        for (target, vs) in self.verdicts() {
+            let all = vs.iter().all(|v| v.met);
+            let _ = writeln!(s, "  {target}: {}", if all { "met" } else { "MISSED" });
+            for v in vs {
+                let _ = writeln!(s, "    [{}] {}", if v.met { "met" } else { "MISSED" }, v.text);
+            }
+        }
+        s
+    }
+
+    fn write(&self, out: &Path) -> Result<()> {
+        let mut md = String::new();
+        let s = self.s;
+        let _ = writeln!(md, "# understudy benchmark\n");
+        let _ = writeln!(
+            md,
+            "Written by `scripts/bench{}{}` ({}). Targets are reported, not asserted. The machine is shared: another \
+             test run may have used it at the same time (see the load averages).\n",
+            if s.command_line.is_empty() { "" } else { " " },
+            s.command_line,
+            if s.quick { "quick run: short points, few of them" } else { "full run" }
+        );
+        let _ = writeln!(md, "## Machine\n\n| | |\n|---|---|");
+        for (k, v) in self.machine() {
+            let _ = writeln!(md, "| {k} | {} |", v.replace('|', "\\|"));
+        }
+        let _ = writeln!(
+            md,
+            "\n## Set-up\n\nOne namespace test bed (`scripts/testbed up ID --pair`): `client` 10.0.0.1, `server` and `spare` \
+             on the client network (VIP {VIP}:{PORT}), a replication network, and `origin` 10.2.0.10 on its own \
+             network: one nginx (1 worker, access log on) serving `1k.bin` (1 KiB) and `1m.bin` (1 MiB) for every \
+             measurement. Every process shares the machine's {} cores: wrk or the load client, the proxy (and the \
+             backup), and the origin.\n\n\
+             * (a) `primary` on server, its backup killed (`peer: none`). (b) `primary` on server and `backup` on \
+             spare, `peer: connected` on both `/status` before and after each point. Both with the default \
+             configuration plus `--request-log`. (c) nginx as a reverse proxy on server with the VIP: 2 workers, \
+             upstream keep-alive (64), `proxy_http_version 1.1`, in-memory buffering, access log on.\n\
+             * Throughput and latency: wrk {} s per point after {} s of warm-up, `-t min(2, c)`, \
+             `Connection: close` for connection-per-request; latency percentiles are wrk's. CPU per request: utime + \
+             stime from `/proc/<pid>/stat` of the proxy processes over the point (primary; primary + backup for (b); \
+             nginx master + workers for (c)) divided by the requests; softirq work done for them in interrupt \
+             context is not in it.\n\
+             * Failover: {} keep-alive connections of {} GETs back to back (every body checked), {} s before and {} s \
+             after the kill. (d) `kill -9` of the primary. (e) nginx on server and spare, keepalived on both (VRRPv3, \
+             `advert_int 0.01`, the least keepalived accepts; server MASTER priority 150, spare BACKUP 100); `kill -9` \
+             of the master's nginx (master and workers) and keepalived (both processes); its VIP stays on server's \
+             interface, as after any crash of keepalived. A failed request is retried on a new connection after 10 ms \
+             (the retry counts in its time). \"Reset\" = `ECONNRESET`/`EPIPE` on an established connection; \
+             \"refused\" = RST to a SYN; \"closed\" = EOF before the response was complete. \"Longest stall\" = the \
+             longest a request waited from its first attempt to its completion. \"Back to 90 %\" = the start of the \
+             first 500 ms window, from the first 100 ms below it on, whose throughput is ≥ 90 % of the baseline (up \
+             to 3 s before the kill).\n\
+             * Scale: N idle keep-alive connections (one GET of 1 KiB each) on the protected pair, `kill -9` of the \
+             primary; times from the new primary's `/status` `failovers[]`; then a second GET on every connection.\n",
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            s.duration,
+            s.warmup,
+            s.failover_conns,
+            s.failover_size.label(),
+            s.before,
+            s.after
+        );
+
+        if !self.points.is_empty() {
+            let proxies: Vec<Proxy> = [Proxy::A, Proxy::B, Proxy::C]
+                .into_iter()
+                .filter(|p| self.points.iter().any(|x| x.proxy == *p))
+                .collect();
+            let _ = writeln!(md, "## Throughput (requests/s; MB/s of response bodies and heads)\n");
+            let mut head = String::from("| size | mode | c |");
+            let mut rule = String::from("|---|---|---:|");
+            for p in &proxies {
+                let _ = write!(head, " {} |", p.label());
+                rule.push_str("---:|");
+            }
+            let (has_a, has_b, has_c) =
+                (proxies.contains(&Proxy::A), proxies.contains(&Proxy::B), proxies.contains(&Proxy::C));
+            if has_a && has_b {
+                head.push_str(" (b)/(a) |");
+                rule.push_str("---:|");
+            }
+            if has_b && has_c {
+                head.push_str(" (b)/(c) |");
+                rule.push_str("---:|");
+            }
+            let _ = writeln!(md, "{head}\n{rule}");
+            let mut notes = Vec::new();
+            for &size in &s.sizes {
+                for &mode in &s.modes {
+                    for &c in &s.concurrency {
+                        let mut row = format!("| {} | {} | {c} |", size.label(), mode.label());
+                        for &p in &proxies {
+                            match self.point(p, size, mode, c) {
+                                Some(x) => {
+                                    let mark = if x.note.is_some() || x.wrk.error_total() > 0 { " ¹" } else { "" };
+                                    let _ = write!(row, " {} ({:.1} MB/s){mark} |", fmt_rps(x.wrk.rps()), x.wrk.mbps());
+                                    if let Some(n) = &x.note {
+                                        notes.push(format!(
+                                            "{} {} {} c={c}: {n}",
+                                            p.label(),
+                                            size.label(),
+                                            mode.label()
+                                        ));
+                                    }
+                                    if x.wrk.error_total() > 0 {
+                                        notes.push(format!(
+                                            "{} {} {} c={c}: wrk errors: {}",
+                                            p.label(),
+                                            size.label(),
+                                            mode.label(),
+                                            x.wrk.errors_text()
+                                        ));
+                                    }
+                                }
+                                None => row.push_str(" – |"),
+                            }
+                        }
+                        let ratio =
+                            |x: Proxy, y: Proxy| match (self.point(x, size, mode, c), self.point(y, size, mode, c)) {
+                                (Some(x), Some(y)) => format!(" {:.1} % |", x.wrk.rps() / y.wrk.rps() * 100.0),
+                                _ => " – |".into(),
+                            };
+                        if has_a && has_b {
+                            row.push_str(&ratio(Proxy::B, Proxy::A));
+                        }
+                        if has_b && has_c {
+                            row.push_str(&ratio(Proxy::B, Proxy::C));
+                        }
+                        let _ = writeln!(md, "{row}");
+                    }
+                }
+            }
+            if !notes.is_empty() {
+                let _ = writeln!(md);
+                for n in notes {
+                    let _ = writeln!(md, "¹ {n}  ");
+                }
+            }
+
+            let _ = writeln!(md, "\n## Latency (wrk: p50 / p99 / p99.9)\n");
+            let mut head = String::from("| size | mode | c |");
+            let mut rule = String::from("|---|---|---:|");
+            for p in &proxies {
+                let _ = write!(head, " {} |", p.label());
+                rule.push_str("---:|");
+            }
+            if has_a && has_b {
+                head.push_str(" added p99 (b)−(a) |");
+                rule.push_str("---:|");
+            }
+            let _ = writeln!(md, "{head}\n{rule}");
+            for &size in &s.sizes {
+                for &mode in &s.modes {
+                    for &c in &s.concurrency {
+                        let mut row = format!("| {} | {} | {c} |", size.label(), mode.label());
+                        for &p in &proxies {
+                            match self.point(p, size, mode, c) {
+                                Some(x) => {
+                                    let _ = write!(
+                                        row,
+                                        " {} / {} / {} |",
+                                        fmt_us(x.wrk.p50),
+                                        fmt_us(x.wrk.p99),
+                                        fmt_us(x.wrk.p999)
+                                    );
+                                }
+                                None => row.push_str(" – |"),
+                            }
+                        }
+                        if has_a && has_b {
+                            match (self.point(Proxy::A, size, mode, c), self.point(Proxy::B, size, mode, c)) {
+                                (Some(a), Some(b)) => {
+                                    let _ = write!(row, " {} |", fmt_us(b.wrk.p99 - a.wrk.p99));
+                                }
+                                _ => row.push_str(" – |"),
+                            }
+                        }
+                        let _ = writeln!(md, "{row}");
+                    }
+                }
+            }
+
+            let _ = writeln!(md, "\n## CPU time per request (utime + stime of the proxy processes)\n");
+            let mut head = String::from("| size | mode | c |");
+            let mut rule = String::from("|---|---|---:|");
+            for p in &proxies {
+                let _ = write!(head, " {} |", p.label());
+                rule.push_str("---:|");
+            }
+            let _ = writeln!(md, "{head}\n{rule}");
+            for &size in &s.sizes {
+                for &mode in &s.modes {
+                    for &c in &s.concurrency {
+                        let mut row = format!("| {} | {} | {c} |", size.label(), mode.label());
+                        for &p in &proxies {
+                            match self.point(p, size, mode, c) {
+                                Some(x) if p == Proxy::B => {
+                                    let part = |name: &str| -> f64 {
+                                        x.cpu
+                                            .iter()
+                                            .filter(|(n, _)| n == name)
+                                            .map(|(_, d)| d.as_secs_f64())
+                                            .sum::<f64>()
+                                            * 1e6
+                                            / x.wrk.requests.max(1) as f64
+                                    };
+                                    let _ = write!(
+                                        row,
+                                        " {:.1} µs (primary {:.1} + backup {:.1}) |",
+                                        x.cpu_per_request_us(),
+                                        part("primary"),
+                                        part("backup")
+                                    );
+                                }
+                                Some(x) => {
+                                    let _ = write!(row, " {:.1} µs |", x.cpu_per_request_us());
+                                }
+                                None => row.push_str(" – |"),
+                            }
+                        }
+                        let _ = writeln!(md, "{row}");
+                    }
+                }
+            }
+            let _ = writeln!(
+                md,
+                "\nCPU times come from clock ticks ({} per second), so a point with few requests (1 MiB at c=1) is coarse.",
+                // SAFETY: sysconf has no preconditions.
+                unsafe { libc::sysconf(libc::_SC_CLK_TCK) }
+            );
+        }
+
+        let fails: Vec<&FailoverResult> = self.fail_d.iter().chain(self.fail_e.iter()).collect();
+        if !fails.is_empty() {
+            let _ = writeln!(
+                md,
+                "\n## Failover under load ({} keep-alive connections, {} GETs)\n",
+                s.failover_conns,
+                s.failover_size.label()
+            );
+            let mut head = String::from("| |");
+            let mut rule = String::from("|---|");
+            for f in &fails {
+                let _ = write!(head, " {} |", f.label);
+                rule.push_str("---:|");
+            }
+            let _ = writeln!(md, "{head}\n{rule}");
+            let rows: Vec<(&str, FailoverCell)> = vec![
+                ("baseline throughput (before the kill)", Box::new(|f| format!("{} req/s", fmt_rps(f.baseline_rps)))),
+                ("requests completed", Box::new(|f| f.record.done.len().to_string())),
+                ("client errors (failed attempts)", Box::new(|f| f.errors().to_string())),
+                ("— resets (ECONNRESET/EPIPE)", Box::new(|f| f.resets().to_string())),
+                ("— refused (RST to SYN)", Box::new(|f| f.record.count(Failure::Refused).to_string())),
+                ("— closed by the server mid-request", Box::new(|f| f.record.count(Failure::Closed).to_string())),
+                ("— timeouts", Box::new(|f| f.record.count(Failure::Timeout).to_string())),
+                (
+                    "— other (bad response, other errors)",
+                    Box::new(|f| (f.record.count(Failure::BadResponse) + f.record.count(Failure::Other)).to_string()),
+                ),
+                ("requests that needed a retry", Box::new(|f| f.record.retried().to_string())),
+                (
+                    "connections opened again",
+                    Box::new(|f| (f.record.connects.saturating_sub(f.conns as u64)).to_string()),
+                ),
+                (
+                    "RST segments from the VIP (client capture)",
+                    Box::new(|f| f.rst_on_wire.map_or("–".into(), |n| n.to_string())),
+                ),
+                ("longest client stall", Box::new(|f| format!("{:.0} ms", ms(f.stall())))),
+                ("longest time with no completion", Box::new(|f| format!("{:.0} ms", ms(f.gap())))),
+                ("time until throughput is back to 90 %", Box::new(|f| f.recovery_text())),
+                ("takeover as the survivor saw it", Box::new(|f| f.takeover_text.clone())),
+            ];
+            for (name, cell) in rows {
+                let mut row = format!("| {name} |");
+                for f in &fails {
+                    let _ = write!(row, " {} |", cell(f).replace('|', "\\|"));
+                }
+                let _ = writeln!(md, "{row}");
+            }
+            let mut plot =
+                Plot::new("Throughput across the failover (per 100 ms)", "seconds from the kill", "requests/s");
+            let colors = ["#1f77b4", "#d62728"];
+            for (f, color) in fails.iter().zip(colors) {
+                plot.series.push(Series {
+                    name: f.label.clone(),
+                    color: color.into(),
+                    points: f.series(),
+                    dots: false,
+                });
+            }
+            plot.marks.push((0.0, "kill -9".into()));
+            fs::write(out.join("failover.svg"), plot.to_svg())?;
+            let _ = writeln!(md, "\n![throughput across the failover](failover.svg)\n");
+            let _ = writeln!(
+                md,
+                "Series per 100 ms: {}; every request and every failed attempt: `*-requests.csv`, `*-errors.csv`.",
+                fails
+                    .iter()
+                    .map(|f| format!("`{}.csv`", if f.label.starts_with("(d)") { "failover-d" } else { "failover-e" }))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            for f in &fails {
+                let stem = if f.label.starts_with("(d)") { "failover-d" } else { "failover-e" };
+                f.write_csv(out, stem)?;
+                let first: Vec<String> = f
+                    .record
+                    .failed
+                    .iter()
+                    .take(3)
+                    .map(|e| {
+                        format!("{:+.3} s conn {}: {}", e.at.as_secs_f64() - f.kill_at.as_secs_f64(), e.conn, e.text)
+                    })
+                    .collect();
+                if !first.is_empty() {
+                    let _ = writeln!(md, "\n{} first errors: {}", f.label, first.join("; "));
+                }
+            }
+        }
+
+        if !self.scale.is_empty() {
+            let _ = writeln!(md, "\n## Takeover scale (idle keep-alive connections, kill -9 of the primary)\n");
+            let _ = writeln!(
+                md,
+                "| connections | protected before | restored / lost | detection | fencing | restore | per connection | \
+                 total | second request ok / failed | second request p50 / max |\n\
+                 |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            );
+            for p in &self.scale {
+                let f = &p.failover;
+                let num = |k: &str| f[k].as_f64().unwrap_or(f64::NAN);
+                let restored = f["connections_restored"].as_u64().unwrap_or(0);
+                let _ = writeln!(
+                    md,
+                    "| {} ({} opened{}) | {} | {} / {} | {:.1} ms | {:.1} ms | **{:.1} ms** | {:.1} µs | {:.1} ms | {} / {}{} | \
+                     {:.1} / {:.1} ms |",
+                    p.n,
+                    p.opened,
+                    if p.open_failed > 0 { format!(", {} failed", p.open_failed) } else { String::new() },
+                    p.protected_before,
+                    restored,
+                    f["connections_lost"],
+                    num("detection_ms"),
+                    num("fencing_ms"),
+                    num("restore_ms"),
+                    num("restore_ms") * 1e3 / restored.max(1) as f64,
+                    num("total_ms"),
+                    p.report.second_ok,
+                    p.report.second_failed,
+                    if p.report.broke_while_idle > 0 {
+                        format!(" ({} broke while idle)", p.report.broke_while_idle)
+                    } else {
+                        String::new()
+                    },
+                    ms(percentile(&p.report.second_latency, 50.0)),
+                    ms(p.report.second_latency.last().copied().unwrap_or_default())
+                );
+            }
+            for p in self.scale.iter().filter(|p| !p.report.errors.is_empty()) {
+                let _ = writeln!(md, "\n{} connections, first errors: {}", p.n, p.report.errors.join("; "));
+            }
+            let mut plot = Plot::new("Takeover time against idle connections", "connections (log scale)", "ms");
+            plot.x_log = true;
+            let pts = |k: &str| -> Vec<(f64, f64)> {
+                self.scale.iter().filter_map(|p| Some((p.n as f64, p.failover[k].as_f64()?))).collect()
+            };
+            plot.series.push(Series {
+                name: "restore".into(),
+                color: "#1f77b4".into(),
+                points: pts("restore_ms"),
+                dots: true,
+            });
+            plot.series.push(Series {
+                name: "total".into(),
+                color: "#ff7f0e".into(),
+                points: pts("total_ms"),
+                dots: true,
+            });
+            fs::write(out.join("restore.svg"), plot.to_svg())?;
+            let _ = writeln!(md, "\n![restore time against connections](restore.svg)");
+        }
+
+        let _ = writeln!(md, "\n## Targets (issue 5)\n");
+        let verdicts = self.verdicts();
+        if verdicts.is_empty() {
+            let _ = writeln!(md, "Not enough phases were run to judge any target.");
+        }
+        for (target, vs) in verdicts {
+            let all = vs.iter().all(|v| v.met);
+            let _ = writeln!(md, "* **{target}: {}**", if all { "met" } else { "missed" });
+            for v in vs {
+                let _ = writeln!(md, "  * {} {}", if v.met { "met:" } else { "**missed:**" }, v.text);
+            }
+        }
+        fs::write(out.join("report.md"), md)?;
+
+        let results = json!({
+            "date": self.started_wall,
+            "settings": {
+                "duration_s": s.duration, "warmup_s": s.warmup, "concurrency": s.concurrency,
+                "failover_conns": s.failover_conns, "failover_size": s.failover_size.label(),
+                "failover_before_s": s.before, "failover_after_s": s.after, "scale": s.scale,
+                "command_line": s.command_line,
+            },
+            "machine": self.machine().into_iter().collect::<BTreeMap<_, _>>(),
+            "throughput": self.points.iter().map(|p| json!({
+                "proxy": p.proxy.label(), "size": p.size.label(), "mode": p.mode.label(), "connections": p.conns,
+                "requests": p.wrk.requests, "seconds": p.wrk.secs, "rps": p.wrk.rps(), "mb_per_s": p.wrk.mbps(),
+                "p50_us": p.wrk.p50, "p99_us": p.wrk.p99, "p999_us": p.wrk.p999, "mean_us": p.wrk.mean,
+                "max_us": p.wrk.max, "wrk_errors": p.wrk.errors,
+                "cpu_s": p.cpu.iter().map(|(n, d)| json!([n, d.as_secs_f64()])).collect::<Vec<_>>(),
+                "cpu_per_request_us": p.cpu_per_request_us(), "note": p.note,
+            })).collect::<Vec<_>>(),
+            "failover": self.fail_d.iter().chain(self.fail_e.iter()).map(|f| f.json()).collect::<Vec<_>>(),
+            "scale": self.scale.iter().map(|p| json!({
+                "connections": p.n, "opened": p.opened, "open_failed": p.open_failed,
+                "protected_before": p.protected_before, "failover": p.failover,
+                "second_ok": p.report.second_ok, "second_failed": p.report.second_failed,
+                "broke_while_idle": p.report.broke_while_idle,
+                "second_p50_ms": ms(percentile(&p.report.second_latency, 50.0)),
+                "second_max_ms": ms(p.report.second_latency.last().copied().unwrap_or_default()),
+                "errors": p.report.errors,
+            })).collect::<Vec<_>>(),
+        });
+        fs::write(out.join("results.json"), serde_json::to_string_pretty(&results)?)?;
+        Ok(())
+    }
+}
