@@ -180,7 +180,7 @@ nftables and the release build of primary, backup and us-bench side by side (scr
 default run takes about 10 minutes; --quick about 3."
 )]
 struct Cli {
-    /// Short run for development: 2 s points at concurrency 16 only, a shorter failover load, scale 100 and 1000
+    /// Short run for development: 2 s points at concurrency 1 and 16, a shorter failover load, scale 100 and 1000
     /// connections. Any flag given as well overrides its part.
     #[arg(long)]
     quick: bool,
@@ -190,7 +190,8 @@ struct Cli {
     /// Seconds of wrk before each point, not measured (0: none).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(0..=60))]
     warmup: u64,
-    /// wrk connections of the throughput points, comma-separated (default 1,16,64; 16 with --quick).
+    /// wrk connections of the throughput points, comma-separated (default 1,16,64; 1,16 with --quick). The added
+    /// p99 latency of replication is judged at the lowest.
     #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=4096))]
     concurrency: Option<Vec<u32>>,
     /// Response sizes of the throughput points, comma-separated.
@@ -219,6 +220,11 @@ struct Cli {
     /// --quick).
     #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u64).range(1..=30_000))]
     scale: Option<Vec<u64>>,
+    /// A TOML file appended to the nodes' configuration, to try other detection or fencing settings (for example
+    /// `[detection]` `misses = 10`); it must not have a `[limits]` table (the run sets one). Default: the nodes'
+    /// defaults.
+    #[arg(long)]
+    node_config: Option<PathBuf>,
     /// Directory of the report (default: target/bench of the workspace).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -249,18 +255,23 @@ struct Settings {
     before: u64,
     after: u64,
     scale: Vec<u64>,
+    node_config: Option<String>,
     out: PathBuf,
     command_line: String,
 }
 
 impl Settings {
-    fn from(cli: &Cli) -> Settings {
+    fn from(cli: &Cli) -> Result<Settings> {
         let q = cli.quick;
-        Settings {
+        let node_config = match &cli.node_config {
+            Some(p) => Some(fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?),
+            None => None,
+        };
+        Ok(Settings {
             quick: q,
             duration: cli.duration.unwrap_or(if q { 2 } else { 8 }),
             warmup: cli.warmup,
-            concurrency: dedup(cli.concurrency.clone().unwrap_or(if q { vec![16] } else { vec![1, 16, 64] })),
+            concurrency: dedup(cli.concurrency.clone().unwrap_or(if q { vec![1, 16] } else { vec![1, 16, 64] })),
             sizes: dedup(cli.sizes.clone()),
             modes: dedup(cli.modes.clone()),
             phases: dedup(cli.phases.clone()),
@@ -269,9 +280,10 @@ impl Settings {
             before: cli.failover_before.unwrap_or(if q { 3 } else { 5 }),
             after: cli.failover_after.unwrap_or(if q { 4 } else { 8 }),
             scale: dedup(cli.scale.clone().unwrap_or(if q { vec![100, 1000] } else { vec![100, 1000, 10_000] })),
+            node_config,
             out: cli.out.clone().unwrap_or_else(|| workspace_root().join("target/bench")),
             command_line: std::env::args().skip(1).collect::<Vec<_>>().join(" "),
-        }
+        })
     }
 
     fn has(&self, p: Phase) -> bool {
@@ -281,7 +293,7 @@ impl Settings {
 
 fn main() {
     let cli = Cli::parse();
-    tool::main("us-bench", cli.keep, || bench(&Settings::from(&cli)))
+    tool::main("us-bench", cli.keep, || bench(&Settings::from(&cli)?))
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -542,17 +554,71 @@ fn cpu_snapshot(pids: &Pids) -> Vec<Duration> {
     pids.iter().map(|(_, p)| cpu_time(*p).unwrap_or_default()).collect()
 }
 
-/// Makes sure the pair is protected: restarts a spare if there is none, takes note of a backup that took over
-/// unasked (then the old primary is gone and a new spare joins), and waits for both `/status`.
-fn ensure_protected(pair: &mut Pair, clock: &Clock) -> Result<()> {
-    if pair.backup.is_some() && pair.status(pair.backup_host()).is_ok_and(|s| s["role"] == "primary") {
-        clock.line("the backup took over unasked (the primary was judged dead under load); a new spare joins");
-        pair.promoted()?;
+/// What went wrong with the pair's protection during the run, in order (for the report).
+type Incidents = Vec<String>;
+
+/// Brings the pair's roles in line with the nodes after a takeover nobody asked for (the backup judged a live
+/// primary dead under load): the backup is then the primary, and the old primary (stepped down, or dead) is
+/// dropped. Records the incident.
+fn reconcile(pair: &mut Pair, clock: &Clock, incidents: &mut Incidents, during: &str) -> Result<()> {
+    if pair.backup.is_none() {
+        return Ok(());
     }
+    let Ok(st) = pair.status(pair.backup_host()) else { return Ok(()) };
+    if st["role"] != "primary" {
+        return Ok(());
+    }
+    let f = st["failovers"].as_array().and_then(|f| f.last()).cloned().unwrap_or(Value::Null);
+    let old = match pair.primary.as_mut().map(|p| p.try_wait()) {
+        Some(Ok(Some(status))) => format!("the old primary exited ({status})"),
+        Some(Ok(None)) => "the old primary still runs".to_string(),
+        _ => "the old primary is gone".to_string(),
+    };
+    let text = format!(
+        "during {during}: the backup on {} took over a live primary ({}; {} connections restored, {} lost); {old}",
+        pair.backup_host(),
+        f["reason"].as_str().unwrap_or("?"),
+        f["connections_restored"],
+        f["connections_lost"]
+    );
+    clock.line(&text);
+    incidents.push(text);
+    pair.promoted()
+}
+
+/// Makes sure the pair is protected: reconciles an unasked takeover, starts a spare if there is none, and
+/// waits for both `/status` to say `connected`.
+fn ensure_protected(pair: &mut Pair, clock: &Clock, incidents: &mut Incidents, during: &str) -> Result<()> {
+    reconcile(pair, clock, incidents, during)?;
     if pair.backup.is_none() {
         pair.start_spare()?;
     }
     pair.wait_protected(Duration::from_secs(90))
+}
+
+/// Log lines that say the pair's protection was in doubt: the primary suspected its backup, or the backup its
+/// primary.
+fn suspicions(pair: &Pair) -> usize {
+    node_log_count(pair, "backup suspected") + node_log_count(pair, "primary suspected")
+}
+
+/// Whether the pair stayed protected since `suspected` (from [`suspicions`]) at `epoch`: `None` if it did,
+/// else what was seen.
+fn protection_lost(pair: &Pair, suspected: usize, epoch: &Value) -> Option<String> {
+    let primary = pair.status(pair.primary_host).ok();
+    let backup = pair.status(pair.backup_host()).ok();
+    let still =
+        primary.as_ref().is_some_and(|p| p["role"] == "primary" && p["peer"] == "connected" && p["epoch"] == *epoch)
+            && backup.as_ref().is_some_and(|b| b["role"] == "backup" && b["peer"] == "connected");
+    let more = suspicions(pair) - suspected;
+    (!still || more > 0).then(|| {
+        format!(
+            "the pair lost its protection ({more} suspicions in the nodes' logs; after it the primary's peer is {}, the \
+             backup's role {})",
+            primary.as_ref().map_or(Value::Null, |p| p["peer"].clone()),
+            backup.as_ref().map_or(Value::Null, |b| b["role"].clone())
+        )
+    })
 }
 
 fn understudy_pids(pair: &Pair, proxy: Proxy) -> Pids {
@@ -574,7 +640,9 @@ fn nginx_pids(master: &Proc) -> Pids {
     pids
 }
 
-/// Runs every point of the matrix against the proxy now on the VIP.
+/// Runs every point of the matrix against the proxy now on the VIP. A point of (b) during which the pair lost
+/// its protection is measured once more; the incident is recorded either way.
+#[allow(clippy::too_many_arguments)]
 fn run_matrix(
     s: &Settings,
     pair: &mut Pair,
@@ -582,66 +650,67 @@ fn run_matrix(
     proxy: Proxy,
     nginx: Option<&Proc>,
     points: &mut Vec<Point>,
+    incidents: &mut Incidents,
 ) -> Result<()> {
     let dir = pair.dir.0.clone();
     for &size in &s.sizes {
         for &mode in &s.modes {
             for &conns in &s.concurrency {
-                check_interrupted()?;
-                if proxy == Proxy::B {
-                    ensure_protected(pair, clock)?;
-                }
-                let tag = format!("{}-{size:?}-{mode:?}-{conns}", proxy.short());
-                if s.warmup > 0 {
-                    run_wrk(pair, &dir, size, mode, conns, s.warmup, &format!("{tag}-warmup"))?;
-                }
-                let pids = match nginx {
-                    Some(n) => nginx_pids(n),
-                    None => understudy_pids(pair, proxy),
-                };
-                let suspected = node_log_count(pair, "backup suspected");
-                let epoch = pair.status(pair.primary_host).map(|st| st["epoch"].clone()).unwrap_or(Value::Null);
-                let before = cpu_snapshot(&pids);
-                let wrk = run_wrk(pair, &dir, size, mode, conns, s.duration, &tag)?;
-                let after = cpu_snapshot(&pids);
-                let cpu = pids
-                    .iter()
-                    .zip(before.iter().zip(&after))
-                    .map(|((name, _), (b, a))| (name.clone(), a.saturating_sub(*b)))
-                    .collect();
-                let mut note = None;
-                if proxy == Proxy::B {
-                    let primary = pair.status(pair.primary_host).ok();
-                    let backup = pair.status(pair.backup_host()).ok();
-                    let still = primary.as_ref().is_some_and(|p| p["peer"] == "connected" && p["epoch"] == epoch)
-                        && backup.as_ref().is_some_and(|b| b["role"] == "backup" && b["peer"] == "connected");
-                    let lost = node_log_count(pair, "backup suspected") - suspected;
-                    if !still || lost > 0 {
-                        note = Some(format!(
-                            "the pair lost its protection during this point (backup suspected {lost} times; after it: \
-                             primary peer {}, backup role {})",
-                            primary.as_ref().map_or(Value::Null, |p| p["peer"].clone()),
-                            backup.as_ref().map_or(Value::Null, |b| b["role"].clone())
-                        ));
+                let what = format!("{} {} {} c={conns}", proxy.label(), size.label(), mode.label());
+                for attempt in 1..=2 {
+                    check_interrupted()?;
+                    if proxy == Proxy::B {
+                        ensure_protected(pair, clock, incidents, &what)?;
                     }
+                    let tag = format!("{}-{size:?}-{mode:?}-{conns}-{attempt}", proxy.short());
+                    if s.warmup > 0 {
+                        run_wrk(pair, &dir, size, mode, conns, s.warmup, &format!("{tag}-warmup"))?;
+                    }
+                    if proxy == Proxy::B {
+                        ensure_protected(pair, clock, incidents, &format!("the warm-up of {what}"))?;
+                    }
+                    let pids = match nginx {
+                        Some(n) => nginx_pids(n),
+                        None => understudy_pids(pair, proxy),
+                    };
+                    let suspected = suspicions(pair);
+                    let epoch = pair.status(pair.primary_host).map(|st| st["epoch"].clone()).unwrap_or(Value::Null);
+                    let before = cpu_snapshot(&pids);
+                    let wrk = run_wrk(pair, &dir, size, mode, conns, s.duration, &tag)?;
+                    let after = cpu_snapshot(&pids);
+                    let cpu = pids
+                        .iter()
+                        .zip(before.iter().zip(&after))
+                        .map(|((name, _), (b, a))| (name.clone(), a.saturating_sub(*b)))
+                        .collect();
+                    let mut note = None;
+                    if proxy == Proxy::B
+                        && let Some(why) = protection_lost(pair, suspected, &epoch)
+                    {
+                        incidents.push(format!("during {what} (attempt {attempt}): {why}"));
+                        reconcile(pair, clock, incidents, &what)?;
+                        if attempt == 1 {
+                            clock.line(&format!("{what}: {why}; measuring it once more"));
+                            continue;
+                        }
+                        note = Some(format!("in both attempts, {why}"));
+                    }
+                    let p = Point { proxy, size, mode, conns, wrk, cpu, note };
+                    clock.line(&format!(
+                        "{what}: {:.0} req/s ({:.1} MB/s), p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs, CPU {:.1} \
+                         µs/request, errors {}{}",
+                        p.wrk.rps(),
+                        p.wrk.mbps(),
+                        p.wrk.p50,
+                        p.wrk.p99,
+                        p.wrk.p999,
+                        p.cpu_per_request_us(),
+                        p.wrk.errors_text(),
+                        p.note.as_ref().map(|n| format!(" — {n}")).unwrap_or_default()
+                    ));
+                    points.push(p);
+                    break;
                 }
-                let p = Point { proxy, size, mode, conns, wrk, cpu, note };
-                clock.line(&format!(
-                    "{} {} {} c={conns}: {:.0} req/s ({:.1} MB/s), p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs, CPU \
-                     {:.1} µs/request, errors {}{}",
-                    proxy.label(),
-                    size.label(),
-                    mode.label(),
-                    p.wrk.rps(),
-                    p.wrk.mbps(),
-                    p.wrk.p50,
-                    p.wrk.p99,
-                    p.wrk.p999,
-                    p.cpu_per_request_us(),
-                    p.wrk.errors_text(),
-                    p.note.as_ref().map(|n| format!(" — {n}")).unwrap_or_default()
-                ));
-                points.push(p);
             }
         }
     }
@@ -911,8 +980,10 @@ struct ScalePoint {
     report: bench_load::IdleReport,
 }
 
-fn scale_point(pair: &mut Pair, clock: &Clock, n: u64) -> Result<ScalePoint> {
-    ensure_protected(pair, clock)?;
+fn scale_point(pair: &mut Pair, clock: &Clock, n: u64, incidents: &mut Incidents) -> Result<ScalePoint> {
+    ensure_protected(pair, clock, incidents, &format!("scale {n}"))?;
+    let suspected = suspicions(pair);
+    let epoch = pair.status(pair.primary_host).map(|st| st["epoch"].clone()).unwrap_or(Value::Null);
     let spec = IdleSpec {
         addr: format!("{VIP}:{PORT}").parse()?,
         host: VIP.into(),
@@ -949,6 +1020,10 @@ fn scale_point(pair: &mut Pair, clock: &Clock, n: u64) -> Result<ScalePoint> {
         }
     };
     pause(Duration::from_millis(500))?;
+    if let Some(why) = protection_lost(pair, suspected, &epoch) {
+        incidents.push(format!("during scale {n}, while the connections opened: {why}"));
+        ensure_protected(pair, clock, incidents, &format!("scale {n}"))?;
+    }
     pair.wait_protected(Duration::from_secs(30))?;
     clock.line(&format!("scale {n}: {opened} open ({protected_before} protected); killing the primary (kill -9)"));
     pair.kill_primary()?;
@@ -1100,9 +1175,10 @@ fn bench(s: &Settings) -> Result<bool> {
     clock.line(&format!("test bed {id}: origin nginx (1k.bin, 1m.bin), primary on server, backup on spare"));
     let mut pair = Pair::up(&id, &opts, |www| {
         let scratch = www.parent().context("www has no parent")?;
+        let extra = s.node_config.as_deref().unwrap_or_default();
         fs::write(
             scratch.join("bench.toml"),
-            format!("[limits]\nidle_timeout = \"30m\"\nmax_connections = {}\n", max_scale + 4096),
+            format!("[limits]\nidle_timeout = \"30m\"\nmax_connections = {}\n\n{extra}\n", max_scale + 4096),
         )?;
         for size in [Size::K1, Size::M1] {
             pattern::write_file(&www.join(&size.path()[1..]), size.key(), size.len())?;
@@ -1122,32 +1198,48 @@ fn bench(s: &Settings) -> Result<bool> {
     let mut fail_d = None;
     let mut fail_e = None;
     let mut scale = Vec::new();
+    let mut incidents = Incidents::new();
 
     if s.has(Phase::B) {
         loads.push(("(b)".into(), loadavg()));
         clock.line("(b) the replicated pair");
-        run_matrix(s, &mut pair, &clock, Proxy::B, None, &mut points)?;
+        run_matrix(s, &mut pair, &clock, Proxy::B, None, &mut points, &mut incidents)?;
     }
     if s.has(Phase::A) {
         loads.push(("(a)".into(), loadavg()));
         clock.line("(a) the primary alone: killing the backup");
+        reconcile(&mut pair, &clock, &mut incidents, "(b)")?;
         if pair.backup.is_some() {
             pair.kill_backup()?;
         }
         pair.wait_status(pair.primary_host, "the primary to serve unprotected", Duration::from_secs(10), |st| {
             st["peer"] == "none"
         })?;
-        run_matrix(s, &mut pair, &clock, Proxy::A, None, &mut points)?;
+        run_matrix(s, &mut pair, &clock, Proxy::A, None, &mut points, &mut incidents)?;
     }
     if s.has(Phase::D) {
         loads.push(("(d)".into(), loadavg()));
         clock.line("(d) failover of the pair under load");
-        ensure_protected(&mut pair, &clock)?;
-        pause(Duration::from_secs(1))?;
-        pair.wait_protected(Duration::from_secs(30))?;
+        // A takeover of the live primary under the load itself (before the kill) spoils the measurement: it is
+        // recorded, and the load starts over once.
+        let mut attempt = 0;
+        let mut fl = loop {
+            attempt += 1;
+            ensure_protected(&mut pair, &clock, &mut incidents, "(d) before the load")?;
+            pause(Duration::from_secs(1))?;
+            pair.wait_protected(Duration::from_secs(30))?;
+            let suspected = suspicions(&pair);
+            let epoch = pair.status(pair.primary_host).map(|st| st["epoch"].clone()).unwrap_or(Value::Null);
+            let fl = FailoverLoad::start(s, &pair, &clock, "(d) understudy pair", "failover-d")?;
+            fl.run_until(&clock, Duration::from_secs(s.before), "before the kill")?;
+            let Some(why) = protection_lost(&pair, suspected, &epoch) else { break fl };
+            drop(fl);
+            incidents.push(format!("during (d), before the kill (attempt {attempt}): {why}"));
+            reconcile(&mut pair, &clock, &mut incidents, "(d) before the kill")?;
+            ensure!(attempt < 2, "(d): the pair lost its protection under the load before the kill, twice: {why}");
+            clock.line(&format!("(d): {why}; starting the load over"));
+        };
         let backup_host = pair.backup_host();
-        let mut fl = FailoverLoad::start(s, &pair, &clock, "(d) understudy pair", "failover-d")?;
-        fl.run_until(&clock, Duration::from_secs(s.before), "before the kill")?;
         let kill_at = fl.mark_kill();
         let killed = Instant::now();
         pair.kill_primary()?;
@@ -1179,7 +1271,7 @@ fn bench(s: &Settings) -> Result<bool> {
         for &n in &s.scale {
             check_interrupted()?;
             clock.line(&format!("takeover scale: {n} idle keep-alive connections"));
-            scale.push(scale_point(&mut pair, &clock, n)?);
+            scale.push(scale_point(&mut pair, &clock, n, &mut incidents)?);
         }
     }
 
@@ -1204,7 +1296,7 @@ fn bench(s: &Settings) -> Result<bool> {
         pair.tb.vip("server")?;
         wait_serving(&pair, Size::K1.path(), Duration::from_secs(10))?;
         let nginx = nginx_server.as_ref().context("no nginx")?;
-        run_matrix(s, &mut pair, &clock, Proxy::C, Some(nginx), &mut points)?;
+        run_matrix(s, &mut pair, &clock, Proxy::C, Some(nginx), &mut points, &mut incidents)?;
         pair.tb.exec("server", &["ip", "addr", "del", &format!("{VIP}/24"), "dev", "eth0"])?;
     }
     if s.has(Phase::E) {
@@ -1248,7 +1340,7 @@ fn bench(s: &Settings) -> Result<bool> {
     drop(nginx_server);
     loads.push(("end".into(), loadavg()));
 
-    let report = Report { s, started_wall, loads, points, fail_d, fail_e, scale };
+    let report = Report { s, started_wall, loads, points, fail_d, fail_e, scale, incidents };
     report.write(&s.out)?;
     clock.line(&format!("report: {}", s.out.join("report.md").display()));
     println!();
@@ -1267,6 +1359,7 @@ struct Report<'a> {
     fail_d: Option<FailoverResult>,
     fail_e: Option<FailoverResult>,
     scale: Vec<ScalePoint>,
+    incidents: Incidents,
 }
 
 fn cmd_out(program: &str, args: &[&str]) -> String {
@@ -1409,11 +1502,15 @@ impl Report<'_> {
         if !v.is_empty() {
             out.push(("(b) ≥ (c) throughput".into(), v));
         }
+        // Judged where latency is not queueing: the lowest concurrency measured (1 by default). At higher
+        // concurrency both run closed-loop at their own saturation, and latency follows throughput.
         let mut v = Vec::new();
+        let lowest = self.s.concurrency.first().copied();
         for &c in &self.s.concurrency {
             if let (Some(a), Some(b)) = (self.point(Proxy::A, Size::K1, ka, c), self.point(Proxy::B, Size::K1, ka, c)) {
                 let added = b.wrk.p99 - a.wrk.p99;
-                let met = added <= 250.0;
+                let judged = Some(c) == lowest;
+                let met = !judged || added <= 250.0;
                 v.push(Verdict {
                     met,
                     text: format!(
@@ -1421,7 +1518,13 @@ impl Report<'_> {
                         fmt_us(b.wrk.p99),
                         fmt_us(a.wrk.p99),
                         fmt_us(added),
-                        if met { String::new() } else { format!(" — missed by {}", fmt_us(added - 250.0)) }
+                        if !judged {
+                            " (for information: both saturated, closed loop)".to_string()
+                        } else if met {
+                            String::new()
+                        } else {
+                            format!(" — missed by {}", fmt_us(added - 250.0))
+                        }
                     ),
                 });
             }
@@ -1525,6 +1628,13 @@ impl Report<'_> {
             s.after
         );
 
+        if let Some(extra) = &s.node_config {
+            let _ = writeln!(
+                md,
+                "The nodes' configuration had these additions (`--node-config`):\n\n```toml\n{}\n```\n",
+                extra.trim()
+            );
+        }
         if !self.points.is_empty() {
             let proxies: Vec<Proxy> = [Proxy::A, Proxy::B, Proxy::C]
                 .into_iter()
@@ -1730,7 +1840,14 @@ impl Report<'_> {
                     "RST segments from the VIP (client capture)",
                     Box::new(|f| f.rst_on_wire.map_or("–".into(), |n| n.to_string())),
                 ),
-                ("longest client stall", Box::new(|f| format!("{:.0} ms", ms(f.stall())))),
+                (
+                    "longest client stall (when it began)",
+                    Box::new(|f| {
+                        let (wait, began) = f.record.longest_wait();
+                        let rel = began.as_secs_f64() - f.kill_at.as_secs_f64();
+                        format!("{:.0} ms ({rel:+.2} s from the kill)", ms(wait))
+                    }),
+                ),
                 ("longest time with no completion", Box::new(|f| format!("{:.0} ms", ms(f.gap())))),
                 ("time until throughput is back to 90 %", Box::new(|f| f.recovery_text())),
                 ("takeover as the survivor saw it", Box::new(|f| f.takeover_text.clone())),
@@ -1845,6 +1962,21 @@ impl Report<'_> {
             let _ = writeln!(md, "\n![restore time against connections](restore.svg)");
         }
 
+        let _ = writeln!(md, "\n## Protection incidents\n");
+        if self.incidents.is_empty() {
+            let _ =
+                writeln!(md, "None: the pair never lost its protection except by the kills of (d) and the scale runs.");
+        } else {
+            let _ = writeln!(
+                md,
+                "The pair lost its protection without being asked to (a point of (b) during which this happened was \
+                 measured once more; a point marked ¹ lost it both times):\n"
+            );
+            for i in &self.incidents {
+                let _ = writeln!(md, "* {i}");
+            }
+        }
+
         let _ = writeln!(md, "\n## Targets (issue 5)\n");
         let verdicts = self.verdicts();
         if verdicts.is_empty() {
@@ -1877,6 +2009,7 @@ impl Report<'_> {
                 "cpu_per_request_us": p.cpu_per_request_us(), "note": p.note,
             })).collect::<Vec<_>>(),
             "failover": self.fail_d.iter().chain(self.fail_e.iter()).map(|f| f.json()).collect::<Vec<_>>(),
+            "protection_incidents": self.incidents,
             "scale": self.scale.iter().map(|p| json!({
                 "connections": p.n, "opened": p.opened, "open_failed": p.open_failed,
                 "protected_before": p.protected_before, "failover": p.failover,
