@@ -12,7 +12,7 @@
 
 use bench::http::{Framing, body, request, response};
 use bench::stream::{Client, interleave, number};
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use shared::protocol::Record;
 use shared::replica::{Applied, ReplicaTable};
 use std::hint::black_box;
@@ -54,7 +54,8 @@ fn apply_all(records: &[Record]) -> ReplicaTable {
 
 fn replica(c: &mut Criterion) {
     let mut g = c.benchmark_group("replica");
-    g.sample_size(10);
+    // Tens of milliseconds per iteration: few samples, each of the same iteration count.
+    g.sample_size(10).sampling_mode(SamplingMode::Flat);
     for (name, records) in [("download", download()), ("upload", upload())] {
         // What is measured takes every record, holds every connection at its peak and
         // ends empty: no record is ignored or leaves a connection unprotected.

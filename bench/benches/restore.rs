@@ -24,7 +24,7 @@
 //! same plans are restored again in the next iteration. Reports connections/s; the
 //! time per iteration divided by the batch size is the time per connection.
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
@@ -219,7 +219,8 @@ fn restore(c: &mut Criterion) {
         g.throughput(Throughput::Elements(1));
         g.bench_function(format!("{kind}/1"), |b| b.iter_custom(|iters| restore_all(&cap.plans[..1], iters)));
     }
-    g.sample_size(10);
+    // Milliseconds per batch: few samples, each of the same iteration count.
+    g.sample_size(10).sampling_mode(SamplingMode::Flat);
     for (kind, cap) in &kinds {
         for n in BATCHES {
             g.throughput(Throughput::Elements(n as u64));
