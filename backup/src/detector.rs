@@ -35,6 +35,8 @@
 //! * If the timer fires late by a heartbeat interval or more, this node itself was starved (a loaded host):
 //!   frames may be waiting unread. The detector then grants one more interval for them to be read before it
 //!   suspects. Drivers must still read ready input before they call `handle_timeout`.
+//! * While the replica is still syncing, silence must last [`SYNCING_SILENCE_FACTOR`] detection times
+//!   (a broken link is still immediate suspicion): see [`Detector::joining`].
 //! * Suspicion alone never takes over: the ARP fence must find the VIP unanswered (a live primary's process
 //!   answers ARP for it), and the operator's command, if configured, must succeed.
 //!
@@ -61,6 +63,12 @@ use shared::vip::{ArpError, Mac, ProbeOutcome};
 pub const DEFAULT_FENCE_ATTEMPTS: u32 = 3;
 /// After a stand-down, the least time before a still-silent primary is suspected and fenced again.
 pub const DEFAULT_RECHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// While the replica is still syncing (a join's snapshot on its way), silence must last this many
+/// detection times before suspicion. The primary is then at its busiest (building and sending the
+/// snapshot, its heartbeats queued behind it), a takeover would restore nothing, and a fence that fails
+/// open against a starved but live primary would reset every connection it serves. Mirrors the
+/// primary's patience with a syncing backup (`primary::replicate::SYNCING_SILENCE_LEASES`).
+pub const SYNCING_SILENCE_FACTOR: u32 = 8;
 
 /// How the detector judges silence and fences.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -351,6 +359,8 @@ pub struct Detector {
     state: State,
     /// When the primary was last heard.
     last_heard: Instant,
+    /// Whether the replica holds the primary's whole state (see [`Detector::joining`]).
+    synced: bool,
     /// Start of the silence being timed: `last_heard`, or later when this node's reader was paused.
     silence_from: Instant,
     reading_paused: bool,
@@ -369,13 +379,14 @@ pub struct Detector {
 }
 
 impl Detector {
-    /// A detector whose primary was heard at `now` (the handshake's end).
+    /// A detector for a synced replica whose primary was heard at `now`.
     pub fn new(config: DetectorConfig, now: Instant) -> Result<Detector, DetectorConfigError> {
         config.validate()?;
         Ok(Detector {
             config,
             state: State::Watching,
             last_heard: now,
+            synced: true,
             silence_from: now,
             reading_paused: false,
             link_down: None,
@@ -388,6 +399,24 @@ impl Detector {
             suspicions: 0,
             stand_downs: 0,
         })
+    }
+
+    /// A detector for a replica that has just joined (the handshake ended at `now`) and is not synced
+    /// yet: until [`handle_synced`](Self::handle_synced), silence is suspected only after
+    /// [`SYNCING_SILENCE_FACTOR`] detection times.
+    pub fn joining(config: DetectorConfig, now: Instant) -> Result<Detector, DetectorConfigError> {
+        Ok(Detector { synced: false, ..Detector::new(config, now)? })
+    }
+
+    /// The replica caught up with the primary: from now on the normal detection time applies.
+    pub fn handle_synced(&mut self) {
+        self.synced = true;
+    }
+
+    /// The silence after which the primary is suspected, now.
+    pub fn suspicion_time(&self) -> Duration {
+        let t = self.config.detection_time();
+        if self.synced { t } else { t.saturating_mul(SYNCING_SILENCE_FACTOR) }
     }
 
     /// A heartbeat from the primary arrived at `now`.
@@ -579,7 +608,7 @@ impl Detector {
         if self.reading_paused && self.link_down.is_none() {
             return None;
         }
-        let silence = self.silence_from + self.config.detection_time();
+        let silence = self.silence_from + self.suspicion_time();
         Some(silence.max(self.recheck_at.unwrap_or(silence)).max(self.grace_until.unwrap_or(silence)))
     }
 
@@ -689,6 +718,31 @@ mod tests {
         assert_eq!(d.poll_action(), None);
         assert_eq!(suspect_by_silence(&mut d, t0), t0 + 100 * MS);
         assert_eq!(d.phase(), Phase::Fencing);
+    }
+
+    #[test]
+    fn a_joining_replica_waits_longer_for_silence_but_not_for_a_broken_link() {
+        let t0 = Instant::now();
+        let config = DetectorConfig::new(20 * MS, 5);
+        let mut d = Detector::joining(config.clone(), t0).unwrap();
+        assert_eq!(d.suspicion_time(), 800 * MS);
+        // A snapshot in flight: 100 ms of silence is not suspicious yet.
+        d.handle_timeout(t0 + 100 * MS);
+        assert_eq!(d.poll_action(), None);
+        assert_eq!(d.poll_timeout(), Some(t0 + 800 * MS));
+        d.handle_record(t0 + 700 * MS);
+        assert_eq!(d.poll_timeout(), Some(t0 + 1500 * MS));
+        // Synced: back to the normal detection time from the last frame.
+        d.handle_synced();
+        assert_eq!(d.poll_timeout(), Some(t0 + 800 * MS));
+        let at = d.poll_timeout().unwrap();
+        d.handle_timeout(at);
+        assert!(matches!(drain(&mut d)[..], [Action::Suspect { reason: SuspectReason::Silence, .. }, Action::Fence { .. }]));
+
+        // Still joining, a broken link is suspected at once.
+        let mut d = Detector::joining(config, t0).unwrap();
+        d.handle_link_down(t0 + 10 * MS, "reset");
+        assert!(matches!(drain(&mut d)[..], [Action::Suspect { reason: SuspectReason::LinkDown { .. }, .. }, Action::Fence { .. }]));
     }
 
     #[test]

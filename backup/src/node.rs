@@ -211,7 +211,7 @@ async fn watch_primary(
     let liveness = replica.liveness();
     let mut progress = replica.progress();
     let mut handover = replica.progress();
-    let mut detector = match Detector::new(detector_config.clone(), liveness.last_heard()) {
+    let mut detector = match Detector::joining(detector_config.clone(), liveness.last_heard()) {
         Ok(d) => d,
         Err(e) => return Watched::Rejoin(format!("detector: {e}")),
     };
@@ -230,6 +230,7 @@ async fn watch_primary(
             () = tokio::time::sleep_until(due.into()) => {}
             Some(records) = async { progress.wait_for(|p| p.synced).await.ok().map(|p| p.records) }, if !synced => {
                 synced = true;
+                detector.handle_synced();
                 admin_state.set_peer(PeerState::Connected, Some(&replica.peer().node));
                 info!(records, "replica synced: the pair is protected");
             }
