@@ -177,7 +177,7 @@ The report goes to --out (target/bench by default): report.md with tables, the m
 not asserted. Exit status 0 when the run completed, 1 when it failed, 130 when interrupted; the test bed and every \
 process are removed on every exit path. Needs root, wrk, nginx, keepalived, tcpdump, curl, iptables, arptables, \
 nftables and the release build of primary, backup and us-bench side by side (scripts/bench does all of that). The \
-default run takes about 10 minutes; --quick about 3."
+default run takes about 7 minutes; --quick about 2."
 )]
 struct Cli {
     /// Short run for development: 2 s points at concurrency 1 and 16, a shorter failover load, scale 100 and 1000
@@ -536,6 +536,8 @@ struct Point {
     cpu: Vec<(String, Duration)>,
     /// Something that makes the point doubtful (the pair lost its protection during it).
     note: Option<String>,
+    /// TIME_WAIT sockets on the proxy's host when the point began (connection-per-request points).
+    time_wait: Option<u64>,
 }
 
 impl Point {
@@ -675,6 +677,13 @@ fn run_matrix(
                     };
                     let suspected = suspicions(pair);
                     let epoch = pair.status(pair.primary_host).map(|st| st["epoch"].clone()).unwrap_or(Value::Null);
+                    // The server side closes first in connection-per-request points: its TIME_WAIT sockets pile up
+                    // from one point to the next (60 s each), and a client port may meet one of them again.
+                    let host = if nginx.is_some() { "server" } else { pair.primary_host };
+                    let time_wait = (mode == Mode::Close)
+                        .then(|| pair.tb.exec(host, &["ss", "-Htan", "state", "time-wait"]).ok())
+                        .flatten()
+                        .map(|out| out.lines().count() as u64);
                     let before = cpu_snapshot(&pids);
                     let wrk = run_wrk(pair, &dir, size, mode, conns, s.duration, &tag)?;
                     let after = cpu_snapshot(&pids);
@@ -695,7 +704,7 @@ fn run_matrix(
                         }
                         note = Some(format!("in both attempts, {why}"));
                     }
-                    let p = Point { proxy, size, mode, conns, wrk, cpu, note };
+                    let p = Point { proxy, size, mode, conns, wrk, cpu, note, time_wait };
                     clock.line(&format!(
                         "{what}: {:.0} req/s ({:.1} MB/s), p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs, CPU {:.1} \
                          µs/request, errors {}{}",
@@ -738,6 +747,8 @@ struct FailoverResult {
     /// keepalived backup.
     takeover: Value,
     takeover_text: String,
+    /// What went wrong before the kill (a keepalived backup that became master, ...).
+    notes: Vec<String>,
 }
 
 impl FailoverResult {
@@ -758,8 +769,10 @@ impl FailoverResult {
         let times = record.times();
         let buckets = per_bucket(&times, kill_at - lead, record.ended, BUCKET);
         let n_before = (lead.as_millis() / BUCKET.as_millis()) as usize;
-        let base: &[u64] = &buckets[..n_before.min(buckets.len())];
-        let baseline = if base.is_empty() { 0.0 } else { base.iter().sum::<u64>() as f64 / base.len() as f64 };
+        // The median bucket: a stall of the machine before the kill does not lower it.
+        let mut base: Vec<u64> = buckets[..n_before.min(buckets.len())].to_vec();
+        base.sort_unstable();
+        let baseline = base.get(base.len() / 2).copied().unwrap_or(0) as f64;
         let recovery = recovery(buckets.get(n_before..).unwrap_or(&[]), baseline, RECOVERED, RECOVERY_WINDOW);
         FailoverResult {
             label: label.into(),
@@ -773,6 +786,7 @@ impl FailoverResult {
             rst_on_wire,
             takeover,
             takeover_text,
+            notes: Vec::new(),
         }
     }
 
@@ -782,11 +796,25 @@ impl FailoverResult {
     fn resets(&self) -> usize {
         self.record.count(Failure::Reset)
     }
-    fn stall(&self) -> Duration {
-        self.record.longest_wait().0
+    /// The longest wait of a request that completed after the kill (or was still waiting at the end), and when
+    /// it began.
+    fn stall_across(&self) -> (Duration, Duration) {
+        self.record.longest_wait_ending(self.kill_at, Duration::MAX)
     }
+    fn stall(&self) -> Duration {
+        self.stall_across().0
+    }
+    /// The longest wait of a request that completed before the kill: the machine's own hiccups.
+    fn stall_before(&self) -> Duration {
+        self.record.longest_wait_ending(Duration::ZERO, self.kill_at).0
+    }
+    /// The longest time with no completion at all, from the kill on.
     fn gap(&self) -> Duration {
-        longest_gap(&self.record.times(), self.kill_at - self.lead, self.record.ended).0
+        longest_gap(&self.record.times(), self.kill_at, self.record.ended).0
+    }
+    /// The same in the baseline window before the kill.
+    fn gap_before(&self) -> Duration {
+        longest_gap(&self.record.times(), self.kill_at - self.lead, self.kill_at).0
     }
     fn recovery_text(&self) -> String {
         match self.recovery {
@@ -849,7 +877,7 @@ impl FailoverResult {
 
     fn json(&self) -> Value {
         let kinds: BTreeMap<&str, usize> = Failure::ALL.iter().map(|&k| (k.name(), self.record.count(k))).collect();
-        let (stall, stall_began) = self.record.longest_wait();
+        let (stall, stall_began) = self.stall_across();
         json!({
             "label": self.label,
             "connections": self.conns,
@@ -862,6 +890,9 @@ impl FailoverResult {
             "longest_stall_ms": ms(stall),
             "longest_stall_began_s_from_kill": stall_began.as_secs_f64() - self.kill_at.as_secs_f64(),
             "longest_gap_ms": ms(self.gap()),
+            "longest_stall_before_kill_ms": ms(self.stall_before()),
+            "longest_gap_before_kill_ms": ms(self.gap_before()),
+            "notes": self.notes,
             "baseline_rps": self.baseline_rps,
             "recovery_90_ms": self.recovery_ms(),
             "takeover": self.takeover,
@@ -1315,6 +1346,24 @@ fn bench(s: &Settings) -> Result<bool> {
         victims.push(ka_server.pid());
         let mut fl = FailoverLoad::start(s, &pair, &clock, "(e) nginx + keepalived", "failover-e")?;
         fl.run_until(&clock, Duration::from_secs(s.before), "before the kill")?;
+        // keepalived's own view up to now: with adverts every 10 ms on a busy machine, the backup may have
+        // missed three and taken the VIP for a while.
+        let transitions = |host: &str, state: &str| {
+            fs::read_to_string(pair.dir.0.join(format!("keepalived-{host}/keepalived.log")))
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains(&format!("Entering {state} STATE")))
+                .count()
+        };
+        let mut notes = Vec::new();
+        let flaps = transitions("spare", "MASTER");
+        if flaps > 0 {
+            notes.push(format!(
+                "the keepalived backup became master {flaps} times under the load before the kill (the master \
+                 {} times back to master)",
+                transitions("server", "MASTER").saturating_sub(1)
+            ));
+        }
         let kill_at = fl.mark_kill();
         let killed = Instant::now();
         for &pid in &victims {
@@ -1333,7 +1382,11 @@ fn bench(s: &Settings) -> Result<bool> {
         let text = format!("the VIP is on the keepalived backup {t:.0} ms after the kill (polled)");
         clock.line(&format!("(e) nginx + keepalived: {text}"));
         fl.run_until(&clock, kill_at + Duration::from_secs(s.after), "after the kill")?;
-        let r = fl.finish(s, &clock, json!({ "vip_on_backup_ms": t }), text)?;
+        let mut r = fl.finish(s, &clock, json!({ "vip_on_backup_ms": t }), text)?;
+        for n in &notes {
+            clock.line(&format!("(e) nginx + keepalived: before the kill, {n}"));
+        }
+        r.notes = notes;
         fail_e = Some(r);
         drop((nginx, ka_server, ka_spare, nginx_spare));
     }
@@ -1711,6 +1764,20 @@ impl Report<'_> {
                 }
             }
 
+            let tw: Vec<String> = self
+                .points
+                .iter()
+                .filter_map(|p| Some(format!("{} {} c={}: {}", p.proxy.short(), p.size.label(), p.conns, p.time_wait?)))
+                .collect();
+            if !tw.is_empty() {
+                let _ = writeln!(
+                    md,
+                    "\nTIME_WAIT sockets on the proxy's host when each connection-per-request point began (the server \
+                     closes first; they last 60 s, and a client port can meet one again): {}.",
+                    tw.join(", ")
+                );
+            }
+
             let _ = writeln!(md, "\n## Latency (wrk: p50 / p99 / p99.9)\n");
             let mut head = String::from("| size | mode | c |");
             let mut rule = String::from("|---|---|---:|");
@@ -1841,16 +1908,24 @@ impl Report<'_> {
                     Box::new(|f| f.rst_on_wire.map_or("–".into(), |n| n.to_string())),
                 ),
                 (
-                    "longest client stall (when it began)",
+                    "longest client stall across the failover (when it began)",
                     Box::new(|f| {
-                        let (wait, began) = f.record.longest_wait();
+                        let (wait, began) = f.stall_across();
                         let rel = began.as_secs_f64() - f.kill_at.as_secs_f64();
                         format!("{:.0} ms ({rel:+.2} s from the kill)", ms(wait))
                     }),
                 ),
-                ("longest time with no completion", Box::new(|f| format!("{:.0} ms", ms(f.gap())))),
+                ("longest time with no completion, from the kill on", Box::new(|f| format!("{:.0} ms", ms(f.gap())))),
+                (
+                    "for comparison, before the kill: longest stall / longest time with no completion",
+                    Box::new(|f| format!("{:.0} ms / {:.0} ms", ms(f.stall_before()), ms(f.gap_before()))),
+                ),
                 ("time until throughput is back to 90 %", Box::new(|f| f.recovery_text())),
                 ("takeover as the survivor saw it", Box::new(|f| f.takeover_text.clone())),
+                (
+                    "noticed before the kill",
+                    Box::new(|f| if f.notes.is_empty() { "nothing".into() } else { f.notes.join("; ") }),
+                ),
             ];
             for (name, cell) in rows {
                 let mut row = format!("| {name} |");
@@ -2006,7 +2081,7 @@ impl Report<'_> {
                 "p50_us": p.wrk.p50, "p99_us": p.wrk.p99, "p999_us": p.wrk.p999, "mean_us": p.wrk.mean,
                 "max_us": p.wrk.max, "wrk_errors": p.wrk.errors,
                 "cpu_s": p.cpu.iter().map(|(n, d)| json!([n, d.as_secs_f64()])).collect::<Vec<_>>(),
-                "cpu_per_request_us": p.cpu_per_request_us(), "note": p.note,
+                "cpu_per_request_us": p.cpu_per_request_us(), "note": p.note, "time_wait_before": p.time_wait,
             })).collect::<Vec<_>>(),
             "failover": self.fail_d.iter().chain(self.fail_e.iter()).map(|f| f.json()).collect::<Vec<_>>(),
             "protection_incidents": self.incidents,

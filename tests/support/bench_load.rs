@@ -151,6 +151,19 @@ impl LoadRecord {
         done.chain(open).max_by_key(|&(wait, _)| wait).unwrap_or_default()
     }
 
+    /// [`LoadRecord::longest_wait`] among the requests that completed in `[from, to)` (a request still in
+    /// progress at the stop counts as completing then).
+    pub fn longest_wait_ending(&self, from: Duration, to: Duration) -> (Duration, Duration) {
+        let done =
+            self.done.iter().filter(|d| d.at >= from && d.at < to).map(|d| (d.latency, d.at.saturating_sub(d.latency)));
+        let open = self
+            .unfinished
+            .iter()
+            .filter(|_| self.ended >= from && self.ended < to)
+            .map(|&began| (self.ended.saturating_sub(began), began));
+        done.chain(open).max_by_key(|&(wait, _)| wait).unwrap_or_default()
+    }
+
     /// The completion times, in order.
     pub fn times(&self) -> Vec<Duration> {
         self.done.iter().map(|d| d.at).collect()
@@ -805,6 +818,10 @@ mod tests {
         r.unfinished.push(ms(400));
         assert_eq!(r.longest_wait(), (ms(600), ms(400)));
         assert_eq!(r.retried(), 1);
+        // Split at a moment: what completed before it, and what completed (or was still waiting) after it.
+        assert_eq!(r.longest_wait_ending(ms(0), ms(600)), (ms(300), ms(200)));
+        assert_eq!(r.longest_wait_ending(ms(600), Duration::MAX), (ms(600), ms(400)));
+        assert_eq!(r.longest_wait_ending(ms(0), ms(400)), (Duration::ZERO, Duration::ZERO));
     }
 
     #[test]
