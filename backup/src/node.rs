@@ -10,14 +10,15 @@
 //!    then `connected`.
 //! 3. Feed the [`Detector`] what the link heard; on [`Action::Fence`] probe the VIP with ARP (and run
 //!    the operator's fence command when configured). A stand-down (the primary's process still answers
-//!    for the VIP) raises an alarm and the node rejoins; a link lost before the snapshot was applied
-//!    cannot be taken over from (the replica is not usable) and the node rejoins too.
+//!    for the VIP) raises an alarm and the node rejoins. Until the snapshot is applied the detector
+//!    waits longer for silence; a primary gone before that is taken over from without its connections.
 //!
 //! Takeover, in order (each step logged and timed):
 //! hold VIP:port segments → stop the replica and take its table → add the VIP → start the gate (it
 //! queues every client segment, above the hold; the replicator applies them to the table and releases
-//! them once serving) → restore every connection with `TCP_REPAIR` → bind the listener → answer ARP and
-//! announce → release the hold → prompt every restored client to retransmit what the outage lost
+//! them once serving) → answer ARP and announce → ask the clients with reply bytes in flight what they
+//! received ([`takeover::ask_clients`]) → restore every connection with `TCP_REPAIR` → bind the
+//! listener → release the hold → prompt every restored client to retransmit what the outage lost
 //! ([`crate::prompt`]) → serve as primary at the next epoch (`primary::node::serve_after_takeover`),
 //! resuming each restored connection's exchange in flight ([`crate::resume`]).
 
@@ -383,16 +384,30 @@ async fn take_over(
     // order. Segments of connections restored meanwhile wait there instead of reaching their sockets
     // unseen by the table (the hold alone lets segments that find a socket through), and the table stays
     // exactly what the kernel received, as the next spare's snapshot needs.
-    let gate = match Gate::start(primary::node::gate_config(config)) {
-        Ok((gate, diverted)) => GateFeed { gate: Arc::new(gate), diverted },
+    let mut gate = match Gate::start(primary::node::gate_config(config)) {
+        Ok((gate, diverted)) => GateFeed::new(Arc::new(gate), diverted),
         Err(e) => {
             let _ = claim.release();
             return Err(BackupError::Gate(e));
         }
     };
 
-    // 5. Restore.
-    let report: RestoreReport = takeover::restore_all(&table, &config.retry);
+    // Announce before the restore: each restored socket sends a window probe as it leaves repair mode,
+    // and the client answers at once, to the MAC its ARP cache holds. Before the announcement that is
+    // the dead primary's, and the answer is lost; when the client already had bytes the replica thought
+    // unacknowledged, the restored socket then retransmits them on its timer, the client's duplicate ACK
+    // echoes a timestamp as old as the outage, and Linux takes that as the first RTT sample (seconds).
+    // Segments that arrive early wait in the gate like any other.
+    if let Err(e) = claim.answer().await {
+        let _ = claim.release();
+        return Err(BackupError::Claim(e));
+    }
+
+    // 5. Restore, after asking the clients what they received of the reply bytes in flight.
+    let plans = takeover::plan_all(&table, &config.retry);
+    let answers = takeover::ask_clients(&plans, &mut gate, takeover::ANSWER_WAIT).await;
+    let report: RestoreReport = takeover::restore_all(&table, plans, &answers);
+    gate.early = answers.read;
     info!(restored = report.restored.len(), failed = report.failed.len(), skipped = report.skipped.len(),
         took = ?report.took, "connections restored");
     // The listener after the restore: before it, the hold's socket match would let segments of
@@ -406,10 +421,6 @@ async fn take_over(
             return Err(BackupError::Bind { what: "HTTP service", addr: service, source });
         }
     };
-    if let Err(e) = claim.answer().await {
-        let _ = claim.release();
-        return Err(BackupError::Claim(e));
-    }
     if let Some(hold) = hold
         && let Err(e) = hold.release()
     {

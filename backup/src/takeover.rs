@@ -1,26 +1,32 @@
-//! Takeover steps 3 to 5 (ARCHITECTURE.md "Takeover (backup)"): hold, restore. The claim itself is
+//! Takeover steps 3 to 5 (ARCHITECTURE.md "Takeover (backup)"): hold, ask, restore. The claim itself is
 //! `primary::claim::VipClaim`; the order is the node's (backup/src/node.rs).
 //!
 //! **Hold.** Until every socket exists, a segment for VIP:port that finds no socket would be answered
 //! by the kernel with a RST, which kills the client's connection. The hold drops such segments in
-//! `mangle PREROUTING`, ahead of TCP, with two exceptions inserted above it:
-//! * segments that match a socket (`-m socket --nowildcard`, xt_socket): a restored connection's own
-//!   traffic passes at once, so the client's answer to the window probe a restored socket sends when it
-//!   leaves repair mode is not lost;
-//! * segments `tcp_replay::repair::restore` injects itself (a replayed FIN), marked
-//!   [`INJECT_MARK`](tcp_replay::repair::INJECT_MARK).
+//! `mangle PREROUTING`, ahead of TCP, except the segments `tcp_replay::repair::restore` injects itself (a
+//! replayed FIN), marked [`INJECT_MARK`](tcp_replay::repair::INJECT_MARK), which pass.
 //!
-//! Known cost: removing the socket-match rule drops the kernel's last user of IPv4 defragmentation, whose
-//! hook then goes, and unregistering any hook flushes every NFQUEUE of the namespace, so the client segments
-//! the gate holds at that moment (the answers to the restored sockets' window probes among them) are lost
-//! and clients recover on their timers (downloads stall for seconds). A hold without that rule keeps them,
-//! but then back-to-back failovers can leave a restored download stuck (the answer's stale timestamp echo
-//! becomes its first RTT sample, among what is understood so far); see the README's Limitations.
+//! The gate the new primary starts (before the restore) inserts its NFQUEUE rules at the top of the same
+//! chain. A segment the queue accepts leaves the chain there (an accepted verdict continues with the next
+//! hook, not the next rule), so the gate's start is what lifts the hold, and every client segment,
+//! including the answers to the window probes restored sockets send, waits in the gate until the new
+//! primary's replicator has applied it. [`Hold::release`] then removes the rules. Rules carry the comment
+//! `understudy:<node>-hold`; a crashed run's leftovers are removed on install.
 //!
-//! The gate the new primary starts inserts its NFQUEUE rules at the top of the same chain. A segment the
-//! queue accepts leaves the chain there (an accepted verdict continues with the next hook, not the next
-//! rule), so starting the gate is what lifts the hold; [`Hold::release`] then removes the rules. Rules
-//! carry the comment `understudy:<node>-hold`; a crashed run's leftovers are removed on install.
+//! The hold has no socket match (`-m socket`): removing such a rule drops the kernel's last user of IPv4
+//! defragmentation, whose hook then goes, and unregistering any hook flushes every NFQUEUE of the
+//! namespace: the segments waiting in the gate would be lost (their verdicts fail with ENOENT), and with
+//! them the clients' answers to the window probes, stalling restored downloads until their
+//! retransmission timers fire (seconds).
+//!
+//! **Ask.** The replica knows which reply bytes the old primary wrote, not which its kernel transmitted
+//! nor which the client received since its last ACK the replica saw. Restored as in flight, bytes the
+//! client never got would wait for the restored socket's retransmission timer, and duplicates of bytes
+//! it had would earn ACKs echoing timestamps as old as the outage, which Linux takes as RTT samples
+//! (seconds of stall, compounding over back-to-back takeovers). So before the restore, every client with
+//! unacknowledged reply bytes gets an out-of-window ACK from the server end ([`ask_clients`]), and its
+//! answer, read from the gate, says exactly what it holds ([`RestorePlan::apply_client_ack`]). The VIP
+//! must be announced first, or the answers go to the dead primary's MAC.
 //!
 //! **Restore.** Each connection the planner can restore is rebuilt with `TCP_REPAIR` from the tracker's
 //! plan; the VIP must already be on an interface (repair-mode bind needs a local address). Connections
@@ -29,14 +35,20 @@
 
 use crate::resume::Restored;
 use primary::gate::rules::{Iptables, RuleSpec, Rules, RulesError, tag};
+use primary::gate::{Diverted, Hook};
+use primary::replicate::GateFeed;
 use shared::config::RetryConfig;
 use shared::protocol::ConnKey;
 use shared::replica::{ConnResume, Decision, ReplicaTable, plan_takeover};
-use std::net::Ipv4Addr;
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tcp_replay::repair::{self, INJECT_MARK};
-use tracing::{error, info, warn};
+use tcp_replay::segment::{Checksums, Segment, SegmentBuilder, TcpFlags, TcpOptions, Timestamps};
+use tcp_replay::{RestorePlan, Seq};
+use tracing::{debug, error, info, warn};
 
 /// The iptables binary the hold runs (the one `primary::gate` uses).
 const IPTABLES: &str = "iptables";
@@ -65,7 +77,7 @@ impl Hold {
     }
 }
 
-/// The hold's rules, in chain order: pass what finds a socket, pass injected segments, drop the rest.
+/// The hold's rules, in chain order: pass injected segments, drop the rest.
 pub fn hold_rules(vip: Ipv4Addr, port: u16, tag: &str) -> Vec<RuleSpec> {
     let base = |extra: &[&str]| -> Vec<String> {
         let mut args: Vec<String> =
@@ -76,7 +88,6 @@ pub fn hold_rules(vip: Ipv4Addr, port: u16, tag: &str) -> Vec<RuleSpec> {
     };
     let mark = format!("{INJECT_MARK:#x}");
     vec![
-        RuleSpec { chain: "PREROUTING", args: base(&["-m", "socket", "--nowildcard", "-j", "ACCEPT"]) },
         RuleSpec { chain: "PREROUTING", args: base(&["-m", "mark", "--mark", &mark, "-j", "ACCEPT"]) },
         RuleSpec { chain: "PREROUTING", args: base(&["-j", "DROP"]) },
     ]
@@ -101,12 +112,113 @@ pub fn stream_now() -> Duration {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
 }
 
-/// Plans every connection of `table` and rebuilds the restorable ones. Must run in the network
-/// namespace that holds the VIP, with the VIP on an interface and the hold in place.
-pub fn restore_all(table: &ReplicaTable, retry: &RetryConfig) -> RestoreReport {
+/// Plans every connection of `table` at the stream's clock, now.
+pub fn plan_all(table: &ReplicaTable, retry: &RetryConfig) -> Vec<ConnResume> {
+    plan_takeover(table, stream_now(), retry)
+}
+
+/// How long the takeover waits for the clients' answers to its probes (all of them usually arrive
+/// within a round trip; a missing one leaves its plan as it was).
+pub const ANSWER_WAIT: Duration = Duration::from_millis(50);
+
+/// What the clients said when asked.
+#[derive(Default)]
+pub struct Answers {
+    /// Per connection, the latest answer: (ack, raw window, seq).
+    pub by_conn: HashMap<ConnKey, (Seq, u16, Seq)>,
+    /// Everything read from the gate meanwhile, in order, for the replicator ([`GateFeed::early`]).
+    pub read: Vec<Diverted>,
+    pub probed: usize,
+    pub took: Duration,
+}
+
+/// Asks every client with reply bytes the replica holds as unacknowledged what it really received: an
+/// out-of-window ACK from the server end (seq `snd_una - 1`), which a live TCP answers at once with its
+/// `rcv_nxt` and window (RFC 9293 3.10.7.4). The answers are read from the gate, which must hold the
+/// clients' segments already (the VIP announced). Without them, bytes the old primary wrote but its
+/// kernel never transmitted would be restored as in flight and resent only on the restored socket's
+/// retransmission timer, which has no RTT sample; see [`RestorePlan::apply_client_ack`].
+pub async fn ask_clients(plans: &[ConnResume], feed: &mut GateFeed, wait: Duration) -> Answers {
+    let started = Instant::now();
+    let mut answers = Answers::default();
+    let asked: Vec<&RestorePlan> =
+        plans.iter().filter_map(|p| p.restore.as_ref()).filter(|r| !r.send_queue.is_empty()).collect();
+    if asked.is_empty() {
+        return answers;
+    }
+    let raw = match Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(libc::IPPROTO_RAW))) {
+        Ok(raw) => raw,
+        Err(e) => {
+            warn!(error = %e, "cannot ask the clients what they received (raw socket); restoring bytes in flight as they are");
+            return answers;
+        }
+    };
+    for plan in &asked {
+        let packet = probe(plan);
+        let dst = SockAddr::from(SocketAddrV4::new(*plan.remote.ip(), 0));
+        match raw.send_to(&packet, &dst) {
+            Ok(_) => answers.probed += 1,
+            Err(e) => debug!(conn = %plan.remote, error = %e, "probing the client failed"),
+        }
+    }
+    let wanted: HashMap<ConnKey, ()> =
+        asked.iter().map(|p| (ConnKey { client: p.remote, server: p.local }, ())).collect();
+    let deadline = tokio::time::Instant::now() + wait;
+    while answers.by_conn.len() < wanted.len() {
+        let d = match tokio::time::timeout_at(deadline, feed.diverted.recv()).await {
+            Ok(Some(d)) => d,
+            Ok(None) | Err(_) => break,
+        };
+        if d.hook == Hook::PreRouting
+            && let Ok(seg) = Segment::parse_ipv4(&d.datagram, Checksums::Verify)
+            && seg.flags.ack()
+            && !seg.flags.rst()
+            && !seg.flags.syn()
+        {
+            let key = ConnKey { client: seg.src, server: seg.dst };
+            if wanted.contains_key(&key) {
+                let newer = answers.by_conn.get(&key).is_none_or(|&(ack, _, _)| seg.ack.diff(ack) >= 0);
+                if newer {
+                    answers.by_conn.insert(key, (seg.ack, seg.window, seg.seq));
+                }
+            }
+        }
+        answers.read.push(d);
+    }
+    answers.took = started.elapsed();
+    answers
+}
+
+/// The probe [`ask_clients`] sends for `plan`: an IPv4 datagram from the server end.
+fn probe(plan: &RestorePlan) -> Vec<u8> {
+    let mut seg = SegmentBuilder::new(plan.local, plan.remote);
+    seg.flags = TcpFlags::ACK;
+    seg.seq = plan.snd_una - 1;
+    seg.ack = plan.rcv_nxt;
+    let shift = plan.options.wscale.map_or(0, |(_, rcv)| rcv);
+    seg.window = (plan.window.rcv_wnd >> shift).min(u32::from(u16::MAX)) as u16;
+    let mut opts = TcpOptions::default();
+    if plan.options.timestamps {
+        opts.timestamps = Some(Timestamps { val: plan.tsval.unwrap_or(0), ecr: plan.ts_recent.unwrap_or(0) });
+    }
+    seg.options = opts;
+    seg.build(&[])
+}
+
+/// Rebuilds the restorable connections of `plans` (from [`plan_all`] on `table`), each adjusted by its
+/// client's answer when there is one. Must run in the network namespace that holds the VIP, with the
+/// VIP on an interface and the hold in place.
+pub fn restore_all(table: &ReplicaTable, plans: Vec<ConnResume>, answers: &Answers) -> RestoreReport {
     let started = Instant::now();
     let mut report = RestoreReport::default();
-    for plan in plan_takeover(table, stream_now(), retry) {
+    let mut adjusted = 0usize;
+    for mut plan in plans {
+        if let Some(r) = plan.restore.as_mut()
+            && let Some(&(ack, window, seq)) = answers.by_conn.get(&plan.conn)
+            && r.apply_client_ack(ack, window, seq)
+        {
+            adjusted += 1;
+        }
         let key = plan.conn;
         let conn = format!("{}", key.client);
         let Some(restore) = &plan.restore else {
@@ -126,8 +238,13 @@ pub fn restore_all(table: &ReplicaTable, retry: &RetryConfig) -> RestoreReport {
         };
         match restore_one(restore, &plan) {
             Ok(stream) => {
-                info!(conn, state = ?restore.state, unacked = restore.send_queue.len(), unread = restore.recv_queue.len(),
-                    path = plan.decision.kind(), "connection restored");
+                let (unacked, unread) = (restore.send_queue.len(), restore.recv_queue.len());
+                // Thousands of idle keep-alive connections would flood the log at takeover time.
+                if unacked == 0 && unread == 0 {
+                    debug!(conn, state = ?restore.state, path = plan.decision.kind(), "connection restored");
+                } else {
+                    info!(conn, state = ?restore.state, unacked, unread, path = plan.decision.kind(), "connection restored");
+                }
                 report.restored.push(Restored { stream, plan, conn: entry });
             }
             Err(e) => {
@@ -137,6 +254,10 @@ pub fn restore_all(table: &ReplicaTable, retry: &RetryConfig) -> RestoreReport {
         }
     }
     report.took = started.elapsed();
+    if answers.probed > 0 {
+        info!(probed = answers.probed, answered = answers.by_conn.len(), adjusted, waited = ?answers.took,
+            "asked the clients what they received");
+    }
     report
 }
 
@@ -152,13 +273,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hold_passes_sockets_and_injected_segments_before_dropping() {
+    fn hold_passes_injected_segments_before_dropping_and_matches_no_socket() {
         let rules = hold_rules(Ipv4Addr::new(10, 0, 0, 100), 80, "understudy:b-hold");
         let text: Vec<String> = rules.iter().map(|r| r.args.join(" ")).collect();
-        assert_eq!(rules.len(), 3);
-        assert!(text[0].contains("-m socket --nowildcard -j ACCEPT"), "{}", text[0]);
-        assert!(text[1].contains(&format!("--mark {INJECT_MARK:#x} -j ACCEPT")), "{}", text[1]);
-        assert!(text[2].ends_with("-j DROP -m comment --comment understudy:b-hold"), "{}", text[2]);
+        assert_eq!(rules.len(), 2);
+        assert!(text[0].contains(&format!("--mark {INJECT_MARK:#x} -j ACCEPT")), "{}", text[0]);
+        assert!(text[1].ends_with("-j DROP -m comment --comment understudy:b-hold"), "{}", text[1]);
+        // Removing a socket match would flush the gate's queue (see the module's docs).
+        assert!(text.iter().all(|t| !t.contains("-m socket")), "{text:?}");
         assert!(text.iter().all(|t| t.starts_with("-p tcp -d 10.0.0.100/32 --dport 80")));
     }
 }

@@ -262,7 +262,7 @@ async fn run_in_span(config: NodeConfig, shutdown: impl Future<Output = ()> + Se
 
     // 3. The gate, before the address exists: no VIP segment ever reaches the kernel ungated.
     let (gate, diverted) = Gate::start(gate_config(&config))?;
-    let gate = GateFeed { gate: Arc::new(gate), diverted };
+    let gate = GateFeed::new(Arc::new(gate), diverted);
 
     // 4. Claim the VIP. Whatever was done is undone if a later step fails.
     let mut claim = VipClaim::new(&config.iface, vip, config.vip.prefix);

@@ -771,6 +771,15 @@ impl std::fmt::Debug for Replicator {
 pub struct GateFeed {
     pub gate: Arc<Gate>,
     pub diverted: mpsc::Receiver<Diverted>,
+    /// Segments already taken from `diverted` (a takeover reads the clients' answers to its probes
+    /// before the sender starts): handled first, in this order.
+    pub early: Vec<Diverted>,
+}
+
+impl GateFeed {
+    pub fn new(gate: Arc<Gate>, diverted: mpsc::Receiver<Diverted>) -> GateFeed {
+        GateFeed { gate, diverted, early: Vec::new() }
+    }
 }
 
 impl Replicator {
@@ -815,9 +824,9 @@ impl Replicator {
         });
         admin.set_peer(PeerState::None, None);
         let now = Instant::now();
-        let (gate, diverted) = match gate {
-            Some(g) => (Some(g.gate), Some(g.diverted)),
-            None => (None, None),
+        let (gate, diverted, early) = match gate {
+            Some(g) => (Some(g.gate), Some(g.diverted), g.early),
+            None => (None, None, Vec::new()),
         };
         let driver = Driver {
             epoch: config.identity.epoch,
@@ -848,7 +857,7 @@ impl Replicator {
             epoch = driver.epoch,
             "replication sender started; serving unprotected until a backup joins"
         );
-        let task = tokio::spawn(driver.run(items_rx, diverted));
+        let task = tokio::spawn(driver.run(items_rx, diverted, early));
         Ok((Replicator { shared }, task))
     }
 
@@ -1325,7 +1334,19 @@ struct Driver {
 }
 
 impl Driver {
-    async fn run(mut self, mut items: mpsc::UnboundedReceiver<Item>, mut gate_rx: Option<mpsc::Receiver<Diverted>>) {
+    async fn run(
+        mut self,
+        mut items: mpsc::UnboundedReceiver<Item>,
+        mut gate_rx: Option<mpsc::Receiver<Diverted>>,
+        early: Vec<Diverted>,
+    ) {
+        if !early.is_empty() {
+            let now = Instant::now();
+            for d in early {
+                self.diverted(now, d);
+            }
+            self.after(now);
+        }
         let mut diverted = Vec::with_capacity(BATCH);
         loop {
             let room = self.outbound.len() < self.cfg.max_backlog;

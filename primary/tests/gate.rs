@@ -1024,3 +1024,47 @@ fn without_gso_flag_every_diverted_datagram_is_wire_sized_with_a_valid_checksum(
         Ok(())
     })
 }
+
+// ---------------------------------------------------------------------------------------------------
+// The takeover's hold under the gate: removing it must not cost the segments the gate holds.
+
+/// A takeover holds VIP segments (backup::takeover::Hold), starts the gate above the hold, and removes
+/// the hold while the gate still holds segments. Removing a rule can unregister a netfilter hook (a
+/// socket match's defragmentation, for one), and the kernel then flushes every queue of the namespace;
+/// the held SYN here must survive the hold's removal and complete its handshake when released.
+#[test]
+fn segments_held_by_the_gate_survive_the_removal_of_the_takeover_hold() -> Result<()> {
+    let net = Net::up('h')?;
+    let client_ns = net.client.clone();
+    run_in_ns(&net.server, move || async move {
+        let listener = TcpListener::bind(vip_addr()).await?;
+        let hold = backup::takeover::Hold::install(VIP, PORT, "th")?;
+        let (gate, mut rx) = Gate::start(config("th"))?;
+        let connect = tokio::spawn(client_socket(&client_ns)?.connect(vip_addr()));
+        let syn = next(&mut rx).await?;
+        ensure!(seg(&syn)?.flags.syn() && syn.hook == Hook::PreRouting, "first diverted: {}", flags(&syn));
+        let queued = || -> Result<u64> {
+            let stats = KernelQueueStats::read_here(syn.queue)?.context("the gate's queue is not listed")?;
+            Ok(u64::from(stats.queued))
+        };
+        ensure!(queued()? == 1, "the SYN is not waiting in the queue");
+        hold.release()?;
+        ensure!(queued()? == 1, "removing the hold flushed the gate's queue");
+        let released = Instant::now();
+        gate.release_upto(syn.queue, syn.id)?;
+        let synack = next(&mut rx).await?;
+        ensure!(
+            seg(&synack)?.flags.syn() && synack.hook == Hook::LocalOut,
+            "after the release: {} (the held SYN was lost; this is the client's retransmission)",
+            flags(&synack)
+        );
+        let after = released.elapsed();
+        ensure!(after < Duration::from_millis(500), "the SYN-ACK came {after:?} after the release");
+        let gate = Arc::new(gate);
+        gate.release_upto(synack.queue, synack.id)?;
+        let _ = finish_handshake(&gate, &mut rx, &listener, connect).await?;
+        let stats = gate.stats();
+        ensure!(stats.verdict_errors == 0, "verdicts refused by the kernel: {stats:?}");
+        Ok(())
+    })
+}

@@ -213,7 +213,7 @@ fn start_primary(bed: &Testbed, lease: Duration) -> Result<(NodeThread, PrimaryH
         let admin = AdminState::new("primary-a", CLUSTER, Role::Primary, 1, Instant::now());
         let identity = LocalIdentity::new(CLUSTER, "primary-a", Role::Primary, 1);
         let config = SenderConfig::new(identity, LinkConfig::default(), lease);
-        let feed = GateFeed { gate: gate.clone(), diverted };
+        let feed = GateFeed::new(gate.clone(), diverted);
         let (replicator, task) =
             Replicator::start(config, ReplicaTable::new(), Some(feed), admin.clone(), Arc::new(NoVipCheck))?;
         let joins = replicator.serve_joins(tokio::net::TcpListener::bind(REPL).await?);

@@ -129,6 +129,33 @@ impl RestorePlan {
     pub fn recv_queue_seq(&self) -> Seq {
         self.rcv_nxt - self.recv_queue.len() as u32
     }
+
+    /// Takes in what the live client says it holds, from a segment it sent after the server end went
+    /// away (its answer to a probe): `ack` is everything it received, `window` its advertised window as
+    /// on the wire (unscaled), `seq` the segment's sequence number. The bytes in flight it acknowledged
+    /// leave the plan and the rest, which it never received (lost with the old server, or never
+    /// transmitted), become unsent: the restored socket sends them at once instead of on a
+    /// retransmission timer that has no RTT sample. An answer that does not fit (acknowledging bytes
+    /// never sent, or fewer than the plan knows) changes nothing, nor does one for a connection whose
+    /// FIN was sent or that has nothing in flight. Returns whether the plan changed.
+    pub fn apply_client_ack(&mut self, ack: Seq, window: u16, seq: Seq) -> bool {
+        let open = matches!(self.state, TcpState::Established | TcpState::CloseWait);
+        let acked = ack.diff(self.snd_una);
+        if !open || self.fin_sent || self.send_queue.is_empty() || acked < 0 || acked as usize > self.send_queue.len() {
+            return false;
+        }
+        let mut unsent = self.send_queue.split_off(acked as usize);
+        unsent.append(&mut self.unsent);
+        self.unsent = unsent;
+        self.send_queue.clear();
+        self.snd_una = ack;
+        let shift = self.options.wscale.map_or(0, |(snd, _)| snd);
+        self.window.snd_wnd = u32::from(window) << shift;
+        self.window.max_window = self.window.max_window.max(self.window.snd_wnd);
+        // The kernel refuses a window update point past what it will have received.
+        self.window.snd_wl1 = if seq.diff(self.rcv_nxt) > 0 { self.rcv_nxt } else { seq };
+        true
+    }
 }
 
 /// One difference between a tracker-derived plan and the kernel's own state.
@@ -426,5 +453,62 @@ mod tests {
         k.tsval = Some(5100);
         assert!(compare(&plan(), &k, 0, 200).is_empty());
         assert_eq!(compare(&plan(), &k, 0, 50)[0].field, "tsval");
+    }
+
+    #[test]
+    fn a_client_ack_moves_what_it_never_received_to_unsent_across_the_wrap() {
+        // snd_una is 3 before the wrap; the client holds 2 of the 5 bytes in flight.
+        let mut p = plan();
+        p.unsent = b"!".to_vec();
+        let ack = p.snd_una + 2;
+        assert!(p.apply_client_ack(ack, 100, Seq(1000)));
+        assert_eq!(p.snd_una, ack);
+        assert!(p.send_queue.is_empty());
+        assert_eq!(p.unsent, b"llo!");
+        assert_eq!(p.snd_nxt(), ack);
+        assert_eq!(p.window.snd_wnd, 100 << 7);
+        assert_eq!(p.window.max_window, 65536);
+        assert_eq!(p.window.snd_wl1, Seq(1000));
+
+        // Nothing received: every byte in flight becomes unsent. A later seq is capped at rcv_nxt.
+        let mut p = plan();
+        assert!(p.apply_client_ack(p.snd_una, 1000, Seq(1200)));
+        assert_eq!((p.send_queue.len(), &p.unsent[..]), (0, &b"hello"[..]));
+        assert_eq!(p.window.snd_wnd, 1000 << 7);
+        assert_eq!(p.window.max_window, 1000 << 7);
+        assert_eq!(p.window.snd_wl1, Seq(1000));
+
+        // Everything received.
+        let mut p = plan();
+        assert!(p.apply_client_ack(p.snd_nxt(), 10, Seq(1000)));
+        assert!(p.send_queue.is_empty() && p.unsent.is_empty());
+    }
+
+    #[test]
+    fn a_client_ack_that_does_not_fit_changes_nothing() {
+        let cases: [(&str, fn(&mut RestorePlan) -> Seq); 5] = [
+            ("older than snd_una", |p| p.snd_una - 1),
+            ("beyond what was sent", |p| p.snd_nxt() + 1),
+            ("fin sent", |p| {
+                p.fin_sent = true;
+                p.state = TcpState::FinWait1;
+                p.snd_una
+            }),
+            ("nothing in flight", |p| {
+                p.send_queue.clear();
+                p.snd_una
+            }),
+            ("closing", |p| {
+                p.state = TcpState::LastAck;
+                p.snd_una
+            }),
+        ];
+        for (what, setup) in cases {
+            let mut p = plan();
+            let ack = setup(&mut p);
+            let before = p.clone();
+            assert!(!p.apply_client_ack(ack, 10, Seq(1000)), "{what}");
+            assert_eq!(p, before, "{what}");
+        }
     }
 }

@@ -931,3 +931,55 @@ fn listening_socket_cannot_be_checkpointed() -> Result<()> {
         other => bail!("expected UnsupportedState(Listen), got {other:?}"),
     }
 }
+
+/// The retransmission timer of the server's established socket, as `ss` shows it (`timer:(on,996ms,0)`).
+fn retransmit_timer(net: &Net) -> Result<Duration> {
+    let sport = format!("sport = :{PORT}");
+    let out = run(&["ip", "netns", "exec", &net.server, "ss", "-Htno", "state", "established", &sport])?;
+    let timer = out
+        .split("timer:(on,")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .with_context(|| format!("no retransmission timer in `{out}`"))?;
+    let (number, scale) = match timer.strip_suffix("ms") {
+        Some(ms) => (ms, 1e-3),
+        None => (timer.strip_suffix("sec").with_context(|| format!("timer `{timer}`"))?, 1.0),
+    };
+    Ok(Duration::from_secs_f64(number.parse::<f64>()? * scale))
+}
+
+#[test]
+fn bytes_lost_in_flight_are_resent_on_a_timer_of_at_most_a_second() -> Result<()> {
+    // A socket restored with bytes in flight that never reached the client (the dead server's kernel had
+    // them queued, or they were lost) and whose client stays silent (its answer to the window probe is
+    // held here) resends them on its first retransmission timer: the initial 1 s, as for a new
+    // connection without an RTT sample, not the 3 s fallback, nor the cap restore sets for later ones.
+    let net = Net::new()?;
+    let (client, server) = net.pair()?;
+    // Dropped on arrival at the client: the server's kernel sends them (a local OUTPUT drop would keep
+    // them unsent instead).
+    net.iptables(&net.client, &format!("-I INPUT -p tcp --sport {PORT} -j DROP"))?;
+    let lost = pattern(5, 10_000); // within the initial congestion window: all of it leaves at once
+    (&server).write_all(&lost)?;
+    wait_until("the server's bytes are in flight", || Ok(outq(&server)? as usize == lost.len() && notsent(&server)? == 0))?;
+    net.hold_server_input(true)?;
+    let plan = repair::checkpoint_and_hold(&server)?;
+    drop(server);
+    wait_until("the closed socket is gone", || {
+        let sport = format!("sport = :{PORT}");
+        Ok(run(&["ip", "netns", "exec", &net.server, "ss", "-Htan", "state", "all", &sport])?.trim().is_empty())
+    })?;
+    net.iptables(&net.client, &format!("-D INPUT -p tcp --sport {PORT} -j DROP"))?;
+    assert_eq!(plan.send_queue, lost, "every byte restored as in flight");
+    // A backup's kernel has never talked to the client: nothing cached about its path.
+    run(&["ip", "-n", &net.server, "tcp_metrics", "flush", "all"])?;
+
+    let (restored, _) = net.restore(&plan)?;
+    let timer = retransmit_timer(&net)?;
+    println!("restored socket's retransmission timer: {timer:?}");
+    assert!(timer <= Duration::from_millis(1000), "first retransmission only after {timer:?}");
+    net.hold_server_input(false)?;
+    assert_eq!(read_exactly(&client, lost.len())?, lost);
+    exchange(&client, &restored, 30, 100_000)?;
+    Ok(())
+}

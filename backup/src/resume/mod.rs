@@ -53,7 +53,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
-use tracing::{Instrument, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 /// How long a socket closed by the takeover keeps draining the client's bytes after its FIN, so
 /// that the close never turns into a RST while replies are still in its send queue.
@@ -214,8 +214,13 @@ async fn resume<L: ReplyLog + Unpin>(
     outcome.queued = steps.queued.clone();
     let io = LoggedIo::with_offset(Graceful::new(stream), log, steps.reply_offset).with_window(limits.reply_window);
     let mut client = ClientIo::new(io, plan.recv_start);
-    info!(recv_start = plan.recv_start, reply_offset = steps.reply_offset, first_exchange = steps.resume.first_exchange,
-        queued = ?steps.queued, "resuming connection");
+    if plan.decision.exchange().is_some() || !steps.queued.is_empty() {
+        info!(recv_start = plan.recv_start, reply_offset = steps.reply_offset,
+            first_exchange = steps.resume.first_exchange, queued = ?steps.queued, "resuming connection");
+    } else {
+        // An idle keep-alive connection: thousands of them at scale.
+        debug!(recv_start = plan.recv_start, reply_offset = steps.reply_offset, "resuming idle connection");
+    }
 
     if plan.restore.as_ref().is_some_and(|r| r.fin_sent) {
         // The primary had closed its side: nothing more is written, and nothing read is answered.
