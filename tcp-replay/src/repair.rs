@@ -690,7 +690,8 @@ const INJECT_DEADLINE: Duration = Duration::from_secs(2);
 /// Rebuilds the server end of the connection described by `plan` in this kernel
 /// and returns it as a connected, blocking stream. No handshake happens. The
 /// peer sees the window probe that ends repair mode (which prompts it to
-/// acknowledge, and so resynchronises the window), the ACK of a replayed FIN,
+/// acknowledge, and so resynchronises the window; skipped when the socket has
+/// nothing to send and no FIN to finish), the ACK of a replayed FIN,
 /// the plan's `unsent` bytes and a FIN that had not left yet; bytes in flight
 /// are retransmitted on the restored socket's timers (its RTO starts at 1 s: it
 /// has no RTT sample).
@@ -789,8 +790,12 @@ pub fn restore(plan: &RestorePlan) -> Result<TcpStream, RepairError> {
     expect_state(fd, before_unsent)?;
     repair_queue(fd, TCP_NO_QUEUE)?;
     // Ends repair mode with a window probe: the peer answers with an ACK, which
-    // resynchronises its window and prompts retransmission of anything lost.
-    repair_mode(fd, TCP_REPAIR_OFF)?;
+    // resynchronises its window and prompts retransmission of anything lost. A connection
+    // with nothing to send and no FIN to finish learns nothing from it (the client's window
+    // comes with its next segment) and goes without: at a takeover of thousands of idle
+    // keep-alive connections each probe and its answer cost a trip through both stacks.
+    let quiet = shape.our_fin == OurFin::None && plan.send_queue.is_empty() && plan.unsent.is_empty();
+    repair_mode(fd, if quiet { TCP_REPAIR_OFF_NO_WP } else { TCP_REPAIR_OFF })?;
     // The peer's answer to that probe echoes the timestamp of the last segment it accepted, which may be
     // seconds old (its data stopped with the failure, or with several in a row), and Linux takes it as
     // the first RTT sample of a socket that has none: the retransmission timeout would grow to that many

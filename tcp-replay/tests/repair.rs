@@ -983,3 +983,30 @@ fn bytes_lost_in_flight_are_resent_on_a_timer_of_at_most_a_second() -> Result<()
     exchange(&client, &restored, 30, 100_000)?;
     Ok(())
 }
+
+#[test]
+fn an_idle_connection_is_restored_without_a_window_probe_and_keeps_working() -> Result<()> {
+    // Nothing to send, no FIN: the probe would teach the socket nothing, and at a takeover of thousands
+    // of idle keep-alive connections each probe and its answer cost a trip through both stacks.
+    let net = Net::new()?;
+    let (client, server) = net.pair()?;
+    exchange(&client, &server, 40, 10_000)?;
+    net.hold_server_input(true)?;
+    let plan = repair::checkpoint_and_hold(&server)?;
+    drop(server);
+    wait_until("the closed socket is gone", || {
+        let sport = format!("sport = :{PORT}");
+        Ok(run(&["ip", "netns", "exec", &net.server, "ss", "-Htan", "state", "all", &sport])?.trim().is_empty())
+    })?;
+    assert!(plan.send_queue.is_empty() && plan.recv_queue.is_empty() && plan.unsent.is_empty());
+    net.iptables(&net.server, &format!("-A OUTPUT -p tcp --sport {PORT} -m comment --comment usrep-out"))?;
+    let (restored, _) = net.restore(&plan)?;
+    let out = run(&["ip", "netns", "exec", &net.server, "iptables", "-w", "-L", "OUTPUT", "-v", "-x", "-n"])?;
+    let line = out.lines().find(|l| l.contains("usrep-out")).context("counter rule")?;
+    let sent: u64 = line.split_whitespace().next().unwrap_or("x").parse()?;
+    assert_eq!(sent, 0, "the restore sent {sent} segments for an idle connection");
+    net.hold_server_input(false)?;
+    exchange(&client, &restored, 41, 50_000)?;
+    exchange(&restored, &client, 42, 50_000)?;
+    Ok(())
+}
