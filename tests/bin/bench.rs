@@ -538,6 +538,8 @@ struct Point {
     note: Option<String>,
     /// TIME_WAIT sockets on the proxy's host when the point began (connection-per-request points).
     time_wait: Option<u64>,
+    /// Client connections opened through this proxy in the 60 s before the point (wrk's, warm-ups included).
+    recent_conns: u64,
 }
 
 impl Point {
@@ -643,7 +645,8 @@ fn nginx_pids(master: &Proc) -> Pids {
 }
 
 /// Runs every point of the matrix against the proxy now on the VIP. A point of (b) during which the pair lost
-/// its protection is measured once more; the incident is recorded either way.
+/// its protection is measured once more; the incident is recorded either way. `history` holds (when a wrk run
+/// ended, the client connections it opened) for the proxy processes measured: (a) and (b) share the primary.
 #[allow(clippy::too_many_arguments)]
 fn run_matrix(
     s: &Settings,
@@ -653,8 +656,10 @@ fn run_matrix(
     nginx: Option<&Proc>,
     points: &mut Vec<Point>,
     incidents: &mut Incidents,
+    history: &mut Vec<(Instant, u64)>,
 ) -> Result<()> {
     let dir = pair.dir.0.clone();
+    let opened = |w: &WrkResult, mode: Mode, conns: u32| if mode == Mode::Close { w.requests } else { conns as u64 };
     for &size in &s.sizes {
         for &mode in &s.modes {
             for &conns in &s.concurrency {
@@ -666,7 +671,8 @@ fn run_matrix(
                     }
                     let tag = format!("{}-{size:?}-{mode:?}-{conns}-{attempt}", proxy.short());
                     if s.warmup > 0 {
-                        run_wrk(pair, &dir, size, mode, conns, s.warmup, &format!("{tag}-warmup"))?;
+                        let w = run_wrk(pair, &dir, size, mode, conns, s.warmup, &format!("{tag}-warmup"))?;
+                        history.push((Instant::now(), opened(&w, mode, conns)));
                     }
                     if proxy == Proxy::B {
                         ensure_protected(pair, clock, incidents, &format!("the warm-up of {what}"))?;
@@ -684,8 +690,14 @@ fn run_matrix(
                         .then(|| pair.tb.exec(host, &["ss", "-Htan", "state", "time-wait"]).ok())
                         .flatten()
                         .map(|out| out.lines().count() as u64);
+                    let recent_conns = history
+                        .iter()
+                        .filter(|(t, _)| t.elapsed() < Duration::from_secs(60))
+                        .map(|(_, n)| n)
+                        .sum::<u64>();
                     let before = cpu_snapshot(&pids);
                     let wrk = run_wrk(pair, &dir, size, mode, conns, s.duration, &tag)?;
+                    history.push((Instant::now(), opened(&wrk, mode, conns)));
                     let after = cpu_snapshot(&pids);
                     let cpu = pids
                         .iter()
@@ -704,7 +716,7 @@ fn run_matrix(
                         }
                         note = Some(format!("in both attempts, {why}"));
                     }
-                    let p = Point { proxy, size, mode, conns, wrk, cpu, note, time_wait };
+                    let p = Point { proxy, size, mode, conns, wrk, cpu, note, time_wait, recent_conns };
                     clock.line(&format!(
                         "{what}: {:.0} req/s ({:.1} MB/s), p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs, CPU {:.1} \
                          µs/request, errors {}{}",
@@ -1230,11 +1242,12 @@ fn bench(s: &Settings) -> Result<bool> {
     let mut fail_e = None;
     let mut scale = Vec::new();
     let mut incidents = Incidents::new();
+    let (mut primary_history, mut nginx_history) = (Vec::new(), Vec::new());
 
     if s.has(Phase::B) {
         loads.push(("(b)".into(), loadavg()));
         clock.line("(b) the replicated pair");
-        run_matrix(s, &mut pair, &clock, Proxy::B, None, &mut points, &mut incidents)?;
+        run_matrix(s, &mut pair, &clock, Proxy::B, None, &mut points, &mut incidents, &mut primary_history)?;
     }
     if s.has(Phase::A) {
         loads.push(("(a)".into(), loadavg()));
@@ -1246,7 +1259,7 @@ fn bench(s: &Settings) -> Result<bool> {
         pair.wait_status(pair.primary_host, "the primary to serve unprotected", Duration::from_secs(10), |st| {
             st["peer"] == "none"
         })?;
-        run_matrix(s, &mut pair, &clock, Proxy::A, None, &mut points, &mut incidents)?;
+        run_matrix(s, &mut pair, &clock, Proxy::A, None, &mut points, &mut incidents, &mut primary_history)?;
     }
     if s.has(Phase::D) {
         loads.push(("(d)".into(), loadavg()));
@@ -1327,7 +1340,7 @@ fn bench(s: &Settings) -> Result<bool> {
         pair.tb.vip("server")?;
         wait_serving(&pair, Size::K1.path(), Duration::from_secs(10))?;
         let nginx = nginx_server.as_ref().context("no nginx")?;
-        run_matrix(s, &mut pair, &clock, Proxy::C, Some(nginx), &mut points, &mut incidents)?;
+        run_matrix(s, &mut pair, &clock, Proxy::C, Some(nginx), &mut points, &mut incidents, &mut nginx_history)?;
         pair.tb.exec("server", &["ip", "addr", "del", &format!("{VIP}/24"), "dev", "eth0"])?;
     }
     if s.has(Phase::E) {
@@ -1567,10 +1580,13 @@ impl Report<'_> {
                 v.push(Verdict {
                     met,
                     text: format!(
-                        "1 KiB keep-alive c={c}: p99 {} (b) − {} (a) = {}{}",
+                        "1 KiB keep-alive c={c}: p99 {} (b) − {} (a) = {} (p50: {} − {} = {}){}",
                         fmt_us(b.wrk.p99),
                         fmt_us(a.wrk.p99),
                         fmt_us(added),
+                        fmt_us(b.wrk.p50),
+                        fmt_us(a.wrk.p50),
+                        fmt_us(b.wrk.p50 - a.wrk.p50),
                         if !judged {
                             " (for information: both saturated, closed loop)".to_string()
                         } else if met {
@@ -1767,13 +1783,23 @@ impl Report<'_> {
             let tw: Vec<String> = self
                 .points
                 .iter()
-                .filter_map(|p| Some(format!("{} {} c={}: {}", p.proxy.short(), p.size.label(), p.conns, p.time_wait?)))
+                .filter_map(|p| {
+                    Some(format!(
+                        "{} {} c={}: {} ({} in TIME_WAIT)",
+                        p.proxy.short(),
+                        p.size.label(),
+                        p.conns,
+                        p.recent_conns,
+                        p.time_wait?
+                    ))
+                })
                 .collect();
             if !tw.is_empty() {
                 let _ = writeln!(
                     md,
-                    "\nTIME_WAIT sockets on the proxy's host when each connection-per-request point began (the server \
-                     closes first; they last 60 s, and a client port can meet one again): {}.",
+                    "\nClient connections opened through the proxy in the 60 s before each connection-per-request point \
+                     (the server closes first, so its host holds them in TIME_WAIT for 60 s, and a client port may come \
+                     back to a 4-tuple used a moment ago): {}.",
                     tw.join(", ")
                 );
             }
@@ -2081,7 +2107,7 @@ impl Report<'_> {
                 "p50_us": p.wrk.p50, "p99_us": p.wrk.p99, "p999_us": p.wrk.p999, "mean_us": p.wrk.mean,
                 "max_us": p.wrk.max, "wrk_errors": p.wrk.errors,
                 "cpu_s": p.cpu.iter().map(|(n, d)| json!([n, d.as_secs_f64()])).collect::<Vec<_>>(),
-                "cpu_per_request_us": p.cpu_per_request_us(), "note": p.note, "time_wait_before": p.time_wait,
+                "cpu_per_request_us": p.cpu_per_request_us(), "note": p.note, "time_wait_before": p.time_wait, "connections_in_the_60_s_before": p.recent_conns,
             })).collect::<Vec<_>>(),
             "failover": self.fail_d.iter().chain(self.fail_e.iter()).map(|f| f.json()).collect::<Vec<_>>(),
             "protection_incidents": self.incidents,
