@@ -228,6 +228,51 @@ pub(crate) struct ConnShared {
     /// How a takeover resumes some of the next exchanges, by number; each taken once. `None` on every
     /// connection that was not restored, so their requests take no lock.
     resume: Option<Mutex<HashMap<u64, ExchangeOverride>>>,
+    /// A request asked for the connection to close after its response (see [`Cork`]).
+    closing: std::sync::atomic::AtomicBool,
+}
+
+/// Holds a socket's partial segments back (`TCP_CORK`) or lets them go. A connection whose client
+/// asked it to close corks its socket from then on, so the FIN that the close sends rides in the
+/// response's last segment. A FIN of its own is a control segment the gate holds until the
+/// replication sender has recorded it: it would reach the client a moment after the response, and a
+/// client that closes as soon as it has read the response would close first and keep the TIME_WAIT
+/// (tens of thousands of them run a connection-per-request client out of ports). Called only while
+/// the socket it was made for is open.
+pub type Cork = Box<dyn Fn(bool) + Send + Sync>;
+
+/// A [`Cork`] for the socket `fd`; the caller keeps `fd` open while the cork may be called.
+pub fn cork_for(fd: std::os::fd::RawFd) -> Cork {
+    Box::new(move |on| {
+        let value = libc::c_int::from(on);
+        // SAFETY: a plain setsockopt on a descriptor the caller keeps open; failure only means no cork.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_CORK,
+                (&raw const value).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    })
+}
+
+/// Whether `req` asks for its connection to close after the response (RFC 9112 9.3: `Connection:
+/// close`, or HTTP/1.0 without `keep-alive`).
+fn asks_to_close<B>(req: &Request<B>) -> bool {
+    let tokens = || {
+        req.headers()
+            .get_all(hyper::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+    };
+    if tokens().any(|t| t.eq_ignore_ascii_case("close")) {
+        return true;
+    }
+    req.version() == hyper::Version::HTTP_10 && !tokens().any(|t| t.eq_ignore_ascii_case("keep-alive"))
 }
 
 impl ConnShared {
@@ -349,6 +394,22 @@ pub struct ResumedExchange {
 struct Watched<I> {
     io: I,
     conn: Arc<ConnShared>,
+    /// Declared after `io`, so never called once the socket is gone.
+    cork: Option<Cork>,
+    corked: bool,
+}
+
+impl<I> Watched<I> {
+    /// Corks the socket before the first write after a request asked to close.
+    fn cork_if_closing(&mut self) {
+        if !self.corked
+            && let Some(cork) = &self.cork
+            && self.conn.closing.load(Ordering::Relaxed)
+        {
+            cork(true);
+            self.corked = true;
+        }
+    }
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for Watched<I> {
@@ -376,6 +437,7 @@ impl<I> Watched<I> {
 
 impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.cork_if_closing();
         let polled = Pin::new(&mut self.io).poll_write(cx, buf);
         self.watch_write(polled)
     }
@@ -385,6 +447,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        self.cork_if_closing();
         let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
         self.watch_write(polled)
     }
@@ -400,7 +463,16 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        // The FIN joins the corked tail and leaves with it (the kernel pushes it past the cork).
+        let polled = Pin::new(&mut self.io).poll_shutdown(cx);
+        if polled.is_ready()
+            && self.corked
+            && let Some(cork) = &self.cork
+        {
+            cork(false);
+            self.corked = false;
+        }
+        polled
     }
 }
 
@@ -418,6 +490,9 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
+        if asks_to_close(&req) {
+            self.conn.closing.store(true, Ordering::Relaxed);
+        }
         let conn = Arc::clone(&self.conn);
         Box::pin(async move { Ok(handle(conn, id, req).await) })
     }
@@ -501,7 +576,7 @@ impl Proxy {
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        self.serve_connection_from(io, peer, observer, shutdown, ResumeFrom::default()).await
+        self.serve(io, peer, observer, shutdown, ResumeFrom::default(), None).await
     }
 
     /// [`serve_connection`](Self::serve_connection) for a connection a takeover restored: the
@@ -513,8 +588,38 @@ impl Proxy {
         io: I,
         peer: SocketAddr,
         observer: Arc<dyn ExchangeObserver>,
+        shutdown: ShutdownSignal,
+        resume: ResumeFrom,
+    ) -> ConnectionSummary
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        self.serve(io, peer, observer, shutdown, resume, None).await
+    }
+
+    /// [`serve_connection`](Self::serve_connection) of a socket that `cork` can cork (see [`Cork`]).
+    pub async fn serve_corkable<I>(
+        &self,
+        io: I,
+        peer: SocketAddr,
+        observer: Arc<dyn ExchangeObserver>,
+        shutdown: ShutdownSignal,
+        cork: Cork,
+    ) -> ConnectionSummary
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        self.serve(io, peer, observer, shutdown, ResumeFrom::default(), Some(cork)).await
+    }
+
+    async fn serve<I>(
+        &self,
+        io: I,
+        peer: SocketAddr,
+        observer: Arc<dyn ExchangeObserver>,
         mut shutdown: ShutdownSignal,
         resume: ResumeFrom,
+        cork: Option<Cork>,
     ) -> ConnectionSummary
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -529,6 +634,7 @@ impl Proxy {
             observer,
             activity: Activity::new(),
             resume: (!resume.exchanges.is_empty()).then(|| Mutex::new(resume.exchanges)),
+            closing: std::sync::atomic::AtomicBool::new(false),
         });
         let first = resume.first_exchange;
         let next = Arc::new(AtomicU64::new(first));
@@ -546,7 +652,7 @@ impl Proxy {
             .header_read_timeout(None);
         // Boxed so that it can be dropped, closing the socket, before this function returns.
         let mut connection =
-            Box::pin(builder.serve_connection(TokioIo::new(Watched { io, conn: Arc::clone(&conn) }), service));
+            Box::pin(builder.serve_connection(TokioIo::new(Watched { io, conn: Arc::clone(&conn), cork, corked: false }), service));
 
         let mut draining = false;
         let end = loop {
@@ -702,11 +808,13 @@ impl Proxy {
                             }
                         };
                         let (log, observer) = hooks.open(peer, local);
+                        // The socket lives inside `io`, which the connection owns as long as the cork.
+                        let cork = cork_for(std::os::fd::AsRawFd::as_raw_fd(&stream));
                         let io = LoggedIo::new(stream, log).with_window(window);
                         let (proxy, signal) = (self.clone(), signal.clone());
                         let span = tracing::info_span!("conn", conn = %peer, node = %self.inner.node);
                         tasks.spawn(
-                            async move { proxy.serve_connection(io, peer, Arc::new(observer), signal).await }
+                            async move { proxy.serve_corkable(io, peer, Arc::new(observer), signal, cork).await }
                                 .instrument(span),
                         );
                     }
@@ -738,5 +846,31 @@ impl Proxy {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(version: hyper::Version, connection: &[&str]) -> Request<()> {
+        let mut b = Request::builder().uri("/").version(version);
+        for c in connection {
+            b = b.header(hyper::header::CONNECTION, *c);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn requests_that_ask_to_close_are_recognised() {
+        use hyper::Version;
+        assert!(asks_to_close(&request(Version::HTTP_11, &["close"])));
+        assert!(asks_to_close(&request(Version::HTTP_11, &["Upgrade, Close"])));
+        assert!(asks_to_close(&request(Version::HTTP_11, &["keep-alive", "close"])));
+        assert!(asks_to_close(&request(Version::HTTP_10, &[])));
+        assert!(!asks_to_close(&request(Version::HTTP_10, &["Keep-Alive"])));
+        assert!(!asks_to_close(&request(Version::HTTP_11, &[])));
+        assert!(!asks_to_close(&request(Version::HTTP_11, &["keep-alive"])));
+        assert!(!asks_to_close(&request(Version::HTTP_11, &["closed"])));
     }
 }
