@@ -156,6 +156,17 @@ impl Net {
     }
 }
 
+impl Net {
+    /// Waits until the server's namespace holds no socket on the port any more. The four-tuple is free
+    /// once the last reference is gone (another test thread's fork may hold one briefly).
+    fn wait_server_socket_gone(&self) -> Result<()> {
+        wait_until("the closed socket is gone", || {
+            let sport = format!("sport = :{PORT}");
+            Ok(run(&["ip", "netns", "exec", &self.server, "ss", "-Htan", "state", "all", &sport])?.trim().is_empty())
+        })
+    }
+}
+
 impl Drop for Net {
     fn drop(&mut self) {
         for ns in [&self.client, &self.server] {
@@ -428,22 +439,7 @@ fn held_socket_closes_silently_and_restored_socket_continues_both_ways() -> Resu
     // A plain close of the held socket: nothing leaves. The four-tuple is free once
     // the last reference is gone (another test thread's fork may hold one briefly).
     drop(server);
-    wait_until("the closed socket is gone", || {
-        let out = run(&[
-            "ip",
-            "netns",
-            "exec",
-            &net.server,
-            "ss",
-            "-Htan",
-            "state",
-            "all",
-            "sport",
-            "=",
-            &format!(":{PORT}"),
-        ])?;
-        Ok(out.trim().is_empty())
-    })?;
+    net.wait_server_socket_gone()?;
     assert_vanished_silently(&net, &client, TcpState::Established, &plan)?;
     net.drop_client_output(false)?;
 
@@ -965,10 +961,7 @@ fn bytes_lost_in_flight_are_resent_on_a_timer_of_at_most_a_second() -> Result<()
     net.hold_server_input(true)?;
     let plan = repair::checkpoint_and_hold(&server)?;
     drop(server);
-    wait_until("the closed socket is gone", || {
-        let sport = format!("sport = :{PORT}");
-        Ok(run(&["ip", "netns", "exec", &net.server, "ss", "-Htan", "state", "all", &sport])?.trim().is_empty())
-    })?;
+    net.wait_server_socket_gone()?;
     net.iptables(&net.client, &format!("-D INPUT -p tcp --sport {PORT} -j DROP"))?;
     assert_eq!(plan.send_queue, lost, "every byte restored as in flight");
     // A backup's kernel has never talked to the client: nothing cached about its path.
@@ -994,10 +987,7 @@ fn an_idle_connection_is_restored_without_a_window_probe_and_keeps_working() -> 
     net.hold_server_input(true)?;
     let plan = repair::checkpoint_and_hold(&server)?;
     drop(server);
-    wait_until("the closed socket is gone", || {
-        let sport = format!("sport = :{PORT}");
-        Ok(run(&["ip", "netns", "exec", &net.server, "ss", "-Htan", "state", "all", &sport])?.trim().is_empty())
-    })?;
+    net.wait_server_socket_gone()?;
     assert!(plan.send_queue.is_empty() && plan.recv_queue.is_empty() && plan.unsent.is_empty());
     net.iptables(&net.server, &format!("-A OUTPUT -p tcp --sport {PORT} -m comment --comment usrep-out"))?;
     let (restored, _) = net.restore(&plan)?;

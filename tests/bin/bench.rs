@@ -303,33 +303,6 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// Raises the soft open-files limit to at least `want` (the nodes, nginx and wrk inherit it), within the hard
-/// limit, which is raised too when this process may.
-fn raise_open_files(want: u64) -> Result<()> {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit with a valid struct owned by this frame.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return Err(std::io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
-        }
-        if lim.rlim_cur >= want {
-            return Ok(());
-        }
-        if lim.rlim_max < want {
-            let raised = libc::rlimit { rlim_cur: want, rlim_max: want };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                return Ok(());
-            }
-        }
-        ensure!(lim.rlim_max >= want, "the open-files hard limit is {}; this run needs {want}", lim.rlim_max);
-        lim.rlim_cur = want;
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-            return Err(std::io::Error::last_os_error()).context("raising the open-files limit");
-        }
-    }
-    Ok(())
-}
-
 /// utime + stime of process `pid` (all its threads), if it exists.
 fn cpu_time(pid: u32) -> Option<Duration> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -1205,7 +1178,7 @@ fn bench(s: &Settings) -> Result<bool> {
     let started_wall = started_wall.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
     let load_start = loadavg();
     let max_scale = if s.has(Phase::Scale) { s.scale.iter().copied().max().unwrap_or(0) } else { 0 };
-    raise_open_files(max_scale + 8192)?;
+    understudy_tests::tool::raise_open_files(max_scale + 8192)?;
     fs::create_dir_all(&s.out).with_context(|| format!("creating {}", s.out.display()))?;
 
     let id = unique_id('b');

@@ -149,39 +149,6 @@ fn ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1e3)
 }
 
-/// Raises the soft open-files limit to at least `want` (the nodes started later inherit it), within the hard
-/// limit, which is raised too when this process may (CAP_SYS_RESOURCE).
-fn raise_open_files(want: u64) -> Result<()> {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit with a valid struct owned by this frame.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return Err(std::io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
-        }
-        if lim.rlim_cur >= want {
-            return Ok(());
-        }
-        if lim.rlim_max < want {
-            let raised = libc::rlimit { rlim_cur: want, rlim_max: want };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                return Ok(());
-            }
-        }
-        let hard = lim.rlim_max;
-        ensure!(
-            hard >= want,
-            "the open-files limit's hard limit is {hard}, and this run needs {want} descriptors: raise it \
-             (ulimit -Hn), or run fewer connections"
-        );
-        lim.rlim_cur = want;
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("raising the open-files limit to {want}"));
-        }
-    }
-    Ok(())
-}
-
 // ---------------------------------------------------------------------------------------------------------
 // The clients: Tokio tasks inside the client host's network namespace.
 
@@ -781,7 +748,7 @@ fn scale(cli: &Cli) -> Result<bool> {
     println!("a spare joins the unprotected primary, then the primary fails: {}.", cli.failure.describe());
 
     // The clients, and each node (which inherits the limit), need a descriptor per connection and some more.
-    raise_open_files((idle + active) as u64 + 2048)?;
+    tool::raise_open_files((idle + active) as u64 + 2048)?;
 
     let id = unique_id('s');
     // Pair::up makes the scratch directory at this path; the nodes' config file goes there.

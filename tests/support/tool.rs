@@ -1,6 +1,6 @@
 //! What the `us-demo` and `us-scale` tools share around their run: SIGINT/SIGTERM turned into a clean stop
 //! (the run returns [`Interrupted`] through its stack, which drops the `Pair` and its processes), the exit
-//! status, and timestamped progress lines.
+//! status, timestamped progress lines, and the open-files limit a run of thousands of connections needs.
 
 use anyhow::{Context, Result};
 use std::io::Write as _;
@@ -82,4 +82,37 @@ impl Clock {
         println!("{:>6.1} s  {text}", self.0.elapsed().as_secs_f64());
         let _ = std::io::stdout().flush();
     }
+}
+
+/// Raises the soft open-files limit to at least `want` (the processes started later inherit it), within the
+/// hard limit, which is raised too when this process may (CAP_SYS_RESOURCE).
+pub fn raise_open_files(want: u64) -> Result<()> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a valid struct owned by this frame.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Err(std::io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
+        }
+        if lim.rlim_cur >= want {
+            return Ok(());
+        }
+        if lim.rlim_max < want {
+            let raised = libc::rlimit { rlim_cur: want, rlim_max: want };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return Ok(());
+            }
+        }
+        let hard = lim.rlim_max;
+        anyhow::ensure!(
+            hard >= want,
+            "the open-files limit's hard limit is {hard}, and this run needs {want} descriptors: raise it \
+             (ulimit -Hn), or run fewer connections"
+        );
+        lim.rlim_cur = want;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("raising the open-files limit to {want}"));
+        }
+    }
+    Ok(())
 }
