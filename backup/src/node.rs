@@ -410,9 +410,9 @@ async fn take_over(
     gate.early = answers.read;
     info!(restored = report.restored.len(), failed = report.failed.len(), skipped = report.skipped.len(),
         took = ?report.took, "connections restored");
-    // The listener after the restore: before it, the hold's socket match would let segments of
-    // not-yet-restored connections reach a listener bound to the VIP, which resets them. Restored
-    // sockets carry SO_REUSEADDR (`repair::restore` sets it) so this bind succeeds beside them.
+    // The listener after the restore, as a restored socket may not bind beside a listener on the port
+    // (short of SO_REUSEPORT on both). Restored sockets carry SO_REUSEADDR (`repair::restore` sets it)
+    // so this bind succeeds beside them.
     let service = SocketAddr::V4(config.service_addr());
     let listener = match TcpListener::bind(service).await {
         Ok(l) => l,

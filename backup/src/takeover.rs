@@ -41,7 +41,7 @@ use shared::config::RetryConfig;
 use shared::protocol::ConnKey;
 use shared::replica::{ConnResume, Decision, ReplicaTable, plan_takeover};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -161,8 +161,7 @@ pub async fn ask_clients(plans: &[ConnResume], feed: &mut GateFeed, wait: Durati
             Err(e) => debug!(conn = %plan.remote, error = %e, "probing the client failed"),
         }
     }
-    let wanted: HashMap<ConnKey, ()> =
-        asked.iter().map(|p| (ConnKey { client: p.remote, server: p.local }, ())).collect();
+    let wanted: HashSet<ConnKey> = asked.iter().map(|p| ConnKey { client: p.remote, server: p.local }).collect();
     let deadline = tokio::time::Instant::now() + wait;
     while answers.by_conn.len() < wanted.len() {
         let d = match tokio::time::timeout_at(deadline, feed.diverted.recv()).await {
@@ -176,7 +175,7 @@ pub async fn ask_clients(plans: &[ConnResume], feed: &mut GateFeed, wait: Durati
             && !seg.flags.syn()
         {
             let key = ConnKey { client: seg.src, server: seg.dst };
-            if wanted.contains_key(&key) {
+            if wanted.contains(&key) {
                 let newer = answers.by_conn.get(&key).is_none_or(|&(ack, _, _)| seg.ack.diff(ack) >= 0);
                 if newer {
                     answers.by_conn.insert(key, (seg.ack, seg.window, seg.seq));
