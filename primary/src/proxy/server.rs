@@ -233,8 +233,8 @@ pub(crate) struct ConnShared {
 }
 
 /// Holds a socket's partial segments back (`TCP_CORK`) or lets them go. A connection whose client
-/// asked it to close corks its socket from then on, so the FIN that the close sends rides in the
-/// response's last segment. A FIN of its own is a control segment the gate holds until the
+/// asked it to close corks its socket from the final response on, so the FIN that the close sends
+/// rides in the response's last segment. A FIN of its own is a control segment the gate holds until the
 /// replication sender has recorded it: it would reach the client a moment after the response, and a
 /// client that closes as soon as it has read the response would close first and keep the TIME_WAIT
 /// (tens of thousands of them run a connection-per-request client out of ports). Called only while
@@ -490,11 +490,17 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        if asks_to_close(&req) {
-            self.conn.closing.store(true, Ordering::Relaxed);
-        }
+        let close = asks_to_close(&req);
         let conn = Arc::clone(&self.conn);
-        Box::pin(async move { Ok(handle(conn, id, req).await) })
+        Box::pin(async move {
+            let response = handle(Arc::clone(&conn), id, req).await;
+            // From the final response on, not before: an interim `100 Continue` corked would wait for
+            // the kernel's cork limit while the client waits for it to send its body.
+            if close {
+                conn.closing.store(true, Ordering::Relaxed);
+            }
+            Ok(response)
+        })
     }
 }
 
