@@ -27,6 +27,8 @@ const DEADLINE: Duration = Duration::from_secs(10);
 struct Server {
     rt: tokio::runtime::Runtime,
     addr: SocketAddr,
+    /// The listening socket's inode, to tell whether this process still holds it.
+    listener_inode: u64,
     state: AdminState,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -38,6 +40,11 @@ impl Server {
         let state = AdminState::new("node-a", "pair \"one\"", Role::Primary, 7, Instant::now());
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
         let addr = listener.local_addr()?;
+        let listener_inode = {
+            use std::os::fd::{AsFd, AsRawFd};
+            std::fs::metadata(format!("/proc/self/fd/{}", listener.as_fd().as_raw_fd()))
+                .map(|m| std::os::unix::fs::MetadataExt::ino(&m))?
+        };
         let (stop, stopped) = oneshot::channel::<()>();
         let serving = {
             let _guard = rt.enter();
@@ -46,7 +53,7 @@ impl Server {
             })?
         };
         let task = rt.spawn(serving);
-        Ok(Server { rt, addr, state, stop: Some(stop), task: Some(task) })
+        Ok(Server { rt, addr, listener_inode, state, stop: Some(stop), task: Some(task) })
     }
 
     fn url(&self, path: &str) -> String {
@@ -705,13 +712,19 @@ fn shutdown_closes_idle_keepalive_connections_and_returns() -> Result<()> {
     let mut buf = [0u8; 1024];
     let n = idle.read(&mut buf)?;
     ensure!(buf[..n].starts_with(b"HTTP/1.1 200"), "not served: {:?}", String::from_utf8_lossy(&buf[..n]));
+    // Whether this process still holds the listening socket itself. The port says nothing: the tests of
+    // this binary run in parallel, and another one's listener or client may take it at once.
+    let wanted = format!("socket:[{}]", server.listener_inode);
+    let held = || -> Result<bool> {
+        Ok(std::fs::read_dir("/proc/self/fd")?
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .any(|target| target.to_string_lossy() == wanted))
+    };
+    ensure!(held()?, "the listener {} ({wanted}) is not found while serving", server.addr);
     let took = server.shutdown()?;
     println!("serve returned {took:?} after the shutdown signal");
     assert_eq!(idle.read(&mut buf)?, 0, "idle keep-alive connection closed");
-    // Binding the address ourselves proves the listener is gone. A connect attempt could not:
-    // it may pick the listener's port as its own source and connect to itself.
-    let rebound = std::net::TcpListener::bind(server.addr);
-    ensure!(rebound.is_ok(), "listener still open after shutdown: rebinding {} failed: {rebound:?}", server.addr);
+    ensure!(!held()?, "listener {} ({wanted}) still open after shutdown", server.addr);
     Ok(())
 }
 
