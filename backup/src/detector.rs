@@ -737,12 +737,18 @@ mod tests {
         assert_eq!(d.poll_timeout(), Some(t0 + 800 * MS));
         let at = d.poll_timeout().unwrap();
         d.handle_timeout(at);
-        assert!(matches!(drain(&mut d)[..], [Action::Suspect { reason: SuspectReason::Silence, .. }, Action::Fence { .. }]));
+        assert!(matches!(
+            drain(&mut d)[..],
+            [Action::Suspect { reason: SuspectReason::Silence, .. }, Action::Fence { .. }]
+        ));
 
         // Still joining, a broken link is suspected at once.
         let mut d = Detector::joining(config, t0).unwrap();
         d.handle_link_down(t0 + 10 * MS, "reset");
-        assert!(matches!(drain(&mut d)[..], [Action::Suspect { reason: SuspectReason::LinkDown { .. }, .. }, Action::Fence { .. }]));
+        assert!(matches!(
+            drain(&mut d)[..],
+            [Action::Suspect { reason: SuspectReason::LinkDown { .. }, .. }, Action::Fence { .. }]
+        ));
     }
 
     #[test]

@@ -76,7 +76,11 @@ fn decode_all<T: DeserializeOwned>(wire: &[u8], frames: usize, iters: u64) -> Du
     total
 }
 
-fn bench_kind<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(c: &mut Criterion, name: &str, msgs: &[T]) {
+fn bench_kind<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(
+    c: &mut Criterion,
+    name: &str,
+    msgs: &[T],
+) {
     let mut wire = BytesMut::new();
     encode_all(msgs, &mut wire);
     let wire = wire.freeze();

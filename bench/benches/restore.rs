@@ -71,7 +71,10 @@ impl Drop for PrivateNet {
     fn drop(&mut self) {
         // SAFETY: `home` is a network namespace fd; setns affects the calling thread only.
         if unsafe { libc::setns(self.home.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            eprintln!("restore: could not return to the original network namespace: {}", std::io::Error::last_os_error());
+            eprintln!(
+                "restore: could not return to the original network namespace: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
 }

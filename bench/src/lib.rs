@@ -130,7 +130,8 @@ pub mod stream {
         /// Connection number `n` (distinct client address and port, ISNs spread over the
         /// sequence space so that some wrap).
         pub fn new(n: u32) -> Client {
-            let client = SocketAddrV4::new(Ipv4Addr::new(10, 1, (n >> 16) as u8, (n >> 8) as u8), (10_000 + n % 50_000) as u16);
+            let client =
+                SocketAddrV4::new(Ipv4Addr::new(10, 1, (n >> 16) as u8, (n >> 8) as u8), (10_000 + n % 50_000) as u16);
             Client {
                 key: ConnKey { client, server: VIP },
                 cisn: n.wrapping_mul(0x9E37_79B9),

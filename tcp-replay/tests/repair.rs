@@ -957,7 +957,9 @@ fn bytes_lost_in_flight_are_resent_on_a_timer_of_at_most_a_second() -> Result<()
     net.iptables(&net.client, &format!("-I INPUT -p tcp --sport {PORT} -j DROP"))?;
     let lost = pattern(5, 10_000); // within the initial congestion window: all of it leaves at once
     (&server).write_all(&lost)?;
-    wait_until("the server's bytes are in flight", || Ok(outq(&server)? as usize == lost.len() && notsent(&server)? == 0))?;
+    wait_until("the server's bytes are in flight", || {
+        Ok(outq(&server)? as usize == lost.len() && notsent(&server)? == 0)
+    })?;
     net.hold_server_input(true)?;
     let plan = repair::checkpoint_and_hold(&server)?;
     drop(server);

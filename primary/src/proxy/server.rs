@@ -657,8 +657,10 @@ impl Proxy {
             .max_buf_size((limits.max_header_bytes + 8192).max(400 * 1024))
             .header_read_timeout(None);
         // Boxed so that it can be dropped, closing the socket, before this function returns.
-        let mut connection =
-            Box::pin(builder.serve_connection(TokioIo::new(Watched { io, conn: Arc::clone(&conn), cork, corked: false }), service));
+        let mut connection = Box::pin(
+            builder
+                .serve_connection(TokioIo::new(Watched { io, conn: Arc::clone(&conn), cork, corked: false }), service),
+        );
 
         let mut draining = false;
         let end = loop {
