@@ -1443,6 +1443,43 @@ impl Report<'_> {
         self.points.iter().find(|p| p.proxy == proxy && p.size == size && p.mode == mode && p.conns == conns)
     }
 
+    /// One Markdown table over the throughput matrix: a row per size × mode × concurrency, a column per
+    /// proxy (`cell` of its point, "–" without one), then a column per `extra` heading (`extras`).
+    #[allow(clippy::too_many_arguments)]
+    fn matrix_table(
+        &self,
+        md: &mut String,
+        s: &Settings,
+        proxies: &[Proxy],
+        extra: &[&str],
+        mut cell: impl FnMut(Proxy, &Point, Size, Mode, u32) -> String,
+        extras: impl Fn(Size, Mode, u32) -> Vec<String>,
+    ) {
+        let mut head = String::from("| size | mode | c |");
+        let mut rule = String::from("|---|---|---:|");
+        for h in proxies.iter().map(|p| p.label()).chain(extra.iter().copied()) {
+            let _ = write!(head, " {h} |");
+            rule.push_str("---:|");
+        }
+        let _ = writeln!(md, "{head}\n{rule}");
+        for &size in &s.sizes {
+            for &mode in &s.modes {
+                for &c in &s.concurrency {
+                    let mut row = format!("| {} | {} | {c} |", size.label(), mode.label());
+                    for &p in proxies {
+                        let text =
+                            self.point(p, size, mode, c).map_or_else(|| "–".into(), |x| cell(p, x, size, mode, c));
+                        let _ = write!(row, " {text} |");
+                    }
+                    for text in extras(size, mode, c) {
+                        let _ = write!(row, " {text} |");
+                    }
+                    let _ = writeln!(md, "{row}");
+                }
+            }
+        }
+    }
+
     fn machine(&self) -> Vec<(String, String)> {
         let cpu = fs::read_to_string("/proc/cpuinfo")
             .unwrap_or_default()
@@ -1683,69 +1720,44 @@ impl Report<'_> {
                 .filter(|p| self.points.iter().any(|x| x.proxy == *p))
                 .collect();
             let _ = writeln!(md, "## Throughput (requests/s; MB/s of response bodies and heads)\n");
-            let mut head = String::from("| size | mode | c |");
-            let mut rule = String::from("|---|---|---:|");
-            for p in &proxies {
-                let _ = write!(head, " {} |", p.label());
-                rule.push_str("---:|");
-            }
-            let (has_a, has_b, has_c) =
-                (proxies.contains(&Proxy::A), proxies.contains(&Proxy::B), proxies.contains(&Proxy::C));
-            if has_a && has_b {
-                head.push_str(" (b)/(a) |");
-                rule.push_str("---:|");
-            }
-            if has_b && has_c {
-                head.push_str(" (b)/(c) |");
-                rule.push_str("---:|");
-            }
-            let _ = writeln!(md, "{head}\n{rule}");
+            let (has_a, has_b) = (proxies.contains(&Proxy::A), proxies.contains(&Proxy::B));
+            let ratios: Vec<(&str, Proxy, Proxy)> = [("(b)/(a)", Proxy::B, Proxy::A), ("(b)/(c)", Proxy::B, Proxy::C)]
+                .into_iter()
+                .filter(|(_, x, y)| proxies.contains(x) && proxies.contains(y))
+                .collect();
+            let heads: Vec<&str> = ratios.iter().map(|r| r.0).collect();
             let mut notes = Vec::new();
-            for &size in &s.sizes {
-                for &mode in &s.modes {
-                    for &c in &s.concurrency {
-                        let mut row = format!("| {} | {} | {c} |", size.label(), mode.label());
-                        for &p in &proxies {
-                            match self.point(p, size, mode, c) {
-                                Some(x) => {
-                                    let mark = if x.note.is_some() || x.wrk.error_total() > 0 { " ¹" } else { "" };
-                                    let _ = write!(row, " {} ({:.1} MB/s){mark} |", fmt_rps(x.wrk.rps()), x.wrk.mbps());
-                                    if let Some(n) = &x.note {
-                                        notes.push(format!(
-                                            "{} {} {} c={c}: {n}",
-                                            p.label(),
-                                            size.label(),
-                                            mode.label()
-                                        ));
-                                    }
-                                    if x.wrk.error_total() > 0 {
-                                        notes.push(format!(
-                                            "{} {} {} c={c}: wrk errors: {}",
-                                            p.label(),
-                                            size.label(),
-                                            mode.label(),
-                                            x.wrk.errors_text()
-                                        ));
-                                    }
-                                }
-                                None => row.push_str(" – |"),
-                            }
-                        }
-                        let ratio =
-                            |x: Proxy, y: Proxy| match (self.point(x, size, mode, c), self.point(y, size, mode, c)) {
-                                (Some(x), Some(y)) => format!(" {:.1} % |", x.wrk.rps() / y.wrk.rps() * 100.0),
-                                _ => " – |".into(),
-                            };
-                        if has_a && has_b {
-                            row.push_str(&ratio(Proxy::B, Proxy::A));
-                        }
-                        if has_b && has_c {
-                            row.push_str(&ratio(Proxy::B, Proxy::C));
-                        }
-                        let _ = writeln!(md, "{row}");
+            self.matrix_table(
+                &mut md,
+                s,
+                &proxies,
+                &heads,
+                |p, x, size, mode, c| {
+                    let mark = if x.note.is_some() || x.wrk.error_total() > 0 { " ¹" } else { "" };
+                    if let Some(n) = &x.note {
+                        notes.push(format!("{} {} {} c={c}: {n}", p.label(), size.label(), mode.label()));
                     }
-                }
-            }
+                    if x.wrk.error_total() > 0 {
+                        notes.push(format!(
+                            "{} {} {} c={c}: wrk errors: {}",
+                            p.label(),
+                            size.label(),
+                            mode.label(),
+                            x.wrk.errors_text()
+                        ));
+                    }
+                    format!("{} ({:.1} MB/s){mark}", fmt_rps(x.wrk.rps()), x.wrk.mbps())
+                },
+                |size, mode, c| {
+                    ratios
+                        .iter()
+                        .map(|&(_, x, y)| match (self.point(x, size, mode, c), self.point(y, size, mode, c)) {
+                            (Some(x), Some(y)) => format!("{:.1} %", x.wrk.rps() / y.wrk.rps() * 100.0),
+                            _ => "–".into(),
+                        })
+                        .collect()
+                },
+            );
             if !notes.is_empty() {
                 let _ = writeln!(md);
                 for n in notes {
@@ -1771,97 +1783,53 @@ impl Report<'_> {
                 let _ = writeln!(
                     md,
                     "\nClient connections opened through the proxy in the 60 s before each connection-per-request point \
-                     (the server closes first, so its host holds them in TIME_WAIT for 60 s, and a client port may come \
-                     back to a 4-tuple used a moment ago): {}.",
+                     (the server closes first, so its host holds them in TIME_WAIT for 60 s): {}.",
                     tw.join(", ")
                 );
             }
 
             let _ = writeln!(md, "\n## Latency (wrk: p50 / p99 / p99.9)\n");
-            let mut head = String::from("| size | mode | c |");
-            let mut rule = String::from("|---|---|---:|");
-            for p in &proxies {
-                let _ = write!(head, " {} |", p.label());
-                rule.push_str("---:|");
-            }
-            if has_a && has_b {
-                head.push_str(" added p99 (b)−(a) |");
-                rule.push_str("---:|");
-            }
-            let _ = writeln!(md, "{head}\n{rule}");
-            for &size in &s.sizes {
-                for &mode in &s.modes {
-                    for &c in &s.concurrency {
-                        let mut row = format!("| {} | {} | {c} |", size.label(), mode.label());
-                        for &p in &proxies {
-                            match self.point(p, size, mode, c) {
-                                Some(x) => {
-                                    let _ = write!(
-                                        row,
-                                        " {} / {} / {} |",
-                                        fmt_us(x.wrk.p50),
-                                        fmt_us(x.wrk.p99),
-                                        fmt_us(x.wrk.p999)
-                                    );
-                                }
-                                None => row.push_str(" – |"),
-                            }
-                        }
-                        if has_a && has_b {
-                            match (self.point(Proxy::A, size, mode, c), self.point(Proxy::B, size, mode, c)) {
-                                (Some(a), Some(b)) => {
-                                    let _ = write!(row, " {} |", fmt_us(b.wrk.p99 - a.wrk.p99));
-                                }
-                                _ => row.push_str(" – |"),
-                            }
-                        }
-                        let _ = writeln!(md, "{row}");
+            let added: &[&str] = if has_a && has_b { &["added p99 (b)−(a)"] } else { &[] };
+            self.matrix_table(
+                &mut md,
+                s,
+                &proxies,
+                added,
+                |_, x, _, _, _| format!("{} / {} / {}", fmt_us(x.wrk.p50), fmt_us(x.wrk.p99), fmt_us(x.wrk.p999)),
+                |size, mode, c| {
+                    if added.is_empty() {
+                        return Vec::new();
                     }
-                }
-            }
+                    vec![match (self.point(Proxy::A, size, mode, c), self.point(Proxy::B, size, mode, c)) {
+                        (Some(a), Some(b)) => fmt_us(b.wrk.p99 - a.wrk.p99),
+                        _ => "–".into(),
+                    }]
+                },
+            );
 
             let _ = writeln!(md, "\n## CPU time per request (utime + stime of the proxy processes)\n");
-            let mut head = String::from("| size | mode | c |");
-            let mut rule = String::from("|---|---|---:|");
-            for p in &proxies {
-                let _ = write!(head, " {} |", p.label());
-                rule.push_str("---:|");
-            }
-            let _ = writeln!(md, "{head}\n{rule}");
-            for &size in &s.sizes {
-                for &mode in &s.modes {
-                    for &c in &s.concurrency {
-                        let mut row = format!("| {} | {} | {c} |", size.label(), mode.label());
-                        for &p in &proxies {
-                            match self.point(p, size, mode, c) {
-                                Some(x) if p == Proxy::B => {
-                                    let part = |name: &str| -> f64 {
-                                        x.cpu
-                                            .iter()
-                                            .filter(|(n, _)| n == name)
-                                            .map(|(_, d)| d.as_secs_f64())
-                                            .sum::<f64>()
-                                            * 1e6
-                                            / x.wrk.requests.max(1) as f64
-                                    };
-                                    let _ = write!(
-                                        row,
-                                        " {:.1} µs (primary {:.1} + backup {:.1}) |",
-                                        x.cpu_per_request_us(),
-                                        part("primary"),
-                                        part("backup")
-                                    );
-                                }
-                                Some(x) => {
-                                    let _ = write!(row, " {:.1} µs |", x.cpu_per_request_us());
-                                }
-                                None => row.push_str(" – |"),
-                            }
-                        }
-                        let _ = writeln!(md, "{row}");
+            self.matrix_table(
+                &mut md,
+                s,
+                &proxies,
+                &[],
+                |p, x, _, _, _| {
+                    if p != Proxy::B {
+                        return format!("{:.1} µs", x.cpu_per_request_us());
                     }
-                }
-            }
+                    let part = |name: &str| -> f64 {
+                        x.cpu.iter().filter(|(n, _)| n == name).map(|(_, d)| d.as_secs_f64()).sum::<f64>() * 1e6
+                            / x.wrk.requests.max(1) as f64
+                    };
+                    format!(
+                        "{:.1} µs (primary {:.1} + backup {:.1})",
+                        x.cpu_per_request_us(),
+                        part("primary"),
+                        part("backup")
+                    )
+                },
+                |_, _, _| Vec::new(),
+            );
             let _ = writeln!(
                 md,
                 "\nCPU times come from clock ticks ({} per second), so a point with few requests (1 MiB at c=1) is coarse.",
