@@ -353,6 +353,7 @@ async fn take_over(
 ) -> Result<(), BackupError> {
     let (vip, port) = (config.vip.addr, config.port);
     info!(reason = %record.reason, detection = ?record.detection, fencing = ?record.fencing, "taking over");
+    let mut phases = takeover::Phases::start(record.fenced_at());
 
     // 3. Hold. Without it a client segment that meets no socket yet is reset by the kernel.
     let hold = match Hold::install(vip, port, &config.node) {
@@ -363,8 +364,10 @@ async fn take_over(
         }
     };
     // Above every epoch this node has heard of: the primary's at the handshake, and any in its stream.
+    phases.mark("hold");
     let primary_epoch = replica.peer().epoch;
     let mut table = replica.stop().await;
+    phases.mark("replica_stop");
     let epoch = table.epoch().max(primary_epoch) + 1;
     if !synced {
         // A partial snapshot is not a consistent table: restore nothing from it.
@@ -378,6 +381,7 @@ async fn take_over(
         let _ = claim.release();
         return Err(BackupError::Claim(e));
     }
+    phases.mark("address");
 
     // The gate before the restore: from here every client segment lands in its queue, and only the
     // replicator (started with the table once serving) applies it to the table and releases it, in
@@ -391,6 +395,7 @@ async fn take_over(
             return Err(BackupError::Gate(e));
         }
     };
+    phases.mark("gate");
 
     // Announce before the restore: each restored socket sends a window probe as it leaves repair mode,
     // and the client answers at once, to the MAC its ARP cache holds. Before the announcement that is
@@ -402,11 +407,15 @@ async fn take_over(
         let _ = claim.release();
         return Err(BackupError::Claim(e));
     }
+    phases.mark("announce");
 
     // 5. Restore, after asking the clients what they received of the reply bytes in flight.
     let plans = takeover::plan_all(&table, &config.retry);
+    phases.mark("plan");
     let answers = takeover::ask_clients(&plans, &mut gate, takeover::ANSWER_WAIT).await;
+    phases.mark("ask");
     let report: RestoreReport = takeover::restore_all(&table, plans, &answers);
+    phases.mark("restore");
     gate.early = answers.read;
     info!(restored = report.restored.len(), failed = report.failed.len(), skipped = report.skipped.len(),
         took = ?report.took, "connections restored");
@@ -421,45 +430,58 @@ async fn take_over(
             return Err(BackupError::Bind { what: "HTTP service", addr: service, source });
         }
     };
-    if let Some(hold) = hold
-        && let Err(e) = hold.release()
-    {
-        error!(error = %e, "removing the hold's rules failed; the gate is above them, so segments pass");
+    phases.mark("listener");
+    // The gate is above the hold and passes every segment it releases with the mark the hold lets
+    // through, so the hold has no effect any more: its removal (iptables runs) need not delay serving.
+    if let Some(hold) = hold {
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = hold.release() {
+                error!(error = %e, "removing the hold's rules failed; the gate is above them, so segments pass");
+            }
+        });
     }
-    let restored_count = report.restored.len() as u64;
-    record.restored(Instant::now(), restored_count);
     admin_state.set_role(Role::Primary, epoch);
     admin_state.set_peer(PeerState::None, None);
-    admin_state.record_failover(shared::admin::FailoverRecord {
-        at: SystemTime::now(),
-        reason: record.reason.clone(),
-        epoch,
-        detection: record.detection,
-        fencing: record.fencing,
-        restore: record.restore.unwrap_or_default(),
-        total: record.total.unwrap_or_default(),
-        connections_restored: restored_count,
-        connections_lost: report.failed.len() as u64,
-    });
-    info!(
-        epoch,
-        detection = ?record.detection,
-        fencing = ?record.fencing,
-        restore = ?record.restore,
-        total = ?record.total,
-        connections = restored_count,
-        lost = report.failed.len(),
-        "took over: serving as primary"
-    );
 
-    if config.retry.prompt_retransmit {
-        prompt_clients(vip, &report.restored, admin_state.clone());
-    }
-
-    let metrics_admin = admin_state.clone();
+    let record_admin = admin_state.clone();
     let taken = TakenOver { epoch, table, admin: admin_state, claim, listener, gate, repl_listener };
+    let lost = report.failed.len() as u64;
     let restored = report.restored;
-    let resume = move |serving: &Serving| resume_all(serving, restored, metrics_admin);
+    // The takeover is done once every restored connection has its task: the restore time runs to here.
+    let prompt = config.retry.prompt_retransmit;
+    let resume = move |serving: &Serving| {
+        let restored_count = restored.len() as u64;
+        // Prompts are made before the tasks take the restored connections, and sent after they are
+        // spawned: thousands of them take a while, and the spawning must not share the CPU with them.
+        let prompts = if prompt { takeover_prompts(&restored) } else { Vec::new() };
+        let tasks = resume_all(serving, restored, record_admin.clone());
+        phases.mark("tasks");
+        record.restored(Instant::now(), restored_count);
+        record_admin.record_failover(shared::admin::FailoverRecord {
+            at: SystemTime::now(),
+            reason: record.reason.clone(),
+            epoch,
+            detection: record.detection,
+            fencing: record.fencing,
+            restore: record.restore.unwrap_or_default(),
+            total: record.total.unwrap_or_default(),
+            connections_restored: restored_count,
+            connections_lost: lost,
+        });
+        info!(
+            epoch,
+            detection = ?record.detection,
+            fencing = ?record.fencing,
+            restore = ?record.restore,
+            total = ?record.total,
+            connections = restored_count,
+            lost,
+            %phases,
+            "took over: serving as primary"
+        );
+        prompt_clients(vip, prompts, record_admin);
+        tasks
+    };
     primary::node::serve_after_takeover(config.clone(), taken, resume, shutdown).await.map_err(BackupError::Serving)
 }
 
@@ -474,32 +496,37 @@ fn resume_all(serving: &Serving, restored: Vec<Restored>, admin_state: AdminStat
             let signal: ShutdownSignal = serving.shutdown.clone();
             let span = tracing::info_span!("conn", conn = %key.client, resumed = true);
             let admin_state = admin_state.clone();
-            tokio::spawn(
-                async move {
-                    let in_flight = r.plan.decision.clone();
-                    let queued: Vec<_> = r.plan.queued.iter().map(|q| q.decision.clone()).collect();
-                    let outcome = resume::resume_connection(&proxy, r, log, Arc::new(observer), signal).await;
-                    let resumes = &admin_state.metrics().resumes;
-                    resumes.get(resume_path(&in_flight, outcome.source)).inc();
-                    for d in &queued {
-                        resumes.get(resume_path(d, None)).inc();
-                    }
-                    match &outcome.error {
-                        None => info!(path = outcome.path, "resumed connection ended"),
-                        Some(e) => warn!(path = outcome.path, error = %e, "resumed connection ended with an error"),
-                    }
+            let fut = async move {
+                let in_flight = r.plan.decision.clone();
+                let queued: Vec<_> = r.plan.queued.iter().map(|q| q.decision.clone()).collect();
+                // Boxed: the executor's state is kilobytes, and unboxed each of thousands of tasks would
+                // reserve it (zeroed pages, copied) while the takeover spawns them; boxed, it is made
+                // by the task's first poll, on a worker thread.
+                let outcome = Box::pin(resume::resume_connection(&proxy, r, log, Arc::new(observer), signal)).await;
+                let resumes = &admin_state.metrics().resumes;
+                resumes.get(resume_path(&in_flight, outcome.source)).inc();
+                for d in &queued {
+                    resumes.get(resume_path(d, None)).inc();
                 }
-                .instrument(span),
-            )
+                match &outcome.error {
+                    None => info!(path = outcome.path, "resumed connection ended"),
+                    Some(e) => warn!(path = outcome.path, error = %e, "resumed connection ended with an error"),
+                }
+            }
+            .instrument(span);
+            tokio::spawn(fut)
         })
         .collect()
 }
 
+/// The prompts [`prompt_clients`] sends to the clients of `restored`.
+fn takeover_prompts(restored: &[Restored]) -> Vec<Prompt> {
+    restored.iter().filter_map(|r| r.plan.restore.as_ref().and_then(Prompt::for_plan)).collect()
+}
+
 /// Prompts the restored clients to retransmit what they sent during the outage (see [`prompt`]), off the
 /// runtime's workers: thousands of connections take a while and serving must not wait for it.
-fn prompt_clients(vip: Ipv4Addr, restored: &[Restored], admin_state: AdminState) {
-    let prompts: Vec<Prompt> =
-        restored.iter().filter_map(|r| r.plan.restore.as_ref().and_then(Prompt::for_plan)).collect();
+fn prompt_clients(vip: Ipv4Addr, prompts: Vec<Prompt>, admin_state: AdminState) {
     if prompts.is_empty() {
         return;
     }

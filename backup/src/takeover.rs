@@ -39,6 +39,7 @@ use primary::gate::{Diverted, Hook};
 use primary::replicate::GateFeed;
 use shared::config::RetryConfig;
 use shared::protocol::ConnKey;
+use shared::replica::table::Conn;
 use shared::replica::{ConnResume, Decision, ReplicaTable, plan_takeover};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::collections::{HashMap, HashSet};
@@ -104,6 +105,39 @@ pub struct RestoreReport {
     pub skipped: Vec<(ConnKey, &'static str)>,
     /// Time the restore took.
     pub took: Duration,
+}
+
+/// How long each step of a takeover took, in order, for the log: where the time of a slow takeover went.
+#[derive(Debug)]
+pub struct Phases {
+    last: Instant,
+    steps: Vec<(&'static str, Duration)>,
+}
+
+impl Phases {
+    pub fn start(at: Instant) -> Self {
+        Phases { last: at, steps: Vec::new() }
+    }
+
+    /// Step `name` ended now.
+    pub fn mark(&mut self, name: &'static str) {
+        self.mark_at(name, Instant::now());
+    }
+
+    pub fn mark_at(&mut self, name: &'static str, now: Instant) {
+        self.steps.push((name, now.saturating_duration_since(self.last)));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (name, took)) in self.steps.iter().enumerate() {
+            let sep = if i == 0 { "" } else { " " };
+            write!(f, "{sep}{name}={:.1}ms", took.as_secs_f64() * 1e3)?;
+        }
+        Ok(())
+    }
 }
 
 /// The replication stream's clock (wall-clock time since the Unix epoch, as the primary stamps
@@ -206,11 +240,14 @@ fn probe(plan: &RestorePlan) -> Vec<u8> {
 
 /// Rebuilds the restorable connections of `plans` (from [`plan_all`] on `table`), each adjusted by its
 /// client's answer when there is one. Must run in the network namespace that holds the VIP, with the
-/// VIP on an interface and the hold in place.
+/// VIP on an interface and the hold in place, inside a tokio runtime (the sockets are registered with
+/// it). The sockets are rebuilt on up to [`RESTORE_THREADS`] threads at once: each costs a score of
+/// system calls, and a takeover of ten thousand connections waits on them.
 pub fn restore_all(table: &ReplicaTable, plans: Vec<ConnResume>, answers: &Answers) -> RestoreReport {
     let started = Instant::now();
     let mut report = RestoreReport::default();
     let mut adjusted = 0usize;
+    let mut todo = Vec::with_capacity(plans.len());
     for mut plan in plans {
         if let Some(r) = plan.restore.as_mut()
             && let Some(&(ack, window, seq)) = answers.by_conn.get(&plan.conn)
@@ -219,35 +256,41 @@ pub fn restore_all(table: &ReplicaTable, plans: Vec<ConnResume>, answers: &Answe
             adjusted += 1;
         }
         let key = plan.conn;
-        let conn = format!("{}", key.client);
-        let Some(restore) = &plan.restore else {
+        if plan.restore.is_none() {
             match &plan.decision {
                 Decision::Unprotected { reason } => {
-                    warn!(conn, %reason, "connection not restored: it was not protected")
+                    warn!(conn = %key.client, %reason, "connection not restored: it was not protected")
                 }
-                Decision::NotRestorable { error } => warn!(conn, %error, "connection not restored"),
-                other => warn!(conn, path = other.kind(), "connection has no restore plan"),
+                Decision::NotRestorable { error } => warn!(conn = %key.client, %error, "connection not restored"),
+                other => warn!(conn = %key.client, path = other.kind(), "connection has no restore plan"),
             }
             report.skipped.push((key, plan.decision.kind()));
             continue;
-        };
-        let Some(entry) = table.conn(&key).cloned() else {
-            report.failed.push((key, "vanished from the table".into()));
-            continue;
-        };
-        match restore_one(restore, &plan) {
+        }
+        match table.conn(&key) {
+            Some(entry) => todo.push((plan, entry.clone())),
+            None => report.failed.push((key, "vanished from the table".into())),
+        }
+    }
+
+    let results = restore_parallel(&todo);
+    for ((plan, conn), result) in todo.into_iter().zip(results) {
+        let key = plan.conn;
+        let restore = plan.restore.as_ref().expect("only plans with a restore are to do");
+        match result {
             Ok(stream) => {
                 let (unacked, unread) = (restore.send_queue.len(), restore.recv_queue.len());
                 // Thousands of idle keep-alive connections would flood the log at takeover time.
                 if unacked == 0 && unread == 0 {
-                    debug!(conn, state = ?restore.state, path = plan.decision.kind(), "connection restored");
+                    debug!(conn = %key.client, state = ?restore.state, path = plan.decision.kind(), "connection restored");
                 } else {
-                    info!(conn, state = ?restore.state, unacked, unread, path = plan.decision.kind(), "connection restored");
+                    info!(conn = %key.client, state = ?restore.state, unacked, unread, path = plan.decision.kind(),
+                        "connection restored");
                 }
-                report.restored.push(Restored { stream, plan, conn: entry });
+                report.restored.push(Restored { stream, plan, conn });
             }
             Err(e) => {
-                error!(conn, error = %e, "restoring the connection failed");
+                error!(conn = %key.client, error = %e, "restoring the connection failed");
                 report.failed.push((key, e));
             }
         }
@@ -260,7 +303,53 @@ pub fn restore_all(table: &ReplicaTable, plans: Vec<ConnResume>, answers: &Answe
     report
 }
 
-fn restore_one(plan: &tcp_replay::RestorePlan, _resume: &ConnResume) -> Result<tokio::net::TcpStream, String> {
+/// Threads [`restore_all`] rebuilds sockets on at most (the machine's parallelism bounds it too).
+pub const RESTORE_THREADS: usize = 4;
+
+/// Fewest connections worth a thread of their own.
+const PER_THREAD_MIN: usize = 256;
+
+/// Restores each plan of `todo` (all have a restore plan), in order, split across threads.
+fn restore_parallel(todo: &[(ConnResume, Conn)]) -> Vec<Result<tokio::net::TcpStream, String>> {
+    let runtime = tokio::runtime::Handle::try_current();
+    let one = |(plan, _): &(ConnResume, Conn)| match &runtime {
+        Ok(rt) => {
+            let _entered = rt.enter();
+            restore_one(plan.restore.as_ref().expect("only plans with a restore are to do"))
+        }
+        Err(_) => Err("restoring outside a tokio runtime".to_owned()),
+    };
+    let parallelism = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = parallelism.min(RESTORE_THREADS).min(todo.len() / PER_THREAD_MIN).max(1);
+    if threads == 1 {
+        return todo.iter().map(one).collect();
+    }
+    let chunk = todo.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let workers: Vec<_> = todo
+            .chunks(chunk)
+            .map(|part| {
+                std::thread::Builder::new()
+                    .name("restore".into())
+                    .spawn_scoped(s, || part.iter().map(one).collect::<Vec<_>>())
+            })
+            .collect();
+        let mut results = Vec::with_capacity(todo.len());
+        for (worker, part) in workers.into_iter().zip(todo.chunks(chunk)) {
+            match worker.map_err(|e| e.to_string()).and_then(|w| w.join().map_err(|_| "panicked".to_owned())) {
+                Ok(done) => results.extend(done),
+                // A thread that could not start (or died) leaves its part to this one.
+                Err(e) => {
+                    warn!(error = %e, connections = part.len(), "a restore thread failed; restoring its part here");
+                    results.extend(part.iter().map(one));
+                }
+            }
+        }
+        results
+    })
+}
+
+fn restore_one(plan: &tcp_replay::RestorePlan) -> Result<tokio::net::TcpStream, String> {
     let stream = repair::restore(plan).map_err(|e| e.to_string())?;
     stream.set_nonblocking(true).map_err(|e| format!("set_nonblocking: {e}"))?;
     let _ = stream.set_nodelay(true);
@@ -270,6 +359,15 @@ fn restore_one(plan: &tcp_replay::RestorePlan, _resume: &ConnResume) -> Result<t
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn phases_list_each_step_since_the_previous_one() {
+        let t0 = Instant::now();
+        let mut phases = Phases::start(t0);
+        phases.mark_at("hold", t0 + Duration::from_micros(1500));
+        phases.mark_at("restore", t0 + Duration::from_millis(12));
+        assert_eq!(phases.to_string(), "hold=1.5ms restore=10.5ms");
+    }
 
     #[test]
     fn hold_passes_injected_segments_before_dropping_and_matches_no_socket() {

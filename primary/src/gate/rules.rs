@@ -32,7 +32,7 @@
 
 use std::fmt;
 use std::fs::File;
-use std::io;
+use std::io::{self, Write};
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
@@ -174,6 +174,66 @@ pub fn split_words(line: &str) -> Option<Vec<String>> {
     Some(words)
 }
 
+/// The `-D` commands that delete `rules` (as [`tagged_rules`] lists them).
+fn deletions(rules: &[(String, Vec<String>)]) -> Vec<Vec<&str>> {
+    rules
+        .iter()
+        .map(|(chain, args)| {
+            let mut a = vec!["-D", chain.as_str()];
+            a.extend(args.iter().map(String::as_str));
+            a
+        })
+        .collect()
+}
+
+/// The `-I` position of each of `specs`, so that each chain's rules end up at its top in the given order.
+fn insert_positions(specs: &[RuleSpec]) -> Vec<String> {
+    let mut next: Vec<(&str, usize)> = Vec::new();
+    specs
+        .iter()
+        .map(|spec| {
+            let pos = match next.iter_mut().find(|(c, _)| *c == spec.chain) {
+                Some((_, n)) => {
+                    *n += 1;
+                    *n
+                }
+                None => {
+                    next.push((spec.chain, 1));
+                    1
+                }
+            };
+            pos.to_string()
+        })
+        .collect()
+}
+
+/// `iptables-restore` beside `iptables` (same directory, same variant: `iptables-nft` gives
+/// `iptables-nft-restore`).
+fn restore_program(iptables: &Path) -> PathBuf {
+    let mut name = iptables.file_name().map(|n| n.to_os_string()).unwrap_or_else(|| "iptables".into());
+    name.push("-restore");
+    iptables.with_file_name(name)
+}
+
+/// One word of an `iptables-restore` line: as it is when plain, else double-quoted with `"` and `\`
+/// escaped (the quoting [`split_words`] reads back).
+fn quote(word: &str) -> String {
+    let plain = !word.is_empty() && !word.chars().any(|c| c.is_whitespace() || c == '"' || c == '\\' || c == '#');
+    if plain {
+        return word.to_owned();
+    }
+    let mut q = String::with_capacity(word.len() + 2);
+    q.push('"');
+    for c in word.chars() {
+        if c == '"' || c == '\\' {
+            q.push('\\');
+        }
+        q.push(c);
+    }
+    q.push('"');
+    q
+}
+
 /// Runs iptables in the network namespace that was current for the thread that created it, whichever
 /// thread runs the command later (a `Drop` on another thread, a runtime's blocking pool).
 #[derive(Debug)]
@@ -203,14 +263,60 @@ impl Iptables {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Applies `commands` (each the arguments of one `iptables -t mangle` call, such as `-I CHAIN 1 ...`)
+    /// in one `iptables-restore --noflush` run: one process instead of one per rule, and all or nothing.
+    pub fn batch(&self, commands: &[Vec<&str>]) -> Result<(), RulesError> {
+        if commands.is_empty() {
+            return Ok(());
+        }
+        let program = restore_program(&self.program);
+        let mut script = format!("*{TABLE}\n");
+        for c in commands {
+            let words: Vec<String> = c.iter().map(|w| quote(w)).collect();
+            script.push_str(&words.join(" "));
+            script.push('\n');
+        }
+        script.push_str("COMMIT\n");
+        let command = format!("{} -w --noflush <<< {:?}", program.display(), script);
+        let mut cmd = Command::new(&program);
+        cmd.args(["-w", "--noflush"]).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
+        in_netns(&mut cmd, &self.netns);
+        let spawn = |source| RulesError::Spawn { command: command.clone(), source };
+        let mut child = cmd.spawn().map_err(spawn)?;
+        let written = child.stdin.take().map(|mut stdin| stdin.write_all(script.as_bytes()));
+        let out = child.wait_with_output().map_err(spawn)?;
+        if let Some(Err(source)) = written {
+            return Err(RulesError::Spawn { command, source });
+        }
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            return Err(RulesError::Failed { command, status: out.status, stderr });
+        }
+        Ok(())
+    }
+
+    /// Runs `commands` as one batch, or one by one when the batch fails (no `iptables-restore`, or a
+    /// rule of it is refused): every command is then attempted, and the first failure is returned.
+    fn batch_or_each(&self, commands: &[Vec<&str>]) -> Result<(), RulesError> {
+        match self.batch(commands) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                tracing::debug!(error = %e, "iptables-restore batch failed; running the rules one by one");
+                let mut first = None;
+                for c in commands {
+                    if let Err(e) = self.run(c) {
+                        first.get_or_insert(e);
+                    }
+                }
+                first.map_or(Ok(()), Err)
+            }
+        }
+    }
+
     /// Deletes every mangle rule tagged exactly `tag`; returns how many there were.
     pub fn remove_tagged(&self, tag: &str) -> Result<usize, RulesError> {
         let stale = tagged_rules(&self.run(&["-S"])?, tag);
-        for (chain, args) in &stale {
-            let mut a = vec!["-D", chain.as_str()];
-            a.extend(args.iter().map(String::as_str));
-            self.run(&a)?;
-        }
+        self.batch_or_each(&deletions(&stale))?;
         Ok(stale.len())
     }
 
@@ -255,28 +361,33 @@ impl Rules {
     /// Removes stale rules tagged `tag`, then inserts `specs` at the top of their chains (in the given
     /// order). On failure, whatever was inserted is removed again. Returns the rules and the number of
     /// stale ones removed.
+    ///
+    /// Both happen in one `iptables-restore` run, atomically; when that fails, rule by rule.
     pub fn install(ipt: Iptables, tag: &str, specs: Vec<RuleSpec>) -> Result<(Rules, usize), RulesError> {
-        let stale = ipt.remove_tagged(tag)?;
-        let mut rules = Rules { ipt, tag: tag.to_string(), installed: Vec::new() };
-        let mut position: Vec<(&str, usize)> = Vec::new();
-        for spec in specs {
-            let pos = match position.iter_mut().find(|(c, _)| *c == spec.chain) {
-                Some((_, n)) => {
-                    *n += 1;
-                    *n
-                }
-                None => {
-                    position.push((spec.chain, 1));
-                    1
-                }
-            };
-            let pos = pos.to_string();
-            let mut a = vec!["-I", spec.chain, &pos];
-            a.extend(spec.args.iter().map(String::as_str));
-            rules.ipt.run(&a)?; // on error, `rules` drops and removes what it holds
-            rules.installed.push(spec);
+        let stale = tagged_rules(&ipt.run(&["-S"])?, tag);
+        let positions = insert_positions(&specs);
+        let insertions: Vec<Vec<&str>> = specs
+            .iter()
+            .zip(&positions)
+            .map(|(spec, pos)| {
+                let mut a = vec!["-I", spec.chain, pos.as_str()];
+                a.extend(spec.args.iter().map(String::as_str));
+                a
+            })
+            .collect();
+        let mut all = deletions(&stale);
+        all.extend(insertions.iter().cloned());
+        if let Err(e) = ipt.batch(&all) {
+            tracing::debug!(error = %e, "iptables-restore batch failed; installing the rules one by one");
+            ipt.batch_or_each(&deletions(&stale))?;
+            let mut rules = Rules { ipt, tag: tag.to_string(), installed: Vec::new() };
+            for (spec, args) in specs.iter().zip(&insertions) {
+                rules.ipt.run(args)?; // on error, `rules` drops and removes what it holds
+                rules.installed.push(spec.clone());
+            }
+            return Ok((rules, stale.len()));
         }
-        Ok((rules, stale))
+        Ok((Rules { ipt, tag: tag.to_string(), installed: specs }, stale.len()))
     }
 
     /// The rules as installed.
@@ -295,15 +406,17 @@ impl Rules {
     }
 
     fn remove_installed(&mut self) -> Result<(), RulesError> {
-        let mut first = None;
-        for spec in std::mem::take(&mut self.installed).into_iter().rev() {
-            let mut a = vec!["-D", spec.chain];
-            a.extend(spec.args.iter().map(String::as_str));
-            if let Err(e) = self.ipt.run(&a) {
-                first.get_or_insert(e);
-            }
-        }
-        first.map_or(Ok(()), Err)
+        let installed = std::mem::take(&mut self.installed);
+        let commands: Vec<Vec<&str>> = installed
+            .iter()
+            .rev()
+            .map(|spec| {
+                let mut a = vec!["-D", spec.chain];
+                a.extend(spec.args.iter().map(String::as_str));
+                a
+            })
+            .collect();
+        self.ipt.batch_or_each(&commands)
     }
 }
 
@@ -362,6 +475,27 @@ mod tests {
         assert_eq!(found[1].0, "OUTPUT");
         assert_eq!(found[1].1.last().map(String::as_str), Some("3"));
         assert!(found[0].1.contains(&"understudy:a".to_string()));
+    }
+
+    #[test]
+    fn quoted_words_read_back_as_they_were() {
+        let words = ["-m", "comment", "--comment", "a b", "say \"hi\"", "back\\slash", "", "#x"];
+        let line: Vec<String> = words.iter().map(|w| quote(w)).collect();
+        assert_eq!(line[..3], ["-m", "comment", "--comment"]);
+        assert_eq!(split_words(&line.join(" ")).unwrap(), words);
+    }
+
+    #[test]
+    fn insert_positions_count_per_chain() {
+        let spec = |chain| RuleSpec { chain, args: vec![] };
+        let specs = [spec("PREROUTING"), spec("OUTPUT"), spec("OUTPUT"), spec("PREROUTING"), spec("OUTPUT")];
+        assert_eq!(insert_positions(&specs), ["1", "1", "2", "2", "3"]);
+    }
+
+    #[test]
+    fn restore_program_sits_beside_iptables() {
+        assert_eq!(restore_program(Path::new("iptables")), Path::new("iptables-restore"));
+        assert_eq!(restore_program(Path::new("/usr/sbin/iptables-nft")), Path::new("/usr/sbin/iptables-nft-restore"));
     }
 
     #[test]
