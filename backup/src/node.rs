@@ -375,6 +375,9 @@ async fn take_over(
         warn!("the replica was not synced: no connection is restored");
     }
 
+    let plans = takeover::plan_all(&table, &config.retry);
+    phases.mark("plan");
+
     // 4. Claim the address (the kernel stays silent on ARP for it until this process answers).
     let mut claim = VipClaim::new(&config.iface, vip, config.vip.prefix);
     if let Err(e) = claim.take_address() {
@@ -382,6 +385,20 @@ async fn take_over(
         return Err(BackupError::Claim(e));
     }
     phases.mark("address");
+
+    // 5a. Restore at once, on other threads, every connection whose restore sends nothing (idle
+    // keep-alive connections, most of a large table) while the gate starts and the address is announced.
+    // The hold drops their clients' segments until the gate takes them.
+    let (silent, loud) = takeover::split_silent(plans);
+    let early = takeover::Batch::new(&table, silent, &takeover::Answers::default()).restore_in_background();
+    let give_up = |claim: &mut VipClaim, early: tokio::sync::oneshot::Receiver<RestoreReport>| {
+        let _ = claim.release();
+        async move {
+            if let Ok(report) = early.await {
+                report.discard();
+            }
+        }
+    };
 
     // The gate before the restore: from here every client segment lands in its queue, and only the
     // replicator (started with the table once serving) applies it to the table and releases it, in
@@ -391,30 +408,33 @@ async fn take_over(
     let mut gate = match Gate::start(primary::node::gate_config(config)) {
         Ok((gate, diverted)) => GateFeed::new(Arc::new(gate), diverted),
         Err(e) => {
-            let _ = claim.release();
+            give_up(&mut claim, early).await;
             return Err(BackupError::Gate(e));
         }
     };
     phases.mark("gate");
 
-    // Announce before the restore: each restored socket sends a window probe as it leaves repair mode,
+    // Announce before the other restores: such a socket sends a window probe as it leaves repair mode,
     // and the client answers at once, to the MAC its ARP cache holds. Before the announcement that is
     // the dead primary's, and the answer is lost; when the client already had bytes the replica thought
     // unacknowledged, the restored socket then retransmits them on its timer, the client's duplicate ACK
     // echoes a timestamp as old as the outage, and Linux takes that as the first RTT sample (seconds).
     // Segments that arrive early wait in the gate like any other.
     if let Err(e) = claim.answer().await {
-        let _ = claim.release();
+        give_up(&mut claim, early).await;
         return Err(BackupError::Claim(e));
     }
     phases.mark("announce");
 
-    // 5. Restore, after asking the clients what they received of the reply bytes in flight.
-    let plans = takeover::plan_all(&table, &config.retry);
-    phases.mark("plan");
-    let answers = takeover::ask_clients(&plans, &mut gate, takeover::ANSWER_WAIT).await;
+    // 5b. Restore the others, after asking the clients what they received of the reply bytes in flight.
+    let answers = takeover::ask_clients(&loud, &mut gate, takeover::ANSWER_WAIT).await;
     phases.mark("ask");
-    let report: RestoreReport = takeover::restore_all(&table, plans, &answers);
+    let mut report: RestoreReport = takeover::restore_all(&table, loud, &answers);
+    match early.await {
+        Ok(silent) => report.merge(silent),
+        // Only a panic on the restore thread drops the sender; those connections are lost.
+        Err(_) => error!("the restore of the idle connections did not finish; they are lost"),
+    }
     phases.mark("restore");
     gate.early = answers.read;
     info!(restored = report.restored.len(), failed = report.failed.len(), skipped = report.skipped.len(),
@@ -427,6 +447,7 @@ async fn take_over(
         Ok(l) => l,
         Err(source) => {
             let _ = claim.release();
+            report.discard();
             return Err(BackupError::Bind { what: "HTTP service", addr: service, source });
         }
     };

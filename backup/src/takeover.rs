@@ -238,69 +238,136 @@ fn probe(plan: &RestorePlan) -> Vec<u8> {
     seg.build(&[])
 }
 
-/// Rebuilds the restorable connections of `plans` (from [`plan_all`] on `table`), each adjusted by its
-/// client's answer when there is one. Must run in the network namespace that holds the VIP, with the
-/// VIP on an interface and the hold in place, inside a tokio runtime (the sockets are registered with
-/// it). The sockets are rebuilt on up to [`RESTORE_THREADS`] threads at once: each costs a score of
-/// system calls, and a takeover of ten thousand connections waits on them.
-pub fn restore_all(table: &ReplicaTable, plans: Vec<ConnResume>, answers: &Answers) -> RestoreReport {
-    let started = Instant::now();
-    let mut report = RestoreReport::default();
-    let mut adjusted = 0usize;
-    let mut todo = Vec::with_capacity(plans.len());
-    for mut plan in plans {
-        if let Some(r) = plan.restore.as_mut()
-            && let Some(&(ack, window, seq)) = answers.by_conn.get(&plan.conn)
-            && r.apply_client_ack(ack, window, seq)
-        {
-            adjusted += 1;
-        }
-        let key = plan.conn;
-        if plan.restore.is_none() {
-            match &plan.decision {
-                Decision::Unprotected { reason } => {
-                    warn!(conn = %key.client, %reason, "connection not restored: it was not protected")
-                }
-                Decision::NotRestorable { error } => warn!(conn = %key.client, %error, "connection not restored"),
-                other => warn!(conn = %key.client, path = other.kind(), "connection has no restore plan"),
+/// Splits `plans` into the connections [`repair::restores_silently`] restores (open both ways, nothing
+/// of ours unacknowledged or unsent: idle keep-alive connections, requests being read), which may be
+/// restored before the address is announced and the clients are asked, and the rest.
+pub fn split_silent(plans: Vec<ConnResume>) -> (Vec<ConnResume>, Vec<ConnResume>) {
+    plans.into_iter().partition(|p| p.restore.as_ref().is_some_and(repair::restores_silently))
+}
+
+/// Connections to restore, each plan with its table entry; the plans that restore nothing are already
+/// in `report`.
+pub struct Batch {
+    todo: Vec<(ConnResume, Conn)>,
+    report: RestoreReport,
+}
+
+impl Batch {
+    /// The restorable connections of `plans` (from [`plan_all`] on `table`), each adjusted by its
+    /// client's answer when there is one.
+    pub fn new(table: &ReplicaTable, plans: Vec<ConnResume>, answers: &Answers) -> Batch {
+        let mut report = RestoreReport::default();
+        let mut todo = Vec::with_capacity(plans.len());
+        let mut adjusted = 0usize;
+        for mut plan in plans {
+            if let Some(r) = plan.restore.as_mut()
+                && let Some(&(ack, window, seq)) = answers.by_conn.get(&plan.conn)
+                && r.apply_client_ack(ack, window, seq)
+            {
+                adjusted += 1;
             }
-            report.skipped.push((key, plan.decision.kind()));
-            continue;
+            let key = plan.conn;
+            if plan.restore.is_none() {
+                match &plan.decision {
+                    Decision::Unprotected { reason } => {
+                        warn!(conn = %key.client, %reason, "connection not restored: it was not protected")
+                    }
+                    Decision::NotRestorable { error } => warn!(conn = %key.client, %error, "connection not restored"),
+                    other => warn!(conn = %key.client, path = other.kind(), "connection has no restore plan"),
+                }
+                report.skipped.push((key, plan.decision.kind()));
+                continue;
+            }
+            match table.conn(&key) {
+                Some(entry) => todo.push((plan, entry.clone())),
+                None => report.failed.push((key, "vanished from the table".into())),
+            }
         }
-        match table.conn(&key) {
-            Some(entry) => todo.push((plan, entry.clone())),
-            None => report.failed.push((key, "vanished from the table".into())),
+        if answers.probed > 0 {
+            info!(probed = answers.probed, answered = answers.by_conn.len(), adjusted, waited = ?answers.took,
+                "asked the clients what they received");
         }
+        Batch { todo, report }
     }
 
-    let results = restore_parallel(&todo);
-    for ((plan, conn), result) in todo.into_iter().zip(results) {
-        let key = plan.conn;
-        let restore = plan.restore.as_ref().expect("only plans with a restore are to do");
-        match result {
-            Ok(stream) => {
-                let (unacked, unread) = (restore.send_queue.len(), restore.recv_queue.len());
-                // Thousands of idle keep-alive connections would flood the log at takeover time.
-                if unacked == 0 && unread == 0 {
-                    debug!(conn = %key.client, state = ?restore.state, path = plan.decision.kind(), "connection restored");
-                } else {
-                    info!(conn = %key.client, state = ?restore.state, unacked, unread, path = plan.decision.kind(),
-                        "connection restored");
+    /// Rebuilds every connection of the batch. Must run in the network namespace that holds the VIP,
+    /// with the VIP on an interface and the hold in place. The sockets are rebuilt on up to
+    /// [`RESTORE_THREADS`] threads at once: each costs a score of system calls, and a takeover of ten
+    /// thousand connections waits on them.
+    pub fn restore(self) -> RestoreReport {
+        let started = Instant::now();
+        let Batch { todo, mut report } = self;
+        let results = restore_parallel(&todo);
+        for ((plan, conn), result) in todo.into_iter().zip(results) {
+            let key = plan.conn;
+            let restore = plan.restore.as_ref().expect("only plans with a restore are to do");
+            match result {
+                Ok(stream) => {
+                    let (unacked, unread) = (restore.send_queue.len(), restore.recv_queue.len());
+                    // Thousands of idle keep-alive connections would flood the log at takeover time.
+                    if unacked == 0 && unread == 0 {
+                        debug!(conn = %key.client, state = ?restore.state, path = plan.decision.kind(),
+                            "connection restored");
+                    } else {
+                        info!(conn = %key.client, state = ?restore.state, unacked, unread,
+                            path = plan.decision.kind(), "connection restored");
+                    }
+                    report.restored.push(Restored { stream, plan, conn });
                 }
-                report.restored.push(Restored { stream, plan, conn });
+                Err(e) => {
+                    error!(conn = %key.client, error = %e, "restoring the connection failed");
+                    report.failed.push((key, e));
+                }
             }
-            Err(e) => {
-                error!(conn = %key.client, error = %e, "restoring the connection failed");
-                report.failed.push((key, e));
+        }
+        report.took = started.elapsed();
+        report
+    }
+
+    /// [`Batch::restore`] on a thread of its own (in this thread's network namespace), while the
+    /// takeover goes on; the report comes through the receiver.
+    pub fn restore_in_background(self) -> tokio::sync::oneshot::Receiver<RestoreReport> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let cell = std::sync::Arc::new(std::sync::Mutex::new(Some((self, tx))));
+        let job = cell.clone();
+        let spawned = std::thread::Builder::new().name("restore".into()).spawn(move || {
+            if let Some((batch, tx)) = job.lock().ok().and_then(|mut j| j.take()) {
+                let _ = tx.send(batch.restore());
+            }
+        });
+        if let Err(e) = spawned {
+            warn!(error = %e, "cannot start a restore thread; restoring here");
+            if let Some((batch, tx)) = cell.lock().ok().and_then(|mut j| j.take()) {
+                let _ = tx.send(batch.restore());
+            }
+        }
+        rx
+    }
+}
+
+impl RestoreReport {
+    /// Adds `other`'s connections to this report, restored at the same time: the time is the longer.
+    pub fn merge(&mut self, other: RestoreReport) {
+        self.restored.extend(other.restored);
+        self.failed.extend(other.failed);
+        self.skipped.extend(other.skipped);
+        self.took = self.took.max(other.took);
+    }
+
+    /// Closes every restored socket without a segment to its client (a takeover that gives up: the
+    /// connections are lost either way, but a FIN or RST from the address would end them at once).
+    pub fn discard(self) {
+        for r in self.restored {
+            if let Err(e) = repair::vanish(&r.stream) {
+                debug!(conn = %r.plan.conn.client, error = %e, "closing a restored socket silently failed");
             }
         }
     }
-    report.took = started.elapsed();
-    if answers.probed > 0 {
-        info!(probed = answers.probed, answered = answers.by_conn.len(), adjusted, waited = ?answers.took,
-            "asked the clients what they received");
-    }
-    report
+}
+
+/// Rebuilds the restorable connections of `plans` (see [`Batch`]).
+pub fn restore_all(table: &ReplicaTable, plans: Vec<ConnResume>, answers: &Answers) -> RestoreReport {
+    Batch::new(table, plans, answers).restore()
 }
 
 /// Threads [`restore_all`] rebuilds sockets on at most (the machine's parallelism bounds it too).
@@ -310,14 +377,9 @@ pub const RESTORE_THREADS: usize = 4;
 const PER_THREAD_MIN: usize = 256;
 
 /// Restores each plan of `todo` (all have a restore plan), in order, split across threads.
-fn restore_parallel(todo: &[(ConnResume, Conn)]) -> Vec<Result<tokio::net::TcpStream, String>> {
-    let runtime = tokio::runtime::Handle::try_current();
-    let one = |(plan, _): &(ConnResume, Conn)| match &runtime {
-        Ok(rt) => {
-            let _entered = rt.enter();
-            restore_one(plan.restore.as_ref().expect("only plans with a restore are to do"))
-        }
-        Err(_) => Err("restoring outside a tokio runtime".to_owned()),
+fn restore_parallel(todo: &[(ConnResume, Conn)]) -> Vec<Result<std::net::TcpStream, String>> {
+    let one = |(plan, _): &(ConnResume, Conn)| {
+        restore_one(plan.restore.as_ref().expect("only plans with a restore are to do"))
     };
     let parallelism = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = parallelism.min(RESTORE_THREADS).min(todo.len() / PER_THREAD_MIN).max(1);
@@ -349,11 +411,11 @@ fn restore_parallel(todo: &[(ConnResume, Conn)]) -> Vec<Result<tokio::net::TcpSt
     })
 }
 
-fn restore_one(plan: &tcp_replay::RestorePlan) -> Result<tokio::net::TcpStream, String> {
+fn restore_one(plan: &tcp_replay::RestorePlan) -> Result<std::net::TcpStream, String> {
     let stream = repair::restore(plan).map_err(|e| e.to_string())?;
     stream.set_nonblocking(true).map_err(|e| format!("set_nonblocking: {e}"))?;
     let _ = stream.set_nodelay(true);
-    tokio::net::TcpStream::from_std(stream).map_err(|e| format!("registering with the runtime: {e}"))
+    Ok(stream)
 }
 
 #[cfg(test)]

@@ -821,6 +821,15 @@ pub fn restore(plan: &RestorePlan) -> Result<TcpStream, RepairError> {
     Ok(sock.into())
 }
 
+/// Whether [`restore`] sends nothing for `plan`: the connection is open both ways (no FIN to replay,
+/// whose ACK would go out) with nothing of ours to send or in flight, so it also leaves repair mode
+/// without a window probe. An invalid plan, which `restore` refuses, sends nothing either. Such a
+/// connection may be restored before the address is announced: no answer can go astray.
+pub fn restores_silently(plan: &RestorePlan) -> bool {
+    let open = shape(plan).map_or(true, |s| s.our_fin == OurFin::None && !s.peer_fin);
+    open && plan.send_queue.is_empty() && plan.unsent.is_empty()
+}
+
 /// The initial send and receive buffer sizes of a TCP socket (`tcp_wmem[1]`, `tcp_rmem[1]`, as
 /// `SO_SNDBUF`/`SO_RCVBUF` read them), from the calling thread's network namespace; the kernel's
 /// built-in defaults when they cannot be read.

@@ -612,6 +612,7 @@ fn close_wait_restored_socket_reads_request_then_eof_once() -> Result<()> {
     drop(server);
     assert_vanished_silently(&net, &client, TcpState::FinWait2, &plan)?;
     assert!(plan.fin_received && !plan.fin_sent);
+    assert!(!repair::restores_silently(&plan), "the replayed FIN is acknowledged to the client");
     assert_eq!(plan.recv_queue, request);
 
     let (restored, took) = net.restore(&plan)?;
@@ -966,6 +967,7 @@ fn bytes_lost_in_flight_are_resent_on_a_timer_of_at_most_a_second() -> Result<()
     net.wait_server_socket_gone()?;
     net.iptables(&net.client, &format!("-D INPUT -p tcp --sport {PORT} -j DROP"))?;
     assert_eq!(plan.send_queue, lost, "every byte restored as in flight");
+    assert!(!repair::restores_silently(&plan));
     // A backup's kernel has never talked to the client: nothing cached about its path.
     run(&["ip", "-n", &net.server, "tcp_metrics", "flush", "all"])?;
 
@@ -991,6 +993,7 @@ fn an_idle_connection_is_restored_without_a_window_probe_and_keeps_working() -> 
     drop(server);
     net.wait_server_socket_gone()?;
     assert!(plan.send_queue.is_empty() && plan.recv_queue.is_empty() && plan.unsent.is_empty());
+    assert!(repair::restores_silently(&plan));
     net.iptables(&net.server, &format!("-A OUTPUT -p tcp --sport {PORT} -m comment --comment usrep-out"))?;
     let (restored, _) = net.restore(&plan)?;
     let out = run(&["ip", "netns", "exec", &net.server, "iptables", "-w", "-L", "OUTPUT", "-v", "-x", "-n"])?;

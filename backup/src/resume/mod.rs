@@ -53,7 +53,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
-use tracing::{Instrument, debug, info, warn};
+use tracing::{Instrument, debug, error, info, warn};
 
 /// How long a socket closed by the takeover keeps draining the client's bytes after its FIN, so
 /// that the close never turns into a RST while replies are still in its send queue.
@@ -63,8 +63,10 @@ const WRITE_PIECE: usize = 64 * 1024;
 
 /// A connection the takeover driver restored, with what the planner decided for it.
 pub struct Restored {
-    /// The restored socket (already out of repair mode).
-    pub stream: TcpStream,
+    /// The restored socket (already out of repair mode, non-blocking). The executor registers it with
+    /// the runtime: at a takeover of thousands, one thread registering them all would wait on the
+    /// runtime's poller, woken by each new socket (all are writable at once).
+    pub stream: std::net::TcpStream,
     pub plan: ConnResume,
     /// The table's entry for the connection at takeover.
     pub conn: Conn,
@@ -200,6 +202,15 @@ async fn resume<L: ReplyLog + Unpin>(
         error: None,
         closed: None,
         served: None,
+    };
+    let stream = match TcpStream::from_std(stream) {
+        Ok(stream) => stream,
+        Err(e) => {
+            error!(error = %e, "cannot register the restored socket with the runtime; closing it");
+            outcome.error = Some(format!("registering with the runtime: {e}"));
+            outcome.closed = Some("failed");
+            return outcome;
+        }
     };
     let steps = match Steps::plan(&plan, &conn) {
         Ok(steps) => steps,
