@@ -43,6 +43,7 @@ use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
+use tcp_replay::Dir;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tracing::{Instrument, error, info, warn};
@@ -540,9 +541,20 @@ fn resume_all(serving: &Serving, restored: Vec<Restored>, admin_state: AdminStat
         .collect()
 }
 
-/// The prompts [`prompt_clients`] sends to the clients of `restored`.
+/// The prompts [`prompt_clients`] sends to the clients of `restored`, the clients heard from last first:
+/// sending thousands takes a while, and a client busy when the primary failed most likely sent
+/// something during the outage, while one idle for long has nothing to resend.
 fn takeover_prompts(restored: &[Restored]) -> Vec<Prompt> {
-    restored.iter().filter_map(|r| r.plan.restore.as_ref().and_then(Prompt::for_plan)).collect()
+    let mut prompts: Vec<(Option<Duration>, Prompt)> = restored
+        .iter()
+        .filter_map(|r| {
+            let prompt = r.plan.restore.as_ref().and_then(Prompt::for_plan)?;
+            let heard = r.conn.tracked().and_then(|t| t.tracker().endpoint(Dir::ToServer)?.last_timestamp_at());
+            Some((heard, prompt))
+        })
+        .collect();
+    prompts.sort_by(|a, b| b.0.cmp(&a.0));
+    prompts.into_iter().map(|(_, p)| p).collect()
 }
 
 /// Prompts the restored clients to retransmit what they sent during the outage (see [`prompt`]), off the

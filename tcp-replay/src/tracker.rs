@@ -199,6 +199,12 @@ impl Endpoint {
         self.acked
     }
 
+    /// When this endpoint's latest timestamp value was first seen (the clock of `handle_segment`): about
+    /// when it last sent anything. `None` without timestamps.
+    pub fn last_timestamp_at(&self) -> Option<Duration> {
+        self.ts_val.map(|(_, at)| at)
+    }
+
     /// Highest sequence number this endpoint has sent (after its data and FIN).
     pub fn snd_max(&self) -> Option<Seq> {
         self.seq0.map(|_| self.high.0)
@@ -950,6 +956,19 @@ mod tests {
                 Dir::ToClient => &mut self.sseq,
             }
         }
+    }
+
+    #[test]
+    fn last_timestamp_at_follows_each_sender() {
+        let mut c = Conn::open(5000, 7000, true);
+        c.now = ms(2000);
+        c.data(Dir::ToServer, b"GET / HTTP/1.1\r\n\r\n");
+        c.now = ms(2500);
+        c.ack(Dir::ToClient, 502);
+        assert_eq!(c.t.sender(Dir::ToServer).last_timestamp_at(), Some(ms(2000)));
+        assert_eq!(c.t.sender(Dir::ToClient).last_timestamp_at(), Some(ms(2500)));
+        let plain = Conn::open(5000, 7000, false);
+        assert_eq!(plain.t.sender(Dir::ToServer).last_timestamp_at(), None);
     }
 
     #[test]
