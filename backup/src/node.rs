@@ -376,32 +376,23 @@ async fn take_over(
         warn!("the replica was not synced: no connection is restored");
     }
 
-    let plans = takeover::plan_all(&table, &config.retry);
-    phases.mark("plan");
+    // 4a. Plan, and restore the connections whose restore sends nothing (idle keep-alive connections,
+    // most of a large table), on another thread while this one claims, gates and announces the address.
+    // The hold drops their clients' segments until the gate takes them.
+    let table = Arc::new(table);
+    let mut early = takeover::Early::start(table.clone(), config.retry.clone());
 
-    // 4. Claim the address (the kernel stays silent on ARP for it until this process answers).
+    // 4b. Claim the address (the kernel stays silent on ARP for it until this process answers).
     let mut claim = VipClaim::new(&config.iface, vip, config.vip.prefix);
     if let Err(e) = claim.take_address() {
         let _ = claim.release();
+        early.abandon().await;
         return Err(BackupError::Claim(e));
     }
+    early.address_ready();
     phases.mark("address");
 
-    // 5a. Restore at once, on other threads, every connection whose restore sends nothing (idle
-    // keep-alive connections, most of a large table) while the gate starts and the address is announced.
-    // The hold drops their clients' segments until the gate takes them.
-    let (silent, loud) = takeover::split_silent(plans);
-    let early = takeover::Batch::new(&table, silent, &takeover::Answers::default()).restore_in_background();
-    let give_up = |claim: &mut VipClaim, early: tokio::sync::oneshot::Receiver<RestoreReport>| {
-        let _ = claim.release();
-        async move {
-            if let Ok(report) = early.await {
-                report.discard();
-            }
-        }
-    };
-
-    // The gate before the restore: from here every client segment lands in its queue, and only the
+    // The gate before the other restores: from here every client segment lands in its queue, and only the
     // replicator (started with the table once serving) applies it to the table and releases it, in
     // order. Segments of connections restored meanwhile wait there instead of reaching their sockets
     // unseen by the table (the hold alone lets segments that find a socket through), and the table stays
@@ -409,7 +400,8 @@ async fn take_over(
     let mut gate = match Gate::start(primary::node::gate_config(config)) {
         Ok((gate, diverted)) => GateFeed::new(Arc::new(gate), diverted),
         Err(e) => {
-            give_up(&mut claim, early).await;
+            let _ = claim.release();
+            early.abandon().await;
             return Err(BackupError::Gate(e));
         }
     };
@@ -422,24 +414,24 @@ async fn take_over(
     // echoes a timestamp as old as the outage, and Linux takes that as the first RTT sample (seconds).
     // Segments that arrive early wait in the gate like any other.
     if let Err(e) = claim.answer().await {
-        give_up(&mut claim, early).await;
+        let _ = claim.release();
+        early.abandon().await;
         return Err(BackupError::Claim(e));
     }
     phases.mark("announce");
 
-    // 5b. Restore the others, after asking the clients what they received of the reply bytes in flight.
+    // 5. Restore the others, after asking the clients what they received of the reply bytes in flight.
+    let loud = early.loud_plans().await;
+    phases.mark("plan");
     let answers = takeover::ask_clients(&loud, &mut gate, takeover::ANSWER_WAIT).await;
     phases.mark("ask");
     let mut report: RestoreReport = takeover::restore_all(&table, loud, &answers);
-    match early.await {
-        Ok(silent) => report.merge(silent),
-        // Only a panic on the restore thread drops the sender; those connections are lost.
-        Err(_) => error!("the restore of the idle connections did not finish; they are lost"),
-    }
+    report.merge(early.finish().await);
     phases.mark("restore");
     gate.early = answers.read;
     info!(restored = report.restored.len(), failed = report.failed.len(), skipped = report.skipped.len(),
         took = ?report.took, "connections restored");
+    let table = Arc::try_unwrap(table).unwrap_or_else(|shared| (*shared).clone());
     // The listener after the restore, as a restored socket may not bind beside a listener on the port
     // (short of SO_REUSEPORT on both). Restored sockets carry SO_REUSEADDR (`repair::restore` sets it)
     // so this bind succeeds beside them.

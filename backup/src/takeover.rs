@@ -45,6 +45,7 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tcp_replay::repair::{self, INJECT_MARK};
 use tcp_replay::segment::{Checksums, Segment, SegmentBuilder, TcpFlags, TcpOptions, Timestamps};
@@ -323,25 +324,102 @@ impl Batch {
         report.took = started.elapsed();
         report
     }
+}
 
-    /// [`Batch::restore`] on a thread of its own (in this thread's network namespace), while the
-    /// takeover goes on; the report comes through the receiver.
-    pub fn restore_in_background(self) -> tokio::sync::oneshot::Receiver<RestoreReport> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let cell = std::sync::Arc::new(std::sync::Mutex::new(Some((self, tx))));
-        let job = cell.clone();
+/// The first part of a restore, on a thread of its own while the takeover claims, gates and announces the
+/// address: plan every connection (copying what the replica holds, which takes a while when clients have
+/// megabytes in flight), then, once the address is on the interface ([`Early::address_ready`]), restore
+/// the connections [`split_silent`] finds silent. The others' plans come back for the main thread
+/// ([`Early::loud_plans`]), which asks their clients first. Should the thread not start, the same work is
+/// done on the caller's thread, in [`Early::loud_plans`] and [`Early::finish`].
+pub struct Early {
+    address: std::sync::mpsc::Sender<bool>,
+    loud: Option<tokio::sync::oneshot::Receiver<Vec<ConnResume>>>,
+    restored: tokio::sync::oneshot::Receiver<RestoreReport>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// Without a thread: the table and the silent plans, restored by `finish`.
+    inline: Option<(Arc<ReplicaTable>, RetryConfig, Vec<ConnResume>)>,
+}
+
+impl Early {
+    /// Starts the thread (in this thread's network namespace).
+    pub fn start(table: Arc<ReplicaTable>, retry: RetryConfig) -> Early {
+        let (address, address_rx) = std::sync::mpsc::channel();
+        let (loud_tx, loud) = tokio::sync::oneshot::channel();
+        let (restored_tx, restored) = tokio::sync::oneshot::channel();
+        let (t, r) = (table.clone(), retry.clone());
         let spawned = std::thread::Builder::new().name("restore".into()).spawn(move || {
-            if let Some((batch, tx)) = job.lock().ok().and_then(|mut j| j.take()) {
-                let _ = tx.send(batch.restore());
+            let (silent, loud) = split_silent(plan_all(&t, &r));
+            let _ = loud_tx.send(loud);
+            let batch = Batch::new(&t, silent, &Answers::default());
+            // Without the address a restore cannot bind; `false` or the sender gone: the takeover gave up.
+            if address_rx.recv() == Ok(true) {
+                let _ = restored_tx.send(batch.restore());
             }
         });
-        if let Err(e) = spawned {
-            warn!(error = %e, "cannot start a restore thread; restoring here");
-            if let Some((batch, tx)) = cell.lock().ok().and_then(|mut j| j.take()) {
-                let _ = tx.send(batch.restore());
+        let mut early = Early { address, loud: Some(loud), restored, thread: None, inline: None };
+        match spawned {
+            Ok(thread) => early.thread = Some(thread),
+            Err(e) => {
+                warn!(error = %e, "cannot start a restore thread; planning and restoring on this one");
+                early.loud = None;
+                early.inline = Some((table, retry, Vec::new()));
             }
         }
-        rx
+        early
+    }
+
+    /// The address is on the interface: the silent connections may be restored.
+    pub fn address_ready(&self) {
+        let _ = self.address.send(true);
+    }
+
+    /// The plans of the connections left to restore (each call after the first gets none).
+    pub async fn loud_plans(&mut self) -> Vec<ConnResume> {
+        if let Some((table, retry, silent)) = self.inline.as_mut() {
+            let (s, loud) = split_silent(plan_all(table, retry));
+            *silent = s;
+            return loud;
+        }
+        match self.loud.take() {
+            Some(rx) => rx.await.unwrap_or_else(|_| {
+                error!("planning the takeover failed (the restore thread ended); no connection is restored");
+                Vec::new()
+            }),
+            None => Vec::new(),
+        }
+    }
+
+    /// The silent connections' restore, once done.
+    pub async fn finish(mut self) -> RestoreReport {
+        if let Some((table, _, silent)) = self.inline.take() {
+            return Batch::new(&table, silent, &Answers::default()).restore();
+        }
+        let report = (&mut self.restored).await.unwrap_or_else(|_| {
+            error!("the restore of the idle connections did not finish (its thread ended); they are lost");
+            RestoreReport::default()
+        });
+        self.join();
+        report
+    }
+
+    /// The takeover gives up: whatever was restored is closed silently.
+    pub async fn abandon(mut self) {
+        let _ = self.address.send(false);
+        if self.thread.is_some()
+            && let Ok(report) = (&mut self.restored).await
+        {
+            report.discard();
+        }
+        self.join();
+    }
+
+    fn join(&mut self) {
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            error!("the restore thread panicked");
+        }
     }
 }
 
