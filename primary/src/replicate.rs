@@ -615,6 +615,7 @@ pub fn link_config(node: &NodeConfig) -> LinkConfig {
         max_frame: node.replication.max_frame_bytes as usize,
         ack_every: u64::from(node.replication.ack_max_records),
         ack_delay: node.replication.ack_max_delay,
+        auth: node.link_auth(),
         ..LinkConfig::default()
     }
 }
