@@ -920,7 +920,8 @@ pub struct CommonArgs {
     #[arg(long, value_name = "FILE")]
     pub psk_file: Option<PathBuf>,
     /// Run the replication link without authentication: anyone who can reach the replication port can join
-    /// as the spare or alter the stream. Only for a network nobody else reaches. [default: false] [key: replication.insecure]
+    /// as the spare or alter the stream. Only for a network nobody else reaches. [default: false]
+    /// [key: replication.insecure]
     #[arg(long)]
     pub insecure_replication: bool,
 }
@@ -1056,8 +1057,7 @@ impl NodeConfig {
             None => FileConfig::default(),
         };
         args.apply(&mut file);
-        let config = NodeConfig::resolve(args.role(), file)?;
-        let mut config = config;
+        let mut config = NodeConfig::resolve(args.role(), file)?;
         let warnings = config.validate()?;
         config.check_paths()?;
         config.load_psk()?;
