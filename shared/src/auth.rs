@@ -129,7 +129,7 @@ impl Psk {
         if let Some(i) = hex.find(|c: char| !c.is_ascii_hexdigit()) {
             return Err(KeyFormatError::NotHex { at: start + i });
         }
-        if hex.len() % 2 != 0 {
+        if !hex.len().is_multiple_of(2) {
             return Err(KeyFormatError::OddDigits { digits: hex.len() });
         }
         // Checked above: only hex digits, an even number of them.
