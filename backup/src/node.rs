@@ -57,6 +57,9 @@ pub enum BackupError {
     /// The configuration has no `--join` address.
     #[error("no primary to join: --join (or `join` in the config file) is required")]
     NoJoin,
+    /// The replication key named by the configuration cannot be used.
+    #[error("replication key: {0}")]
+    Key(shared::config::ConfigError),
     /// The detection settings are unusable.
     #[error("detection settings: {0}")]
     Detector(#[from] crate::detector::DetectorConfigError),
@@ -93,10 +96,11 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send +
 }
 
 async fn run_in_span(
-    config: NodeConfig,
+    mut config: NodeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), BackupError> {
     info!("starting: {config}");
+    primary::node::prepare_link_auth(&mut config).map_err(BackupError::Key)?;
     let join = SocketAddr::V4(config.join.ok_or(BackupError::NoJoin)?);
     let detector_config = DetectorConfig::from_node(&config);
     Detector::new(detector_config.clone(), Instant::now())?;

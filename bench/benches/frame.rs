@@ -10,14 +10,20 @@
 //! * `acks`: 64 small frames from the backup, acks and heartbeats alternating.
 //!
 //! Reports frames/s (elements) and frame bytes/s, headers included.
+//!
+//! The `frame_auth` group does the same on an authenticated link (`shared::auth`): each frame also gets an
+//! HMAC-SHA-256 tag over its number and payload (`frame::encode_value_sealed` with a `Sealer`), and the
+//! receiver checks it (`Opener::open`) before decoding. Its difference to `frame` is the per-frame cost of
+//! authentication.
 
 use bytes::BytesMut;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use shared::auth::{Psk, SessionKeys};
 use shared::codec;
 use shared::frame::{self, DEFAULT_MAX_FRAME};
-use shared::protocol::{Message, Record, ToBackup, ToPrimary};
+use shared::protocol::{Message, Record, Role, ToBackup, ToPrimary};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -110,11 +116,91 @@ fn bench_kind<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(
     g.finish();
 }
 
+/// Keys of a link as both ends derive them (the transcript is fixed: only the per-frame cost is measured).
+fn keys() -> SessionKeys {
+    SessionKeys::derive(&Psk::from_bytes(vec![0x5a; 32]).expect("a 32-byte key"), [7; 32])
+}
+
+fn encode_all_sealed<T: Serialize>(msgs: &[T], from: Role, keys: &SessionKeys, buf: &mut BytesMut) {
+    buf.clear();
+    let mut sealer = keys.sealer(from);
+    for m in msgs {
+        frame::encode_value_sealed(m, DEFAULT_MAX_FRAME, buf, |body| sealer.seal(body))
+            .expect("every benchmark message fits a frame");
+    }
+}
+
+/// Checks and decodes every frame of `wire` sent by `from`, timing only that.
+fn open_all<T: DeserializeOwned>(wire: &[u8], frames: usize, to: Role, keys: &SessionKeys, iters: u64) -> Duration {
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        let mut buf = BytesMut::from(wire);
+        let t = Instant::now();
+        let mut opener = keys.opener(to);
+        let mut n = 0;
+        while let Some(payload) = frame::decode(&mut buf, DEFAULT_MAX_FRAME).expect("valid frames") {
+            let body = opener.open(&payload).expect("valid tags");
+            black_box(codec::decode::<T>(body).expect("valid payload"));
+            n += 1;
+        }
+        total += t.elapsed();
+        assert_eq!(n, frames);
+    }
+    total
+}
+
+fn bench_kind_sealed<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(
+    c: &mut Criterion,
+    name: &str,
+    msgs: &[T],
+    from: Role,
+) {
+    let to = match from {
+        Role::Primary => Role::Backup,
+        Role::Backup => Role::Primary,
+    };
+    let keys = keys();
+    let mut wire = BytesMut::new();
+    encode_all_sealed(msgs, from, &keys, &mut wire);
+    let wire = wire.freeze();
+    // What is measured round-trips, tags checked.
+    let mut check = BytesMut::from(&wire[..]);
+    let mut opener = keys.opener(to);
+    for m in msgs {
+        let payload = frame::decode(&mut check, DEFAULT_MAX_FRAME).unwrap().expect("a whole frame");
+        assert_eq!(&codec::decode::<T>(opener.open(&payload).unwrap()).unwrap(), m);
+    }
+
+    let mut g = c.benchmark_group("frame_auth");
+    for (unit, throughput) in
+        [("frames", Throughput::Elements(msgs.len() as u64)), ("bytes", Throughput::Bytes(wire.len() as u64))]
+    {
+        g.throughput(throughput);
+        let mut buf = BytesMut::with_capacity(wire.len());
+        g.bench_function(format!("encode/{name}/{unit}"), |b| {
+            b.iter(|| {
+                encode_all_sealed(msgs, from, &keys, &mut buf);
+                black_box(&buf);
+            })
+        });
+        g.bench_function(format!("decode/{name}/{unit}"), |b| {
+            b.iter_custom(|iters| open_all::<T>(&wire, msgs.len(), to, &keys, iters))
+        });
+    }
+    g.finish();
+}
+
 fn frames(c: &mut Criterion) {
     bench_kind(c, "segments", &segments());
     bench_kind(c, "replies", &replies());
     bench_kind(c, "acks", &acks());
 }
 
-criterion_group!(benches, frames);
+fn frames_auth(c: &mut Criterion) {
+    bench_kind_sealed(c, "segments", &segments(), Role::Primary);
+    bench_kind_sealed(c, "replies", &replies(), Role::Primary);
+    bench_kind_sealed(c, "acks", &acks(), Role::Backup);
+}
+
+criterion_group!(benches, frames, frames_auth);
 criterion_main!(benches);

@@ -88,6 +88,9 @@ pub enum NodeError {
     /// The proxy refused its configuration (a limit out of range, the static root, the request log).
     #[error("cannot set up the proxy: {0}")]
     Proxy(#[from] ProxyError),
+    /// The replication key named by the configuration cannot be used.
+    #[error("replication key: {0}")]
+    Key(shared::config::ConfigError),
     /// A listening socket could not be bound (address in use, not local).
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
@@ -235,8 +238,9 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send) 
     run_in_span(config, shutdown).instrument(span).await
 }
 
-async fn run_in_span(config: NodeConfig, shutdown: impl Future<Output = ()> + Send) -> Result<(), NodeError> {
+async fn run_in_span(mut config: NodeConfig, shutdown: impl Future<Output = ()> + Send) -> Result<(), NodeError> {
     info!("starting: {config}");
+    prepare_link_auth(&mut config).map_err(NodeError::Key)?;
     let vip = config.vip.addr;
     let proxy = Proxy::new(proxy_config(&config))?;
     let admin_state = AdminState::new(&config.node, &config.cluster, Role::Primary, INITIAL_EPOCH, Instant::now());
@@ -288,6 +292,24 @@ async fn run_in_span(config: NodeConfig, shutdown: impl Future<Output = ()> + Se
     let outcome = serve(&config, proxy, taken, |_| Vec::new(), shutdown).await;
     side_tasks.stop(&late_trigger).await;
     outcome
+}
+
+/// Reads the replication key if the configuration names one that is not loaded yet ([`NodeConfig::load`]
+/// loads it; a configuration built otherwise may not have), and warns when the link runs unauthenticated.
+pub fn prepare_link_auth(config: &mut NodeConfig) -> Result<(), shared::config::ConfigError> {
+    if config.psk.is_none() && config.replication.psk_file.is_some() {
+        config.load_psk()?;
+    }
+    match &config.replication.psk_file {
+        Some(path) => {
+            info!(psk_file = %path.display(), "the replication link is authenticated with the pre-shared key")
+        }
+        None => warn!(
+            "the replication link is NOT authenticated (--insecure-replication): anyone who reaches the \
+             replication port can join as the spare or alter the stream; give both nodes --psk-file"
+        ),
+    }
+    Ok(())
 }
 
 /// Serves as primary after a takeover: starts the replicator with the taken-over table, calls

@@ -615,6 +615,7 @@ pub fn link_config(node: &NodeConfig) -> LinkConfig {
         max_frame: node.replication.max_frame_bytes as usize,
         ack_every: u64::from(node.replication.ack_max_records),
         ack_delay: node.replication.ack_max_delay,
+        auth: node.link_auth(),
         ..LinkConfig::default()
     }
 }
@@ -978,11 +979,14 @@ async fn handle_join(shared: Arc<Shared>, mut stream: TcpStream, from: SocketAdd
 
 /// Answers a `Hello` with a refusal while another backup is linked. Returns the reason given.
 async fn refuse_busy(shared: &Shared, stream: &mut TcpStream, current: &str) -> Result<String, String> {
-    let hello = match read_handshake(stream).await? {
-        Handshake::Hello(hello) => hello,
-        Handshake::Welcome(_) => return Err("expected a Hello".into()),
+    let first = read_handshake(stream).await?;
+    let Some(hello) = first.hello() else {
+        return Err("expected a Hello".into());
     };
-    let reason = match link::check_hello(&hello, &shared.identity) {
+    let authenticates = matches!(first, Handshake::AuthHello { .. });
+    let decided = link::check_auth(authenticates, shared.link.auth.is_secure(), &hello.node)
+        .and_then(|()| link::check_hello(hello, &shared.identity));
+    let reason = match decided {
         Err(refusal) => {
             if let Refusal::PeerEpochAhead { their_epoch, .. } = refusal {
                 let _ = shared.items.send(Item::EpochSeen(their_epoch));

@@ -9,6 +9,7 @@
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use backup::replica::{self, ReplicaConfig};
 use sha2::{Digest, Sha256};
+use shared::auth::{LinkAuth, Psk};
 use shared::link::{HandshakeError, LinkConfig, LocalIdentity, WelcomeError};
 use shared::protocol::Role;
 use shared::replica::ReplicaTable;
@@ -24,6 +25,7 @@ use understudy_tests::harness::{Proc, Testbed, is_root, output, testbed_id, wait
 use understudy_tests::netns::Netns;
 use understudy_tests::nginx::{self, NginxOptions};
 use understudy_tests::pattern;
+use understudy_tests::psk;
 use understudy_tests::tempdir::TempDir;
 
 const PRIMARY: &str = env!("CARGO_BIN_EXE_primary");
@@ -163,9 +165,11 @@ fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
-fn primary_args<'a>(repl: &'a str, node: &'a str, iface: &'a str) -> Vec<&'a str> {
+fn primary_args<'a>(repl: &'a str, node: &'a str, iface: &'a str, psk: &'a Path) -> Vec<&'a str> {
     vec![
         PRIMARY,
+        "--psk-file",
+        psk.to_str().expect("temp paths are UTF-8"),
         "--vip",
         "10.0.0.100/24",
         "--iface",
@@ -197,7 +201,8 @@ fn wait_peer(tb: &Bed, want: &str, timeout: Duration) -> Result<serde_json::Valu
 /// Starts the primary binary in `server` with the admin endpoint on 127.0.0.1:9900 and `extra` flags,
 /// and waits until it serves.
 fn start_primary(tb: &Bed, dir: &TempDir, log: &str, extra: &[&str]) -> Result<Proc> {
-    let mut args = primary_args(REPL, NODE, IFACE);
+    let psk = psk::key_file(dir.path())?;
+    let mut args = primary_args(REPL, NODE, IFACE, &psk);
     args.extend(["--admin", "127.0.0.1:9900"]);
     args.extend(extra);
     let started = Instant::now();
@@ -239,8 +244,9 @@ struct Backup {
 impl Backup {
     /// Joins the primary at [`REPL`] as `node` (at `epoch`); with `frozen`, the backup does nothing after
     /// the handshake until [`Backup::unfreeze`].
-    fn join(tb: &Bed, node: &str, epoch: u64, frozen: bool) -> Result<Backup> {
+    fn join(tb: &Bed, psk: &Path, node: &str, epoch: u64, frozen: bool) -> Result<Backup> {
         let ns = tb.ns("spare");
+        let auth = LinkAuth::Psk(Psk::load(psk)?);
         let identity = LocalIdentity::new("understudy", node, Role::Backup, epoch);
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let (unfreeze_tx, unfreeze_rx) = std::sync::mpsc::channel::<()>();
@@ -249,7 +255,7 @@ impl Backup {
             let _inside = Netns::enter(&ns)?;
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let addr: SocketAddr = REPL.parse()?;
-            let config = ReplicaConfig::new(LinkConfig::default());
+            let config = ReplicaConfig::new(LinkConfig { auth, ..LinkConfig::default() });
             let replica = match rt.block_on(replica::join(addr, &identity, &config)) {
                 Ok(r) => r,
                 Err(e) => {
@@ -456,7 +462,7 @@ fn primary_serves_vip_through_the_gate_refuses_second_primary_and_releases_vip_a
     let mut second = tb.spawn(
         "second primary",
         "spare",
-        &primary_args("10.1.0.3:7700", "spare-test", IFACE),
+        &primary_args("10.1.0.3:7700", "spare-test", IFACE, &psk::key_file(dir.path())?),
         &dir.join("second.log"),
     )?;
     let status = second.wait(Duration::from_secs(15))?;
@@ -478,7 +484,7 @@ fn primary_serves_vip_through_the_gate_refuses_second_primary_and_releases_vip_a
     let mut blind = tb.spawn(
         "primary on a missing interface",
         "spare",
-        &primary_args("10.1.0.3:7700", "spare-test", "eth7"),
+        &primary_args("10.1.0.3:7700", "spare-test", "eth7", &psk::key_file(dir.path())?),
         &dir.join("blind.log"),
     )?;
     let status = blind.wait(Duration::from_secs(15))?;
@@ -554,6 +560,8 @@ fn bad_flags_and_bad_config_exit_2_with_one_line_error() -> Result<()> {
         ([&base[..], &["--upstream", "http://origin", "--root", "/"]].concat(), "conflict"),
         (["--vip", "10.0.0.100/24", "--iface", "eth0", "--upstream", "http://o"].to_vec(), "--repl-listen"),
         ([&base[..], &["--root", "/nonexistent-us-node"]].concat(), "--root"),
+        ([&base[..], &["--upstream", "http://o"]].concat(), "--psk-file"),
+        ([&base[..], &["--upstream", "http://o", "--psk-file", "/nonexistent-us-psk"]].concat(), "/nonexistent-us-psk"),
     ];
     for (args, needle) in cases {
         let out = primary_cmd(&args)?;
@@ -615,7 +623,23 @@ fn backup_joins_running_primary_replicates_a_download_and_its_loss_under_load_co
 
     // The backup joins, and stays frozen before applying its snapshot.
     let t = Instant::now();
-    let mut backup = Backup::join(&tb, "backup-test", 0, true)?;
+    // A node with another key is refused, and the primary logs why and from where.
+    let other = psk::write_key(&dir.join("other-psk"))?;
+    match Backup::join(&tb, &other, "backup-wrong-key", 0, false) {
+        Err(e) => match e.downcast_ref::<replica::JoinError>() {
+            Some(replica::JoinError::Handshake { source: source @ HandshakeError::WrongKey { .. }, .. }) => {
+                println!("joiner with another key refused: {source}")
+            }
+            _ => bail!("the joiner with another key failed otherwise: {e:#}"),
+        },
+        Ok(_) => bail!("a joiner with another key was accepted"),
+    }
+    primary.wait_for_log("wrong key", Duration::from_secs(5))?;
+    let line = primary.log_text().lines().find(|l| l.contains("wrong key")).unwrap_or_default().to_owned();
+    ensure!(line.contains("10.1.0.3") && line.contains("backup-wrong-key"), "the primary's log line: {line}");
+    ensure!(status(&tb)?["peer"] == "none", "a refused joiner is not a peer");
+
+    let mut backup = Backup::join(&tb, &psk::key_file(dir.path())?, "backup-test", 0, true)?;
     let syncing = wait_peer(&tb, "syncing", Duration::from_secs(5))?;
     println!("/status after the handshake: peer {} ({:?} after the join began)", syncing["peer"], t.elapsed());
     ensure!(syncing["peer_node"] == "backup-test" && syncing["protected"] == false, "{syncing}");
@@ -715,7 +739,7 @@ fn primary_steps_down_when_another_node_answers_for_the_vip_after_its_backup_is_
     let _nginx = start_nginx(&tb, &dir, &www)?;
     let spare_mac = tb.mac("spare")?;
     let mut primary = start_primary(&tb, &dir, "primary.log", &[])?;
-    let mut backup = Backup::join(&tb, "backup-test", 0, false)?;
+    let mut backup = Backup::join(&tb, &psk::key_file(dir.path())?, "backup-test", 0, false)?;
     wait_peer(&tb, "connected", Duration::from_secs(5))?;
 
     // A download in progress, then another node answers for the VIP and the backup's link ends.
@@ -760,7 +784,7 @@ fn primary_steps_down_when_another_node_answers_for_the_vip_after_its_backup_is_
 
     // A node that has seen a later epoch tries to join: refused, and this primary steps down at once.
     let t = Instant::now();
-    match Backup::join(&tb, "backup-later", 5, false) {
+    match Backup::join(&tb, &psk::key_file(dir.path())?, "backup-later", 5, false) {
         Err(e) => match e.downcast_ref::<replica::JoinError>() {
             Some(replica::JoinError::Handshake {
                 source: HandshakeError::Welcome(WelcomeError::Refused { reason }),

@@ -13,8 +13,8 @@
 //!   if below 251; else a marker byte then little-endian bytes: 251 → `u16`,
 //!   252 → `u32`, 253 → `u64`. `bool`, `u8`: one byte.
 //! * Enum: variant index (varint, in declaration order), then the variant's fields.
-//!   `Handshake`: 0 Hello, 1 Welcome. `Welcome`: 0 Accepted, 1 Refused. `ToBackup`:
-//!   0 Record, 1 Heartbeat. `ToPrimary`: 0 Ack, 1 Heartbeat, 2 TakingOver. `Role`: 0 Primary,
+//!   `Handshake`: 0 Hello, 1 Welcome, 2 AuthHello, 3 AuthWelcome, 4 Proof, 5 Abort. `Welcome`: 0 Accepted,
+//!   1 Refused. `ToBackup`: 0 Record, 1 Heartbeat. `ToPrimary`: 0 Ack, 1 Heartbeat, 2 TakingOver. `Role`: 0 Primary,
 //!   1 Backup. `Dir`: 0 ToServer, 1 ToClient. `Message`: 0 Segment, 1 Reply,
 //!   2 ExchangeStart, 3 Upstream, 4 ExchangeEnd, 5 ConnClosed, 6 SnapshotBegin,
 //!   7 SnapshotConn, 8 SnapshotEnd, 9 Ping, 10 Handover.

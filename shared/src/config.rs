@@ -31,6 +31,7 @@ use std::time::Duration;
 use clap::{Args, Parser, ValueEnum};
 use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
 
+use crate::auth::{LinkAuth, Psk};
 use crate::protocol::Role;
 
 /// TCP port served on the VIP when neither `--port` nor `port` is given.
@@ -126,6 +127,8 @@ impl Setting {
     pub const MAX_FRAME_BYTES: Setting = Setting::key_only("replication.max_frame_bytes");
     pub const ACK_MAX_RECORDS: Setting = Setting::key_only("replication.ack_max_records");
     pub const ACK_MAX_DELAY: Setting = Setting::key_only("replication.ack_max_delay");
+    pub const PSK_FILE: Setting = Setting::new("replication.psk_file", "--psk-file");
+    pub const INSECURE_REPLICATION: Setting = Setting::new("replication.insecure", "--insecure-replication");
 }
 
 impl fmt::Display for Setting {
@@ -716,6 +719,15 @@ pub struct ReplicationConfig {
     /// ack (output commit), so any delay here is added to the client's round trip.
     #[serde(with = "duration_str")]
     pub ack_max_delay: Duration,
+    /// File holding the pre-shared key that authenticates the link: hex, at least 32 digits (16 bytes),
+    /// white space around it ignored, not readable by others (mode 600 or 640). Both nodes need the same key.
+    /// Required unless `insecure` is set; read at start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub psk_file: Option<PathBuf>,
+    /// Run the link without authentication: anyone who reaches the replication port can join as the spare
+    /// (and read every client's bytes) or alter the stream. Only on a network nobody else can reach.
+    /// Default false.
+    pub insecure: bool,
 }
 
 impl Default for ReplicationConfig {
@@ -724,6 +736,8 @@ impl Default for ReplicationConfig {
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             ack_max_records: DEFAULT_ACK_MAX_RECORDS,
             ack_max_delay: DEFAULT_ACK_MAX_DELAY,
+            psk_file: None,
+            insecure: false,
         }
     }
 }
@@ -781,8 +795,12 @@ pub struct NodeConfig {
     pub limits: LimitsConfig,
     /// `[queues]`: NFQUEUE numbers.
     pub queues: QueuesConfig,
-    /// `[replication]`: frame size and ack batching.
+    /// `[replication]`: frame size, ack batching, the key file.
     pub replication: ReplicationConfig,
+    /// The key read from `replication.psk_file` ([`NodeConfig::load`] or [`NodeConfig::load_psk`] reads it;
+    /// never in the file form).
+    #[serde(skip)]
+    pub psk: Option<Psk>,
 }
 
 /// The file layer: the same keys as [`NodeConfig`], each optional so that flags can supply it.
@@ -896,6 +914,16 @@ pub struct CommonArgs {
     /// [key: retry.origin_honours_generated_keys]
     #[arg(long)]
     pub origin_honours_generated_keys: bool,
+    /// File with the pre-shared key that authenticates the replication link, as hex (at least 32 digits; make
+    /// one with `head -c 32 /dev/urandom | xxd -p -c 64`), mode 600. Both nodes need the same key. Required
+    /// unless --insecure-replication. [default: none] [key: replication.psk_file]
+    #[arg(long, value_name = "FILE")]
+    pub psk_file: Option<PathBuf>,
+    /// Run the replication link without authentication: anyone who can reach the replication port can join
+    /// as the spare or alter the stream. Only for a network nobody else reaches. [default: false]
+    /// [key: replication.insecure]
+    #[arg(long)]
+    pub insecure_replication: bool,
 }
 
 /// Command line of `primary`.
@@ -1006,6 +1034,12 @@ impl NodeArgs {
         if a.origin_honours_generated_keys {
             file.retry.origin_honours_generated_keys = true;
         }
+        if a.psk_file.is_some() {
+            file.replication.psk_file.clone_from(&a.psk_file);
+        }
+        if a.insecure_replication {
+            file.replication.insecure = true;
+        }
     }
 }
 
@@ -1023,9 +1057,10 @@ impl NodeConfig {
             None => FileConfig::default(),
         };
         args.apply(&mut file);
-        let config = NodeConfig::resolve(args.role(), file)?;
+        let mut config = NodeConfig::resolve(args.role(), file)?;
         let warnings = config.validate()?;
         config.check_paths()?;
+        config.load_psk()?;
         for warning in warnings {
             tracing::warn!(role = role_name(config.role), "config: {warning}");
         }
@@ -1043,6 +1078,29 @@ impl NodeConfig {
     /// The configuration as a TOML document that [`NodeConfig::from_toml_str`] reads back.
     pub fn to_toml_string(&self) -> String {
         toml::to_string(self).expect("every field of NodeConfig has a TOML form")
+    }
+
+    /// Reads the key named by `replication.psk_file` into [`psk`](Self::psk). Without a key file, refuses
+    /// unless `replication.insecure` is set: the binaries never run an unauthenticated link by default.
+    pub fn load_psk(&mut self) -> Result<(), ConfigError> {
+        match &self.replication.psk_file {
+            Some(path) => {
+                let psk = Psk::load(path).map_err(|e| invalid(Setting::PSK_FILE, e.to_string()))?;
+                self.psk = Some(psk);
+                Ok(())
+            }
+            None if self.replication.insecure => Ok(()),
+            None => Err(ConfigError::Missing {
+                setting: Setting::PSK_FILE,
+                hint: "a file with the pre-shared key both nodes hold (authenticates the replication link), \
+                       or --insecure-replication to run the link without authentication",
+            }),
+        }
+    }
+
+    /// How the replication link authenticates: with the loaded key, else not at all.
+    pub fn link_auth(&self) -> LinkAuth {
+        self.psk.clone().map_or(LinkAuth::Insecure, LinkAuth::Psk)
     }
 
     /// The lease in force: `detection.lease`, or detection time + half the ARP fencing time.
@@ -1079,6 +1137,7 @@ impl NodeConfig {
             limits: file.limits,
             queues: file.queues,
             replication: file.replication,
+            psk: None,
         })
     }
 
@@ -1090,6 +1149,13 @@ impl NodeConfig {
         check_name(&self.node).map_err(|r| invalid(Setting::NODE, r))?;
         let warnings = self.check_timing()?;
         self.check_limits()?;
+        if self.replication.insecure && self.replication.psk_file.is_some() {
+            return Err(conflict(
+                Setting::PSK_FILE,
+                Setting::INSECURE_REPLICATION,
+                "a key file authenticates the link, --insecure-replication turns authentication off: give one".into(),
+            ));
+        }
         Ok(warnings)
     }
 
@@ -1405,7 +1471,7 @@ impl fmt::Display for NodeConfig {
              request_log={} heartbeat_interval={} misses={} detection={} lease={} arp_probes={} arp_timeout={} \
              fence_command={} non_idempotent={} origin_honours_generated_keys={} prompt_retransmit={} \
              max_header_bytes={} max_headers={} header_read_timeout={} idle_timeout={} max_connections={} \
-             queues={}/{} max_frame_bytes={} ack_max_records={} ack_max_delay={}",
+             queues={}/{} max_frame_bytes={} ack_max_records={} ack_max_delay={} psk_file={} insecure_replication={}",
             role_name(self.role),
             self.node,
             self.cluster,
@@ -1436,6 +1502,8 @@ impl fmt::Display for NodeConfig {
             r.max_frame_bytes,
             r.ack_max_records,
             format_duration(r.ack_max_delay),
+            opt(&r.psk_file.as_ref().map(|p| p.display().to_string())),
+            r.insecure,
         )
     }
 }

@@ -187,6 +187,37 @@ pub fn encode_value<T: Serialize>(value: &T, max_frame: usize, dst: &mut BytesMu
     Ok(())
 }
 
+/// Like [`encode_value`], with a trailer appended inside the payload: `seal` gets the encoded value and
+/// returns the trailer (an authentication tag). `seal` is called only once the frame is known to fit
+/// `max_frame`, so a refused frame consumes no tag number. On error `dst` is left as it was.
+pub fn encode_value_sealed<T: Serialize, const N: usize>(
+    value: &T,
+    max_frame: usize,
+    dst: &mut BytesMut,
+    seal: impl FnOnce(&[u8]) -> [u8; N],
+) -> Result<(), EncodeError> {
+    let max_frame = max_frame.min(MAX_FRAME_LIMIT);
+    let start = dst.len();
+    dst.put_bytes(0, HEADER_LEN);
+    let len = match codec::encode_into(value, dst) {
+        Ok(len) => len,
+        Err(e) => {
+            dst.truncate(start);
+            return Err(EncodeError::Payload(e));
+        }
+    };
+    if len + N > max_frame {
+        dst.truncate(start);
+        return Err(EncodeError::Oversized { len: (len + N) as u64, max: max_frame });
+    }
+    let trailer = seal(&dst[start + HEADER_LEN..]);
+    dst.put_slice(&trailer);
+    let crc = crc32fast::hash(&dst[start + HEADER_LEN..]);
+    dst[start..start + 4].copy_from_slice(&((len + N) as u32).to_be_bytes());
+    dst[start + 4..start + HEADER_LEN].copy_from_slice(&crc.to_be_bytes());
+    Ok(())
+}
+
 /// A `tokio_util` codec: decodes frames into `D` messages, encodes any
 /// serializable value into a frame.
 #[derive(Debug)]
@@ -353,6 +384,28 @@ mod tests {
         assert!(matches!(encode_value(&big, 4, &mut buf), Err(EncodeError::Oversized { max: 4, .. })));
         assert_eq!(&buf[..], b"keep", "a failed encode leaves the buffer as it was");
         assert!(encode_value(&big, 64, &mut buf).is_ok());
+    }
+
+    #[test]
+    fn sealed_frame_carries_the_trailer_over_the_encoded_value_inside_the_payload() {
+        let msg = ToPrimary::Ack { upto: 1000 };
+        let mut buf = BytesMut::from(&b"keep"[..]);
+        let mut sealed_over = Vec::new();
+        encode_value_sealed(&msg, 64, &mut buf, |body| {
+            sealed_over = body.to_vec();
+            [0xee; 4]
+        })
+        .unwrap();
+        assert_eq!(sealed_over, codec::encode(&msg).unwrap());
+        let mut wire = buf.split_off(4);
+        let payload = decode(&mut wire, 64).unwrap().unwrap();
+        assert_eq!(&payload[..], &[&sealed_over[..], &[0xee; 4]].concat()[..]);
+
+        // Too long with its trailer: refused before sealing, buffer untouched.
+        let mut buf = BytesMut::from(&b"keep"[..]);
+        let got = encode_value_sealed(&msg, sealed_over.len() + 3, &mut buf, |_| -> [u8; 4] { unreachable!() });
+        assert_eq!(got, Err(EncodeError::Oversized { len: sealed_over.len() as u64 + 4, max: sealed_over.len() + 3 }));
+        assert_eq!(&buf[..], b"keep");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! stream; the same code runs on both nodes.
 
 pub mod admin;
+pub mod auth;
 pub mod codec;
 pub mod config;
 pub mod frame;

@@ -22,6 +22,27 @@
 //!    ToPrimary::Heartbeat { sent_us, echo_us }       ──▶  echo_us: the primary heartbeat being answered, or 0
 //! ```
 //!
+//! With a pre-shared key ([`LinkConfig::auth`], `--psk-file`; protocol 4 on) the handshake proves the key
+//! both ways, and every later frame carries a tag (see `auth` for the derivations):
+//!
+//! ```text
+//!    Handshake::AuthHello { hello, nonce_b }        ──▶
+//!                                                     ◀── Handshake::AuthWelcome { Accepted, nonce_p, proof_p }
+//!                                                         or Welcome(Refused { reason }), then FIN
+//!    Handshake::Proof { proof_b }                   ──▶   (or Abort { reason } if proof_p is wrong, then FIN)
+//!    ─── from here on each frame's payload is [message][HMAC tag over frame number and message] ───
+//! ```
+//!
+//! * Authentication is all or nothing: a primary with a key refuses a plain `Hello` ("no authentication"),
+//!   one without a key refuses an `AuthHello`, and a joining node with a key takes nothing but an
+//!   `AuthWelcome` with a good proof. A wrong key fails the primary's proof at the joining node, which
+//!   logs "wrong key" and tells the primary (`Abort`), which logs it with the peer's address; a joining
+//!   impostor fails its own proof at the primary. A primary before protocol 4 cannot read an `AuthHello`
+//!   and closes the connection, which the joining node reports as such.
+//! * An authenticated link speaks protocol 4 or later. A node without a key still speaks 2..=4 with no
+//!   tags, so an upgrade from a release before 4 can run unauthenticated until both nodes have keys.
+//! * A frame that fails its tag (altered, replayed, reordered, after a lost one) ends the link with
+//!   [`LinkError::Integrity`]. The maximum frame size counts the 32-byte tag.
 //! * Handshake frames are limited to [`HANDSHAKE_MAX_FRAME`], so an unauthenticated
 //!   connection cannot make the primary allocate a full-sized frame. Both handshake
 //!   messages must arrive within `handshake_timeout`.
@@ -61,10 +82,12 @@
 //! [`AckBatcher`]) take time as an argument and do no I/O; the drivers spawned by
 //! [`Accepted::start`] and [`join`] own the socket and the timers.
 
+use crate::auth::{self, IntegrityError, LinkAuth, Opener, Sealer, SessionKeys, TAG_LEN};
 use crate::codec;
 use crate::frame::{self, DecodeError, EncodeError, HEADER_LEN, Parsed};
 use crate::protocol::{
-    Handshake, Hello, MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION, Record, Role, ToBackup, ToPrimary, Welcome,
+    AUTH_VERSION, Handshake, Hello, MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION, Record, Role, ToBackup, ToPrimary,
+    Welcome,
 };
 use bytes::BytesMut;
 use serde::Serialize;
@@ -109,6 +132,9 @@ pub struct LinkConfig {
     pub write_batch: usize,
     /// Time a closing link has to hand its last bytes to the peer.
     pub close_timeout: Duration,
+    /// Authentication: a pre-shared key both nodes hold, or none. Both nodes must agree; the default is
+    /// none, which the binaries allow only when told explicitly (`--insecure-replication`).
+    pub auth: LinkAuth,
 }
 
 impl Default for LinkConfig {
@@ -122,6 +148,7 @@ impl Default for LinkConfig {
             queue: 4096,
             write_batch: 256 << 10,
             close_timeout: Duration::from_secs(2),
+            auth: LinkAuth::Insecure,
         }
     }
 }
@@ -165,6 +192,21 @@ impl LinkConfig {
             return bad("close_timeout", "must be positive".into());
         }
         Ok(())
+    }
+
+    /// The largest message a frame carries: `max_frame` less the tag, when frames carry one.
+    fn max_body(&self) -> usize {
+        if self.auth.is_secure() { self.max_frame - TAG_LEN } else { self.max_frame }
+    }
+
+    /// `local` as this link's authentication has it speak: versions from [`AUTH_VERSION`] when it
+    /// authenticates.
+    fn speaking(&self, local: &LocalIdentity) -> LocalIdentity {
+        let mut local = local.clone();
+        if self.auth.is_secure() {
+            local.min_version = local.min_version.max(AUTH_VERSION);
+        }
+        local
     }
 }
 
@@ -255,12 +297,34 @@ pub enum Refusal {
         "two primaries: {node:?} (epoch {their_epoch}) claims to be primary, and so does this node (epoch {our_epoch})"
     )]
     TwoPrimaries { node: String, our_epoch: u64, their_epoch: u64 },
+    /// This node requires a key, and the joining node sent a plain `Hello`.
+    #[error(
+        "no authentication: the joining node {node:?} sent no proof of a key, and this node requires the \
+         pre-shared key (give both nodes the same --psk-file; a node before protocol 4 cannot authenticate)"
+    )]
+    NoAuthentication { node: String },
+    /// The joining node authenticates, and this node runs without a key.
+    #[error(
+        "the joining node {node:?} authenticates with a pre-shared key, but this node runs with \
+         --insecure-replication: give both nodes the same --psk-file, or both --insecure-replication"
+    )]
+    NotAuthenticating { node: String },
     /// The joining node has seen a later epoch: this primary is stale and must step down.
     #[error(
         "joining node {node:?} is at epoch {their_epoch}, ahead of this primary's epoch {our_epoch}: \
          this primary is stale and must step down"
     )]
     PeerEpochAhead { node: String, our_epoch: u64, their_epoch: u64 },
+}
+
+/// Decides whether the primary accepts a joining node that authenticates (`offered`) or not, when this
+/// node requires authentication (`required`) or not. Checked before [`check_hello`].
+pub fn check_auth(offered: bool, required: bool, node: &str) -> Result<(), Refusal> {
+    match (offered, required) {
+        (false, true) => Err(Refusal::NoAuthentication { node: node.to_owned() }),
+        (true, false) => Err(Refusal::NotAuthenticating { node: node.to_owned() }),
+        _ => Ok(()),
+    }
 }
 
 /// Decides whether the primary (`local`) accepts the joining node's `hello`, and if
@@ -308,6 +372,9 @@ pub enum WelcomeError {
     /// The primary chose a version outside this node's range.
     #[error("the primary chose protocol version {version}, outside this node's {min}..={max}")]
     VersionOutOfRange { version: u16, min: u16, max: u16 },
+    /// This node requires a key and the primary accepted without proving one.
+    #[error("the primary {node:?} accepted without proving the pre-shared key; refusing an unauthenticated link")]
+    NotAuthenticated { node: String },
     /// The primary's epoch is below this node's: a stream from it must not be accepted.
     #[error("the primary {node:?} is at epoch {theirs}, behind this node's epoch {ours}")]
     StaleEpoch { node: String, ours: u64, theirs: u64 },
@@ -568,6 +635,24 @@ pub enum HandshakeError {
     /// The peer closed the connection before sending its handshake frame.
     #[error("peer closed the connection during the handshake")]
     Closed,
+    /// The primary closed the connection instead of answering this node's authenticated hello.
+    #[error(
+        "the primary closed the connection without answering the authenticated hello: a primary before \
+         protocol 4 cannot authenticate (upgrade it, or run both nodes with --insecure-replication); \
+         else see the primary's log"
+    )]
+    ClosedOnAuthHello,
+    /// The peer's proof does not match this node's key.
+    #[error(
+        "wrong key: {peer}'s proof does not match this node's pre-shared key (both nodes need the same --psk-file)"
+    )]
+    WrongKey { peer: String },
+    /// The joining node gave up the handshake, and said why.
+    #[error("the joining node {peer:?} gave up the handshake: {reason}")]
+    PeerAborted { peer: String, reason: String },
+    /// No nonce could be drawn from the kernel.
+    #[error("cannot draw a handshake nonce: {0}")]
+    Nonce(getrandom::Error),
     /// The peer's bytes are not a valid handshake frame.
     #[error("handshake frame: {0}")]
     Frame(#[from] DecodeError),
@@ -601,6 +686,9 @@ pub enum LinkError {
     /// A message could not be framed for sending.
     #[error("cannot send: {0}")]
     Encode(#[from] EncodeError),
+    /// A frame failed its authentication tag: altered, replayed, reordered, or after a lost frame.
+    #[error("replication frame failed authentication: {0}")]
+    Integrity(#[from] IntegrityError),
     /// The stream's rules were broken (gap, epoch regression, impossible ack or apply).
     #[error("replication stream: {0}")]
     Stream(#[from] StreamError),
@@ -777,27 +865,28 @@ pub struct Accepted<S> {
     peer: PeerInfo,
     local: LocalIdentity,
     cfg: LinkConfig,
+    keys: Option<SessionKeys>,
 }
 
-/// Primary side: reads the joining node's `Hello`, decides with [`check_hello`], and
-/// answers. On refusal the peer is told why, the reason is logged, and the
-/// connection is closed.
+/// Primary side: reads the joining node's `Hello` or `AuthHello`, decides with [`check_auth`] and
+/// [`check_hello`], and answers; with a key, proves it and checks the joining node's proof. On refusal the
+/// peer is told why, the reason is logged, and the connection is closed.
 pub async fn accept<S>(mut stream: S, local: &LocalIdentity, cfg: &LinkConfig) -> Result<Accepted<S>, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     cfg.validate()?;
+    let speaking = cfg.speaking(local);
     let exchange = async {
-        let hello = match read_frame::<_, Handshake>(&mut stream, HANDSHAKE_MAX_FRAME).await? {
-            Handshake::Hello(hello) => hello,
-            Handshake::Welcome(_) => return Err(HandshakeError::Unexpected { expected: "Hello" }),
+        let (hello, nonce_b) = match read_frame::<_, Handshake>(&mut stream, HANDSHAKE_MAX_FRAME).await? {
+            Handshake::Hello(hello) => (hello, None),
+            Handshake::AuthHello { hello, nonce } => (hello, Some(nonce)),
+            _ => return Err(HandshakeError::Unexpected { expected: "Hello" }),
         };
-        match check_hello(&hello, local) {
-            Ok(version) => {
-                let welcome = Welcome::Accepted { version, node: local.node.clone(), epoch: local.epoch };
-                write_frame(&mut stream, &Handshake::Welcome(welcome)).await?;
-                Ok(PeerInfo { node: hello.node, role: hello.role, epoch: hello.epoch, version })
-            }
+        let decided = check_auth(nonce_b.is_some(), cfg.auth.is_secure(), &hello.node)
+            .and_then(|()| check_hello(&hello, &speaking));
+        let version = match decided {
+            Ok(version) => version,
             Err(refusal) => {
                 warn!(role = "primary", epoch = local.epoch, peer = %hello.node, reason = %refusal,
                     "refusing replication peer");
@@ -805,17 +894,37 @@ where
                 write_frame(&mut stream, &Handshake::Welcome(welcome)).await?;
                 // FIN after the reason, so the peer reads it before the end of stream.
                 let _ = stream.shutdown().await;
-                Err(HandshakeError::Refused(refusal))
+                return Err(HandshakeError::Refused(refusal));
             }
+        };
+        let welcome = Welcome::Accepted { version, node: local.node.clone(), epoch: local.epoch };
+        let peer = PeerInfo { node: hello.node.clone(), role: hello.role, epoch: hello.epoch, version };
+        let (LinkAuth::Psk(psk), Some(nonce_b)) = (&cfg.auth, nonce_b) else {
+            write_frame(&mut stream, &Handshake::Welcome(welcome)).await?;
+            return Ok((peer, None));
+        };
+        let nonce_b: auth::Nonce =
+            nonce_b.try_into().map_err(|_| HandshakeError::Unexpected { expected: "a 32-byte nonce" })?;
+        let nonce_p = auth::nonce().map_err(HandshakeError::Nonce)?;
+        let keys = SessionKeys::derive(psk, auth::transcript(&hello, &nonce_b, &welcome, &nonce_p));
+        let proof = keys.proof(Role::Primary).to_vec();
+        write_frame(&mut stream, &Handshake::AuthWelcome { welcome, nonce: nonce_p.to_vec(), proof }).await?;
+        match read_frame::<_, Handshake>(&mut stream, HANDSHAKE_MAX_FRAME).await? {
+            Handshake::Proof { proof } => match keys.verify_proof(Role::Backup, &proof) {
+                Ok(()) => Ok((peer, Some(keys))),
+                Err(_) => Err(HandshakeError::WrongKey { peer: format!("joining node {:?}", hello.node) }),
+            },
+            Handshake::Abort { reason } => Err(HandshakeError::PeerAborted { peer: hello.node, reason }),
+            _ => Err(HandshakeError::Unexpected { expected: "Proof" }),
         }
     };
-    let peer = match tokio::time::timeout(cfg.handshake_timeout, exchange).await {
+    let (peer, keys) = match tokio::time::timeout(cfg.handshake_timeout, exchange).await {
         Ok(result) => result?,
         Err(_) => return Err(HandshakeError::Timeout(cfg.handshake_timeout)),
     };
     info!(role = "primary", epoch = local.epoch, peer = %peer.node, peer_epoch = peer.epoch, version = peer.version,
-        "replication peer accepted");
-    Ok(Accepted { stream, peer, local: local.clone(), cfg: cfg.clone() })
+        authenticated = keys.is_some(), "replication peer accepted");
+    Ok(Accepted { stream, peer, local: local.clone(), cfg: cfg.clone(), keys })
 }
 
 impl<S> Accepted<S>
@@ -829,28 +938,62 @@ where
 
     /// Starts streaming: the first message sent gets `first_seq`.
     pub fn start(self, first_seq: NonZeroU64) -> PrimaryLink {
-        PrimaryLink::spawn(self.stream, self.peer, self.local, self.cfg, first_seq)
+        PrimaryLink::spawn(self.stream, self.peer, self.local, self.cfg, first_seq, self.keys)
     }
 }
 
-/// Backup side: sends this node's `Hello`, reads the primary's `Welcome` and checks
-/// it with [`check_welcome`], then starts receiving. A refusal is logged with the
-/// primary's reason and returned as [`WelcomeError::Refused`].
+/// Backup side: sends this node's `Hello` (`AuthHello` with a key), reads the primary's `Welcome` and
+/// checks it with [`check_welcome`] (with a key: the primary's proof, then sends its own), then starts
+/// receiving. A refusal is logged with the primary's reason and returned as [`WelcomeError::Refused`].
 pub async fn join<S>(mut stream: S, local: &LocalIdentity, cfg: &LinkConfig) -> Result<BackupLink, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     cfg.validate()?;
+    let speaking = cfg.speaking(local);
     let exchange = async {
-        write_frame(&mut stream, &Handshake::Hello(local.hello())).await?;
-        let welcome = match read_frame::<_, Handshake>(&mut stream, HANDSHAKE_MAX_FRAME).await? {
-            Handshake::Welcome(welcome) => welcome,
-            Handshake::Hello(_) => return Err(HandshakeError::Unexpected { expected: "Welcome" }),
+        let LinkAuth::Psk(psk) = &cfg.auth else {
+            write_frame(&mut stream, &Handshake::Hello(speaking.hello())).await?;
+            let welcome = match read_frame::<_, Handshake>(&mut stream, HANDSHAKE_MAX_FRAME).await? {
+                Handshake::Welcome(welcome) => welcome,
+                _ => return Err(HandshakeError::Unexpected { expected: "Welcome" }),
+            };
+            return Ok((check_welcome(&welcome, &speaking)?, None));
         };
-        Ok(check_welcome(&welcome, local)?)
+        let hello = speaking.hello();
+        let nonce_b = auth::nonce().map_err(HandshakeError::Nonce)?;
+        write_frame(&mut stream, &Handshake::AuthHello { hello: hello.clone(), nonce: nonce_b.to_vec() }).await?;
+        let answer = match read_frame::<_, Handshake>(&mut stream, HANDSHAKE_MAX_FRAME).await {
+            Err(HandshakeError::Closed) => return Err(HandshakeError::ClosedOnAuthHello),
+            other => other?,
+        };
+        let (welcome, nonce_p, proof) = match answer {
+            Handshake::AuthWelcome { welcome, nonce, proof } => (welcome, nonce, proof),
+            Handshake::Welcome(welcome) => {
+                // A refusal is taken as the reason; an acceptance without a proof is refused here.
+                let peer = check_welcome(&welcome, &speaking)?;
+                return Err(WelcomeError::NotAuthenticated { node: peer.node }.into());
+            }
+            _ => return Err(HandshakeError::Unexpected { expected: "Welcome" }),
+        };
+        let peer = check_welcome(&welcome, &speaking)?;
+        let nonce_p: auth::Nonce =
+            nonce_p.try_into().map_err(|_| HandshakeError::Unexpected { expected: "a 32-byte nonce" })?;
+        let keys = SessionKeys::derive(psk, auth::transcript(&hello, &nonce_b, &welcome, &nonce_p));
+        if keys.verify_proof(Role::Primary, &proof).is_err() {
+            let reason = format!(
+                "wrong key: the primary's proof does not match the pre-shared key of joining node {:?}",
+                local.node
+            );
+            let _ = write_frame(&mut stream, &Handshake::Abort { reason }).await;
+            let _ = stream.shutdown().await;
+            return Err(HandshakeError::WrongKey { peer: format!("the primary {:?}", peer.node) });
+        }
+        write_frame(&mut stream, &Handshake::Proof { proof: keys.proof(Role::Backup).to_vec() }).await?;
+        Ok((peer, Some(keys)))
     };
-    let peer = match tokio::time::timeout(cfg.handshake_timeout, exchange).await {
-        Ok(Ok(peer)) => peer,
+    let (peer, keys) = match tokio::time::timeout(cfg.handshake_timeout, exchange).await {
+        Ok(Ok(joined)) => joined,
         Ok(Err(e)) => {
             warn!(role = "backup", epoch = local.epoch, error = %e, "joining the primary failed");
             return Err(e);
@@ -858,8 +1001,8 @@ where
         Err(_) => return Err(HandshakeError::Timeout(cfg.handshake_timeout)),
     };
     info!(role = "backup", epoch = local.epoch, peer = %peer.node, peer_epoch = peer.epoch, version = peer.version,
-        "joined the primary");
-    Ok(BackupLink::spawn(stream, peer, local.clone(), cfg.clone()))
+        authenticated = keys.is_some(), "joined the primary");
+    Ok(BackupLink::spawn(stream, peer, local.clone(), cfg.clone(), keys))
 }
 
 async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(w: &mut W, value: &T) -> Result<(), HandshakeError> {
@@ -1003,7 +1146,14 @@ pub struct PrimaryLink {
 }
 
 impl PrimaryLink {
-    fn spawn<S>(stream: S, peer: PeerInfo, local: LocalIdentity, cfg: LinkConfig, first_seq: NonZeroU64) -> Self
+    fn spawn<S>(
+        stream: S,
+        peer: PeerInfo,
+        local: LocalIdentity,
+        cfg: LinkConfig,
+        first_seq: NonZeroU64,
+        keys: Option<SessionKeys>,
+    ) -> Self
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
@@ -1018,9 +1168,11 @@ impl PrimaryLink {
             shared: Arc::new(SenderShared {
                 next: Mutex::new(first_seq.get()),
                 epoch: local.epoch,
-                max_frame: cfg.max_frame,
+                max_frame: cfg.max_body(),
             }),
         };
+        let sealer = keys.as_ref().map(|k| k.sealer(Role::Primary));
+        let opener = keys.as_ref().map(|k| k.opener(Role::Primary));
         let driver = PrimaryDriver {
             cfg,
             epoch: local.epoch,
@@ -1035,8 +1187,8 @@ impl PrimaryLink {
         let peer_name = peer.node.clone();
         let task = tokio::spawn(async move {
             let result = tokio::select! {
-                r = driver.read(reader) => r,
-                w = driver.write(writer, rx, token) => w,
+                r = driver.read(reader, opener) => r,
+                w = driver.write(writer, rx, token, sealer) => w,
             };
             log_end("primary", driver.epoch, &peer_name, &result);
             result
@@ -1114,11 +1266,11 @@ struct PrimaryDriver {
 }
 
 impl PrimaryDriver {
-    async fn read<S: AsyncRead>(&self, mut reader: ReadHalf<S>) -> Result<(), LinkError> {
+    async fn read<S: AsyncRead>(&self, mut reader: ReadHalf<S>, mut opener: Option<Opener>) -> Result<(), LinkError> {
         let mut buf = BytesMut::with_capacity(8 << 10);
         loop {
             while let Some(payload) = frame::decode(&mut buf, self.cfg.max_frame)? {
-                let msg: ToPrimary = codec::decode(&payload).map_err(DecodeError::Payload)?;
+                let msg: ToPrimary = decode_message(&payload, &mut opener)?;
                 match msg {
                     ToPrimary::Ack { upto } => {
                         if lock(&self.book).handle_ack(upto)? {
@@ -1150,6 +1302,7 @@ impl PrimaryDriver {
         mut writer: WriteHalf<S>,
         mut rx: mpsc::Receiver<Record>,
         cancel: CancellationToken,
+        mut sealer: Option<Sealer>,
     ) -> Result<(), LinkError> {
         const RECV_BATCH: usize = 512;
         let mut tick = heartbeat_timer(self.cfg.heartbeat_interval);
@@ -1162,11 +1315,11 @@ impl PrimaryDriver {
                 _ = cancel.cancelled() => closing = true,
                 _ = tick.tick() => {
                     let hb = ToBackup::Heartbeat { sent_us: clock_us(self.base, Instant::now()), epoch: self.epoch };
-                    frame::encode_value(&hb, self.cfg.max_frame, &mut buf)?;
+                    encode_message(&hb, self.cfg.max_frame, &mut sealer, &mut buf)?;
                 }
                 n = rx.recv_many(&mut batch, RECV_BATCH) => {
                     closing = n == 0;
-                    self.encode_records(&mut batch, &mut buf)?;
+                    self.encode_records(&mut batch, &mut sealer, &mut buf)?;
                 }
             }
             // Gather more while more is queued and the batch is small; write once.
@@ -1191,7 +1344,7 @@ impl PrimaryDriver {
                     rx.close();
                     while let Some(rec) = rx.recv().await {
                         batch.push(rec);
-                        self.encode_records(&mut batch, &mut buf)?;
+                        self.encode_records(&mut batch, &mut sealer, &mut buf)?;
                         if buf.len() >= self.cfg.write_batch {
                             writer.write_all_buf(&mut buf).await?;
                         }
@@ -1205,11 +1358,16 @@ impl PrimaryDriver {
         }
     }
 
-    fn encode_records(&self, batch: &mut Vec<Record>, buf: &mut BytesMut) -> Result<(), LinkError> {
+    fn encode_records(
+        &self,
+        batch: &mut Vec<Record>,
+        sealer: &mut Option<Sealer>,
+        buf: &mut BytesMut,
+    ) -> Result<(), LinkError> {
         let mut book = lock(&self.book);
         for rec in batch.drain(..) {
             book.handle_sent(rec.seq)?;
-            frame::encode_value(&ToBackup::Record(rec), self.cfg.max_frame, buf)?;
+            encode_message(&ToBackup::Record(rec), self.cfg.max_frame, sealer, buf)?;
         }
         Ok(())
     }
@@ -1264,7 +1422,7 @@ struct BackupShared {
 }
 
 impl BackupLink {
-    fn spawn<S>(stream: S, peer: PeerInfo, local: LocalIdentity, cfg: LinkConfig) -> Self
+    fn spawn<S>(stream: S, peer: PeerInfo, local: LocalIdentity, cfg: LinkConfig, keys: Option<SessionKeys>) -> Self
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
@@ -1279,6 +1437,8 @@ impl BackupLink {
             taking_over: None,
         }));
         let wake_writer = Arc::new(Notify::new());
+        let sealer = keys.as_ref().map(|k| k.sealer(Role::Backup));
+        let opener = keys.as_ref().map(|k| k.opener(Role::Backup));
         let driver = BackupDriver {
             shared: shared.clone(),
             wake_writer: wake_writer.clone(),
@@ -1293,8 +1453,8 @@ impl BackupLink {
         let epoch = local.epoch;
         let task = tokio::spawn(async move {
             let result = tokio::select! {
-                r = driver.read(reader, records_tx) => r,
-                w = driver.write(writer, applied_rx, token) => w,
+                r = driver.read(reader, records_tx, opener) => r,
+                w = driver.write(writer, applied_rx, token, sealer) => w,
             };
             log_end("backup", epoch, &peer_name, &result);
             result
@@ -1392,11 +1552,12 @@ impl BackupDriver {
         &self,
         mut reader: ReadHalf<S>,
         records: mpsc::Sender<Record>,
+        mut opener: Option<Opener>,
     ) -> Result<(), LinkError> {
         let mut buf = BytesMut::with_capacity(64 << 10);
         loop {
             while let Some(payload) = frame::decode(&mut buf, self.cfg.max_frame)? {
-                let msg: ToBackup = codec::decode(&payload).map_err(DecodeError::Payload)?;
+                let msg: ToBackup = decode_message(&payload, &mut opener)?;
                 match msg {
                     ToBackup::Record(rec) => {
                         lock(&self.book).handle_record(rec.seq, rec.epoch)?;
@@ -1437,6 +1598,7 @@ impl BackupDriver {
         mut writer: WriteHalf<S>,
         mut applied: watch::Receiver<u64>,
         cancel: CancellationToken,
+        mut sealer: Option<Sealer>,
     ) -> Result<(), LinkError> {
         let mut tick = heartbeat_timer(self.cfg.heartbeat_interval);
         let mut buf = BytesMut::with_capacity(256);
@@ -1464,15 +1626,16 @@ impl BackupDriver {
                 // Closing, everything applied is acknowledged below, just before the FIN.
                 let ack = if closing { None } else { shared.batcher.poll_ack(now) };
                 if let Some(upto) = ack {
-                    frame::encode_value(&ToPrimary::Ack { upto }, self.cfg.max_frame, &mut buf)?;
+                    encode_message(&ToPrimary::Ack { upto }, self.cfg.max_frame, &mut sealer, &mut buf)?;
                 }
                 if let Some((seq, repl_listen)) = shared.taking_over.take() {
-                    frame::encode_value(&ToPrimary::TakingOver { seq, repl_listen }, self.cfg.max_frame, &mut buf)?;
+                    let taking_over = ToPrimary::TakingOver { seq, repl_listen };
+                    encode_message(&taking_over, self.cfg.max_frame, &mut sealer, &mut buf)?;
                 }
                 let echo = shared.echo.take();
                 if echo.is_some() || heartbeat_due {
                     let hb = ToPrimary::Heartbeat { sent_us: clock_us(self.base, now), echo_us: echo.unwrap_or(0) };
-                    frame::encode_value(&hb, self.cfg.max_frame, &mut buf)?;
+                    encode_message(&hb, self.cfg.max_frame, &mut sealer, &mut buf)?;
                     if echo.is_some() {
                         // An answer is a heartbeat: the next own one is due an interval later.
                         tick.reset();
@@ -1498,7 +1661,7 @@ impl BackupDriver {
                         shared.batcher.flush()
                     };
                     if let Some(upto) = ack {
-                        frame::encode_value(&ToPrimary::Ack { upto }, self.cfg.max_frame, &mut buf)?;
+                        encode_message(&ToPrimary::Ack { upto }, self.cfg.max_frame, &mut sealer, &mut buf)?;
                     }
                     writer.write_all_buf(&mut buf).await?;
                     writer.shutdown().await?;
@@ -1513,6 +1676,28 @@ impl BackupDriver {
 // ---------------------------------------------------------------------------------
 // Shared driver helpers
 // ---------------------------------------------------------------------------------
+
+/// Appends the frame of `msg`, tagged when the link authenticates.
+fn encode_message<T: Serialize>(
+    msg: &T,
+    max_frame: usize,
+    sealer: &mut Option<Sealer>,
+    buf: &mut BytesMut,
+) -> Result<(), EncodeError> {
+    match sealer {
+        None => frame::encode_value(msg, max_frame, buf),
+        Some(sealer) => frame::encode_value_sealed(msg, max_frame, buf, |body| sealer.seal(body)),
+    }
+}
+
+/// The message in a frame's `payload`, whose tag is checked first when the link authenticates.
+fn decode_message<T: DeserializeOwned>(payload: &[u8], opener: &mut Option<Opener>) -> Result<T, LinkError> {
+    let body = match opener {
+        None => payload,
+        Some(opener) => opener.open(payload)?,
+    };
+    Ok(codec::decode(body).map_err(DecodeError::Payload)?)
+}
 
 /// Reads more bytes into `buf`. End of stream between frames is `PeerClosed`; inside
 /// a frame it is a truncated frame.

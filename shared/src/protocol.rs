@@ -17,14 +17,17 @@ use serde::{Deserialize, Serialize};
 use std::net::SocketAddrV4;
 use tcp_replay::Dir;
 
-/// Protocol version this build speaks (3: planned switchover, [`Message::Handover`] and
-/// [`ToPrimary::TakingOver`]).
-pub const PROTOCOL_VERSION: u16 = 3;
+/// Protocol version this build speaks (4: the authenticated handshake, [`Handshake::AuthHello`] and what
+/// follows it, and tagged frames; 3: planned switchover, [`Message::Handover`] and [`ToPrimary::TakingOver`]).
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Oldest peer version this build can work with (2: snapshot states in parts). A link at version 2
 /// works in full except for the planned switchover, which the primary then refuses with the reason.
 pub const MIN_PROTOCOL_VERSION: u16 = 2;
 /// First version with the planned switchover.
 pub const HANDOVER_VERSION: u16 = 3;
+/// First version that can authenticate. An authenticated link speaks this version or a later one; a peer
+/// before it can only link with a node run with `--insecure-replication`.
+pub const AUTH_VERSION: u16 = 4;
 
 /// Identifies a client connection: the client's address and the VIP:port it reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -177,9 +180,44 @@ pub enum ToPrimary {
     TakingOver { seq: u64, repl_listen: SocketAddrV4 },
 }
 
-/// Frames of the handshake.
+/// Frames of the handshake. Variants are only ever appended: a node before version 4 reads the first two,
+/// and cannot read an `AuthHello` (it closes the connection).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Handshake {
+    /// Joining without authentication (`--insecure-replication`, or a node before version 4).
     Hello(Hello),
+    /// The primary's answer to a `Hello`, and any refusal.
     Welcome(Welcome),
+    /// Joining with a pre-shared key (version 4 on): the hello and the joining node's fresh nonce.
+    AuthHello {
+        hello: Hello,
+        #[serde(with = "crate::codec::bytes")]
+        nonce: Vec<u8>,
+    },
+    /// The primary accepts an `AuthHello`: its welcome (always `Accepted`), its nonce, and its proof of the
+    /// key over the transcript (see `auth`).
+    AuthWelcome {
+        welcome: Welcome,
+        #[serde(with = "crate::codec::bytes")]
+        nonce: Vec<u8>,
+        #[serde(with = "crate::codec::bytes")]
+        proof: Vec<u8>,
+    },
+    /// The joining node's proof of the key; the link starts after it.
+    Proof {
+        #[serde(with = "crate::codec::bytes")]
+        proof: Vec<u8>,
+    },
+    /// The joining node gives up the handshake and says why (the primary's proof did not match its key).
+    Abort { reason: String },
+}
+
+impl Handshake {
+    /// The hello of a `Hello` or `AuthHello`.
+    pub fn hello(&self) -> Option<&Hello> {
+        match self {
+            Handshake::Hello(hello) | Handshake::AuthHello { hello, .. } => Some(hello),
+            _ => None,
+        }
+    }
 }

@@ -42,6 +42,7 @@ const PRIMARY_FLAGS: &[&str] = &[
     "10.1.0.2:7700",
     "--upstream",
     "http://10.2.0.10:8080",
+    "--insecure-replication",
 ];
 
 fn primary(extra: &[&str]) -> Result<NodeConfig, ConfigError> {
@@ -181,6 +182,7 @@ outbound = 11
 max_frame_bytes = 1048576
 ack_max_records = 8
 ack_max_delay = "2ms"
+insecure = true
 "#,
         www.display(),
         dir.path().join("requests.jsonl").display()
@@ -207,6 +209,7 @@ ack_max_delay = "2ms"
     assert_eq!((config.limits.max_header_bytes, config.limits.max_connections), (16384, 20));
     assert_eq!((config.queues.inbound, config.queues.outbound), (10, 11));
     assert_eq!(config.replication.ack_max_delay, Duration::from_millis(2));
+    assert!(config.replication.insecure);
 }
 
 #[test]
@@ -233,6 +236,7 @@ fn flags_override_the_file_key_by_key() {
         "--origin-honours-generated-keys",
         "--node",
         "flag-node",
+        "--insecure-replication",
     ];
     let config = NodeConfig::load(PrimaryArgs::parse_from(args)).expect("loads");
     assert_eq!(config.port, 81, "flag wins");
@@ -495,6 +499,8 @@ fn every_flag_maps_to_the_key_its_errors_name() {
         Setting::LEASE,
         Setting::NON_IDEMPOTENT,
         Setting::ORIGIN_HONOURS_GENERATED_KEYS,
+        Setting::PSK_FILE,
+        Setting::INSECURE_REPLICATION,
     ];
     let command = BackupArgs::command();
     for setting in settings {
@@ -591,4 +597,59 @@ fn summary_line_shows_the_effective_settings() {
         assert!(line.contains(words), "summary lacks {words:?}: {line}");
     }
     assert!(!line.contains('\n'), "one line: {line}");
+}
+
+/// Flags of a primary with neither a key nor --insecure-replication.
+fn primary_without_auth(extra: &[&str]) -> Result<NodeConfig, ConfigError> {
+    let args: Vec<&str> =
+        PRIMARY_FLAGS.iter().filter(|f| **f != "--insecure-replication").chain(extra).copied().collect();
+    NodeConfig::load(PrimaryArgs::try_parse_from(args).expect("flags parse"))
+}
+
+fn private_file(dir: &Scratch, name: &str, text: &str, mode: u32) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.file(name, text);
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    path.display().to_string()
+}
+
+#[test]
+fn a_node_without_a_key_refuses_to_start_unless_told_insecure() {
+    let err = primary_without_auth(&[]).unwrap_err();
+    assert!(matches!(err, ConfigError::Missing { setting: Setting::PSK_FILE, .. }), "{err}");
+    assert!(err.to_string().contains("--insecure-replication"), "{err}");
+    let config = primary(&[]).expect("insecure, explicitly");
+    assert!(config.replication.insecure);
+    assert_eq!(config.link_auth(), shared::auth::LinkAuth::Insecure);
+}
+
+#[test]
+fn a_key_file_is_read_at_load_and_bad_ones_are_refused_with_the_reason() {
+    let dir = Scratch::new();
+    let key = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+    let good = private_file(&dir, "psk", &format!("{key}\n"), 0o600);
+    let config = primary_without_auth(&["--psk-file", &good]).expect("a good key");
+    assert!(config.link_auth().is_secure());
+    assert!(!format!("{config:?} {config}").contains(key), "the key is never printed");
+
+    let text = |r: Result<NodeConfig, ConfigError>| r.unwrap_err().to_string();
+    let open = private_file(&dir, "open", key, 0o644);
+    let e = text(primary_without_auth(&["--psk-file", &open]));
+    assert!(e.contains("--psk-file") && e.contains("readable by other users") && e.contains("0644"), "{e}");
+    let short = private_file(&dir, "short", "0011223344", 0o600);
+    let e = text(primary_without_auth(&["--psk-file", &short]));
+    assert!(e.contains("5 bytes of key; at least 16"), "{e}");
+    let not_hex = private_file(&dir, "b64", "ABEiM0RVZneImaq7zN3u/wARIjNEVWZ3iJmqu8zd7v8=", 0o600);
+    let e = text(primary_without_auth(&["--psk-file", &not_hex]));
+    assert!(e.contains("not a hex digit"), "{e}");
+    let absent = dir.path().join("absent").display().to_string();
+    let e = text(primary_without_auth(&["--psk-file", &absent]));
+    assert!(e.contains("cannot read the pre-shared key file") && e.contains("absent"), "{e}");
+    let e = text(primary(&["--psk-file", &good]));
+    assert!(e.contains("conflict"), "{e}");
+
+    // The file's key works the same way as the flag.
+    let file = dir.file("node.toml", &file_text(&[], &format!("[replication]\npsk_file = {good:?}\n")));
+    let config = primary_without_auth(&["--config", &file.display().to_string()]).expect("key from the file");
+    assert_eq!(config.psk, primary_without_auth(&["--psk-file", &good]).unwrap().psk);
 }

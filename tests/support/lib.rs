@@ -11,6 +11,7 @@
 //! * [`app`], [`derive`], [`takeover`]: the `us-testapp` application and the kernel takeover tests
 //!   (`tests/takeover.rs`); [`pair`]: the replicated pair in a test bed (`tests/pair.rs`), roles moving
 //!   between its hosts across failovers; [`load`]: a steady keep-alive load with every body checked.
+//! * [`psk`]: replication key files for tests that run real nodes.
 //! * [`tool`]: what the `us-demo` and `us-scale` tools share (clean stop on SIGINT, exit status, progress).
 //! * [`bench_load`]: the benchmark's load clients (`us-bench`: throughput over time, stalls, resets; idle
 //!   connections for a takeover's scale); [`plot`]: SVG line plots for its report.
@@ -32,6 +33,7 @@ pub mod nginx;
 pub mod pair;
 pub mod pattern;
 pub mod plot;
+pub mod psk;
 #[cfg(target_os = "linux")]
 pub mod takeover;
 pub mod tempdir;

@@ -210,6 +210,9 @@ impl Pair {
         if let Some(join) = join {
             args.extend(["--join".into(), join.into()]);
         }
+        // Both nodes read the same key file, as the README sets up a pair; restarted nodes read it again.
+        let psk = crate::psk::key_file(&self.dir.0)?;
+        args.extend(["--psk-file".into(), psk.to_str().context("path")?.into()]);
         args.extend(self.opts.node_flags.iter().cloned());
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         self.node_logs.push(stem.to_string());
