@@ -10,8 +10,11 @@
 //!    then `connected`.
 //! 3. Feed the [`Detector`] what the link heard; on [`Action::Fence`] probe the VIP with ARP (and run
 //!    the operator's fence command when configured). A stand-down (the primary's process still answers
-//!    for the VIP) raises an alarm and the node rejoins. Until the snapshot is applied the detector
-//!    waits longer for silence; a primary gone before that is taken over from without its connections.
+//!    for the VIP) raises an alarm (`/status` `alarm`, `understudy_stand_downs_total`), kept until the
+//!    primary is heard again or a rejoin syncs; a broken link is rejoined, a silent one watched and
+//!    fenced again every recheck interval. Until the snapshot is applied the detector waits longer for
+//!    silence; a primary gone before that is taken over from without its connections, and so is one
+//!    that a fence found alive after the link was lost (it served on without this replica).
 //!
 //! Takeover, in order (each step logged and timed):
 //! hold VIP:port segments → stop the replica and take its table → add the VIP → start the gate (it
@@ -22,7 +25,7 @@
 //! ([`crate::prompt`]) → serve as primary at the next epoch (`primary::node::serve_after_takeover`),
 //! resuming each restored connection's exchange in flight ([`crate::resume`]).
 
-use crate::detector::{Action, Detector, DetectorConfig, FenceResult};
+use crate::detector::{Action, Alarm, Detector, DetectorConfig, FenceResult, SuspectReason};
 use crate::prompt::{self, Prompt};
 use crate::replica::{self, Replica, ReplicaConfig};
 use crate::resume::{self, Restored};
@@ -160,7 +163,8 @@ async fn run_in_span(
 enum Watched {
     Shutdown,
     Rejoin(String),
-    /// The record, and whether the replica is synced (its table usable).
+    /// The record, and whether the replica's table is usable (synced, and not left behind by a primary
+    /// that served on after the link was lost).
     TakeOver(crate::detector::FailoverRecord, bool),
 }
 
@@ -220,6 +224,11 @@ async fn watch_primary(
     let mut fed = liveness.last_heard();
     let mut synced = false;
     let mut link_down = false;
+    // Why the primary is suspected in the current episode, for the alarm.
+    let mut suspected: Option<SuspectReason> = None;
+    // Set once a fence found the primary alive while its link is lost: it then gives this node up and
+    // serves unprotected, so the table no longer matches its connections (see `take_over`).
+    let mut stale = false;
     // The link's pause state is sampled, so sample it well within a heartbeat interval; records do not
     // wake this loop (any frame renews `last_heard`, read at each wake-up).
     let sample = detector_config.heartbeat_interval / 2;
@@ -235,6 +244,9 @@ async fn watch_primary(
                 detector.handle_synced();
                 admin_state.set_peer(PeerState::Connected, Some(&replica.peer().node));
                 info!(records, "replica synced: the pair is protected");
+                if admin_state.clear_alarm() {
+                    info!("alarm cleared: rejoined the primary");
+                }
             }
             Ok(_) = handover.wait_for(|p| p.handover), if synced => {
                 // The primary stopped, gave the VIP up and said so at the end of its stream: no
@@ -260,7 +272,8 @@ async fn watch_primary(
         while let Some(action) = detector.poll_action() {
             match action {
                 Action::Suspect { silent_for, reason, .. } => {
-                    warn!(silent = %format_duration(silent_for), %reason, "primary suspected; fencing")
+                    warn!(silent = %format_duration(silent_for), %reason, "primary suspected; fencing");
+                    suspected = Some(reason);
                 }
                 Action::Fence { attempt } => {
                     let (result, command) = fence(config).await;
@@ -271,10 +284,21 @@ async fn watch_primary(
                     }
                 }
                 Action::Recovered { silent_for } => {
-                    info!(silent = %format_duration(silent_for), "primary heard again; no takeover")
+                    info!(silent = %format_duration(silent_for), "primary heard again; no takeover");
+                    stale = false;
+                    let peer = if synced { PeerState::Connected } else { PeerState::Syncing };
+                    admin_state.set_peer(peer, Some(&replica.peer().node));
+                    if admin_state.clear_alarm() {
+                        info!("alarm cleared: the primary is heard again");
+                    }
                 }
                 Action::StandDown { alarm } => {
-                    error!(%alarm, "ALARM: not taking over");
+                    let link = suspected.as_ref().map_or_else(|| "lost".to_owned(), ToString::to_string);
+                    error!(%alarm, replication_link = %link, "ALARM: not taking over");
+                    admin_state.stood_down(SystemTime::now(), &format!("{alarm}; replication link: {link}"));
+                    // Not protected while the primary is not heard, whatever the link's socket says.
+                    admin_state.set_peer(PeerState::None, None);
+                    stale |= matches!(alarm, Alarm::PrimaryAnswered { .. } | Alarm::Contested { .. });
                     if link_down {
                         return Watched::Rejoin(format!("stood down: {alarm}"));
                     }
@@ -286,8 +310,18 @@ async fn watch_primary(
                         error!(
                             "the primary is gone before this replica was synced: taking over without its connections"
                         );
+                    } else if stale {
+                        // Restoring sockets at sequence numbers the clients have left behind would leave
+                        // them hanging; without a socket they are reset at once and can reconnect.
+                        error!(
+                            "the primary served without this replica after the link was lost: taking over \
+                             without its connections (their clients are reset)"
+                        );
                     }
-                    return Watched::TakeOver(record, synced);
+                    if admin_state.clear_alarm() {
+                        info!("alarm cleared: taking over");
+                    }
+                    return Watched::TakeOver(record, synced && !stale);
                 }
             }
         }
@@ -371,9 +405,9 @@ async fn take_over(
     phases.mark("replica_stop");
     let epoch = table.epoch().max(primary_epoch) + 1;
     if !synced {
-        // A partial snapshot is not a consistent table: restore nothing from it.
+        // A partial snapshot, or a table the primary went on without, does not match the clients.
         table = shared::replica::ReplicaTable::new();
-        warn!("the replica was not synced: no connection is restored");
+        warn!("the replica is not usable (not synced, or stale after a partition): no connection is restored");
     }
 
     // 4a. Plan, and restore the connections whose restore sends nothing (idle keep-alive connections,
