@@ -25,7 +25,7 @@
 //! ([`crate::prompt`]) → serve as primary at the next epoch (`primary::node::serve_after_takeover`),
 //! resuming each restored connection's exchange in flight ([`crate::resume`]).
 
-use crate::detector::{Action, Alarm, Detector, DetectorConfig, FenceResult, SuspectReason};
+use crate::detector::{Action, Detector, DetectorConfig, FenceResult, SuspectReason};
 use crate::prompt::{self, Prompt};
 use crate::replica::{self, Replica, ReplicaConfig};
 use crate::resume::{self, Restored};
@@ -226,9 +226,6 @@ async fn watch_primary(
     let mut link_down = false;
     // Why the primary is suspected in the current episode, for the alarm.
     let mut suspected: Option<SuspectReason> = None;
-    // Set once a fence found the primary alive while its link is lost: it then gives this node up and
-    // serves unprotected, so the table no longer matches its connections (see `take_over`).
-    let mut stale = false;
     // The link's pause state is sampled, so sample it well within a heartbeat interval; records do not
     // wake this loop (any frame renews `last_heard`, read at each wake-up).
     let sample = detector_config.heartbeat_interval / 2;
@@ -285,7 +282,6 @@ async fn watch_primary(
                 }
                 Action::Recovered { silent_for } => {
                     info!(silent = %format_duration(silent_for), "primary heard again; no takeover");
-                    stale = false;
                     let peer = if synced { PeerState::Connected } else { PeerState::Syncing };
                     admin_state.set_peer(peer, Some(&replica.peer().node));
                     if admin_state.clear_alarm() {
@@ -298,7 +294,6 @@ async fn watch_primary(
                     admin_state.stood_down(SystemTime::now(), &format!("{alarm}; replication link: {link}"));
                     // Not protected while the primary is not heard, whatever the link's socket says.
                     admin_state.set_peer(PeerState::None, None);
-                    stale |= matches!(alarm, Alarm::PrimaryAnswered { .. } | Alarm::Contested { .. });
                     if link_down {
                         return Watched::Rejoin(format!("stood down: {alarm}"));
                     }
@@ -310,7 +305,7 @@ async fn watch_primary(
                         error!(
                             "the primary is gone before this replica was synced: taking over without its connections"
                         );
-                    } else if stale {
+                    } else if record.replica_stale {
                         // Restoring sockets at sequence numbers the clients have left behind would leave
                         // them hanging; without a socket they are reset at once and can reconnect.
                         error!(
@@ -321,7 +316,8 @@ async fn watch_primary(
                     if admin_state.clear_alarm() {
                         info!("alarm cleared: taking over");
                     }
-                    return Watched::TakeOver(record, synced && !stale);
+                    let usable = synced && !record.replica_stale;
+                    return Watched::TakeOver(record, usable);
                 }
             }
         }

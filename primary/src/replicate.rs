@@ -2279,6 +2279,19 @@ mod tests {
     }
 
     #[test]
+    fn link_down_and_an_unanswered_probe_drop_the_backup_with_the_reason_for_status() {
+        let t0 = Instant::now();
+        let mut c = protected(t0);
+        c.handle_link_down(t0 + MS);
+        assert_eq!(events(&mut c), [CommitEvent::Probe { id: 0 }]);
+        c.handle_probe(0, &VipProbe::Unanswered);
+        let reason = SuspectReason::LinkDown;
+        assert_eq!(events(&mut c), [CommitEvent::DropLink { reason }, CommitEvent::Peer(PeerState::None)]);
+        assert_eq!(reason.to_string(), "replication link ended");
+        assert_eq!(SuspectReason::Silent.to_string(), "the backup silent for a lease");
+    }
+
+    #[test]
     fn inconclusive_probe_probes_again_and_resumed_acks_end_the_suspicion() {
         let t0 = Instant::now();
         let mut c = protected(t0);

@@ -828,7 +828,7 @@ mod tests {
         let alarm = s.status(now).alarm.expect("raised");
         assert_eq!((alarm.kind.as_str(), alarm.reason.as_str(), alarm.count), ("stood_down", "second", 2));
         assert_eq!((alarm.since_unix_ms, alarm.last_unix_ms), (1_000_500, 1_001_500));
-        assert_eq!(alarm.since, "1970-01-12T13:48:20.500Z");
+        assert_eq!(alarm.since, "1970-01-01T00:16:40.500Z");
         let text = s.render_metrics(now);
         assert!(text.contains("\nunderstudy_alarm 1\n"), "{text}");
         assert!(text.contains("\nunderstudy_stand_downs_total 2\n"), "{text}");
