@@ -99,9 +99,28 @@ fn get_f0(s: &mut TcpStream) -> Result<()> {
     }
 }
 
+/// How the replication network is cut (in the spare's namespace, which goes with the bed).
+#[derive(Debug, Clone, Copy)]
+enum Cut {
+    /// The spare's replication interface goes down: the link falls silent (nothing tells TCP).
+    InterfaceDown,
+    /// Everything from the replication network is dropped and everything to it refused with a reset: the
+    /// backup's link ends at its next heartbeat, and its rejoins are refused at once.
+    LinkReset,
+}
+
 #[test]
-fn partitioned_backup_stands_down_while_the_primary_lives_and_takes_over_once_it_is_gone() -> Result<()> {
-    let mut pair = Pair::up(&unique_id('p'), &PairOptions::default(), |www| load::write_files(www, &SIZES))?;
+fn silent_partition_backup_stands_down_while_the_primary_lives_and_takes_over_once_it_is_gone() -> Result<()> {
+    partition_then_kill('p', Cut::InterfaceDown)
+}
+
+#[test]
+fn broken_link_backup_keeps_fencing_while_it_rejoins_and_takes_over_once_the_primary_is_gone() -> Result<()> {
+    partition_then_kill('q', Cut::LinkReset)
+}
+
+fn partition_then_kill(tag: char, how: Cut) -> Result<()> {
+    let mut pair = Pair::up(&unique_id(tag), &PairOptions::default(), |www| load::write_files(www, &SIZES))?;
     let primary_mac = mac_text(pair.tb.hw_addr("server", "eth0")?);
     let backup_mac = mac_text(pair.tb.hw_addr("spare", "eth0")?);
     let dir = pair.dir.0.clone();
@@ -117,7 +136,11 @@ fn partitioned_backup_stands_down_while_the_primary_lives_and_takes_over_once_it
     // Cut the replication network only.
     let cut_at = unix_now();
     let cut = Instant::now();
-    pair.tb.exec("spare", &["ip", "link", "set", "eth1", "down"])?;
+    match how {
+        Cut::InterfaceDown => pair.tb.exec("spare", &["ip", "link", "set", "eth1", "down"])?,
+        Cut::LinkReset => pair.tb.exec("spare", &["sh", "-ec",
+            "iptables -A INPUT -i eth1 -j DROP; iptables -A OUTPUT -o eth1 -p tcp -j REJECT --reject-with tcp-reset"])?,
+    };
 
     let primary = pair.wait_status("server", "the primary to give its backup up", Duration::from_secs(10), |s| {
         s["peer"] == "none" && s["peer_lost"].is_object()
@@ -150,6 +173,11 @@ fn partitioned_backup_stands_down_while_the_primary_lives_and_takes_over_once_it
     ensure!(alarm["kind"] == "stood_down", "alarm: {alarm}");
     let reason = alarm["reason"].as_str().unwrap_or("");
     ensure!(reason.contains(&primary_mac) && reason.contains("answers for the VIP"), "alarm reason: {reason}");
+    let link = match how {
+        Cut::InterfaceDown => "replication link: silence",
+        Cut::LinkReset => "replication link: link down",
+    };
+    ensure!(reason.contains(link), "alarm reason: {reason} (want `{link}`)");
     ensure!(backup["peer"] == "none" && backup["protected"] == false, "the backup claims a peer: {backup}");
     let metrics = pair.metrics("spare")?;
     ensure!(metrics.contains("\nunderstudy_alarm 1\n"), "backup metrics:\n{metrics}");

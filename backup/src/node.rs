@@ -121,19 +121,33 @@ async fn run_in_span(
     let mut shutdown: Shutdown = Box::pin(shutdown);
     let identity = LocalIdentity::new(&config.cluster, &config.node, Role::Backup, 0);
     let replica_config = ReplicaConfig::from_node(&config);
+    // After a stand-down on a broken link: the lost replica (for its epoch, should the takeover come
+    // before a rejoin) and the detector that keeps fencing while the joins fail.
+    let mut lost: Option<(Replica, Detector)> = None;
     let outcome = loop {
-        let Some(replica) = join_primary(join, &identity, &replica_config, &admin_state, &mut shutdown).await else {
-            break None;
-        };
+        let fencing = lost.as_mut().map(|(_, detector)| detector);
+        let replica =
+            match join_primary(join, &identity, &replica_config, &admin_state, &mut shutdown, fencing, &config).await {
+                Joined::Shutdown => break None,
+                Joined::Replica(replica) => replica,
+                Joined::TakeOver(record) => {
+                    let (old, _) = lost.take().expect("only a carried detector takes over while joining");
+                    error!("the primary is gone while this node was rejoining: taking over without its connections");
+                    admin_state.clear_alarm();
+                    break Some((old, record, false));
+                }
+            };
+        // Joined: the new replica replaces the lost one.
+        drop(lost.take());
         match watch_primary(&config, &detector_config, &replica, &admin_state, &mut shutdown).await {
             Watched::Shutdown => {
                 replica.stop().await;
                 break None;
             }
-            Watched::Rejoin(why) => {
+            Watched::Rejoin(why, detector) => {
                 warn!(reason = %why, "rejoining the primary");
                 admin_state.set_peer(PeerState::None, None);
-                drop(replica);
+                lost = detector.map(|d| (replica, d));
                 tokio::select! {
                     () = &mut shutdown => break None,
                     () = tokio::time::sleep(JOIN_RETRY) => {}
@@ -162,48 +176,131 @@ async fn run_in_span(
 
 enum Watched {
     Shutdown,
-    Rejoin(String),
+    /// Why; after a stand-down, the detector that keeps fencing while the rejoin attempts fail.
+    Rejoin(String, Option<Detector>),
     /// The record, and whether the replica's table is usable (synced, and not left behind by a primary
     /// that served on after the link was lost).
     TakeOver(crate::detector::FailoverRecord, bool),
 }
 
-/// Joins the primary, retrying; `None` on shutdown.
+enum Joined {
+    Shutdown,
+    Replica(Replica),
+    /// The carried detector's fence found the VIP unanswered while the joins failed.
+    TakeOver(crate::detector::FailoverRecord),
+}
+
+/// Joins the primary, retrying. With `fencing` (a detector carried over from a stand-down on a broken
+/// link), the detector's rechecks go on meanwhile: a primary that died after the partition is taken over
+/// from even though it can no longer be joined.
 async fn join_primary(
     addr: SocketAddr,
     identity: &LocalIdentity,
     config: &ReplicaConfig,
     admin_state: &AdminState,
     shutdown: &mut Shutdown,
-) -> Option<Replica> {
+    mut fencing: Option<&mut Detector>,
+    node: &NodeConfig,
+) -> Joined {
     let mut attempts = 0u64;
     loop {
         attempts += 1;
-        tokio::select! {
-            () = &mut *shutdown => return None,
-            joined = replica::join(addr, identity, config) => match joined {
-                Ok(replica) => {
-                    let peer = replica.peer().clone();
-                    info!(primary = %peer.node, epoch = peer.epoch, %addr, attempts, "joined the primary; syncing");
-                    admin_state.set_epoch(peer.epoch);
-                    admin_state.set_peer(PeerState::Syncing, Some(&peer.node));
-                    return Some(replica);
+        let attempt = replica::join(addr, identity, config);
+        tokio::pin!(attempt);
+        let retry = loop {
+            let due = fencing.as_ref().and_then(|d| d.poll_timeout());
+            tokio::select! {
+                () = &mut *shutdown => return Joined::Shutdown,
+                joined = &mut attempt => break joined,
+                () = sleep_until_some(due) => {
+                    let detector = fencing.as_mut().expect("a deadline comes only from a detector");
+                    if let Some(record) = fence_rejoining(detector, node, admin_state).await {
+                        return Joined::TakeOver(record);
+                    }
                 }
-                Err(e) => {
-                    // Logged loudly once, then quietly: a backup started before its primary is normal.
-                    if attempts == 1 {
-                        warn!(%addr, error = %e, retry = %format_duration(JOIN_RETRY), "cannot join the primary; retrying");
-                    } else {
-                        tracing::debug!(%addr, error = %e, attempts, "cannot join the primary");
+            }
+        };
+        match retry {
+            Ok(replica) => {
+                let peer = replica.peer().clone();
+                info!(primary = %peer.node, epoch = peer.epoch, %addr, attempts, "joined the primary; syncing");
+                admin_state.set_epoch(peer.epoch);
+                admin_state.set_peer(PeerState::Syncing, Some(&peer.node));
+                return Joined::Replica(replica);
+            }
+            Err(e) => {
+                // Logged loudly once, then quietly: a backup started before its primary is normal.
+                if attempts == 1 {
+                    warn!(%addr, error = %e, retry = %format_duration(JOIN_RETRY), "cannot join the primary; retrying");
+                } else {
+                    tracing::debug!(%addr, error = %e, attempts, "cannot join the primary");
+                }
+            }
+        }
+        let pause = tokio::time::sleep(JOIN_RETRY);
+        tokio::pin!(pause);
+        loop {
+            let due = fencing.as_ref().and_then(|d| d.poll_timeout());
+            tokio::select! {
+                () = &mut *shutdown => return Joined::Shutdown,
+                () = &mut pause => break,
+                () = sleep_until_some(due) => {
+                    let detector = fencing.as_mut().expect("a deadline comes only from a detector");
+                    if let Some(record) = fence_rejoining(detector, node, admin_state).await {
+                        return Joined::TakeOver(record);
                     }
                 }
             }
         }
-        tokio::select! {
-            () = &mut *shutdown => return None,
-            () = tokio::time::sleep(JOIN_RETRY) => {}
+    }
+}
+
+/// Sleeps until `due`, or forever without one.
+async fn sleep_until_some(due: Option<Instant>) {
+    match due {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The carried detector's timer fired while rejoining: its recheck fences; returns the record when the
+/// fence passed. The primary is never heard here (no link), so only suspicions, fences, stand-downs and
+/// a takeover can come.
+async fn fence_rejoining(
+    detector: &mut Detector,
+    node: &NodeConfig,
+    admin_state: &AdminState,
+) -> Option<crate::detector::FailoverRecord> {
+    detector.handle_timeout(Instant::now());
+    let mut suspected = None;
+    while let Some(action) = detector.poll_action() {
+        match action {
+            Action::Suspect { silent_for, reason, .. } => {
+                warn!(silent = %format_duration(silent_for), %reason, "primary still unreachable; fencing again");
+                suspected = Some(reason);
+            }
+            Action::Fence { attempt } => {
+                let (result, command) = fence(node).await;
+                info!(attempt, result = ?result, command = ?command, "fence result");
+                if let Err(e) = detector.handle_fence_result(Instant::now(), result, command) {
+                    error!(error = %e, "fence result refused while rejoining");
+                }
+            }
+            Action::Recovered { .. } => {}
+            Action::StandDown { alarm } => stood_down(admin_state, &alarm, suspected.as_ref()),
+            Action::TakeOver { record } => return Some(record),
         }
     }
+    None
+}
+
+/// Raises (or updates) the alarm of a stand-down.
+fn stood_down(admin_state: &AdminState, alarm: &crate::detector::Alarm, suspected: Option<&SuspectReason>) {
+    let link = suspected.map_or_else(|| "lost".to_owned(), ToString::to_string);
+    error!(%alarm, replication_link = %link, "ALARM: not taking over");
+    admin_state.stood_down(SystemTime::now(), &format!("{alarm}; replication link: {link}"));
+    // Not protected while the primary is not heard, whatever the link's socket says.
+    admin_state.set_peer(PeerState::None, None);
 }
 
 /// Follows the primary until shutdown, a reason to rejoin, or a takeover decision.
@@ -219,7 +316,7 @@ async fn watch_primary(
     let mut handover = replica.progress();
     let mut detector = match Detector::joining(detector_config.clone(), liveness.last_heard()) {
         Ok(d) => d,
-        Err(e) => return Watched::Rejoin(format!("detector: {e}")),
+        Err(e) => return Watched::Rejoin(format!("detector: {e}"), None),
     };
     let mut fed = liveness.last_heard();
     let mut synced = false;
@@ -289,13 +386,9 @@ async fn watch_primary(
                     }
                 }
                 Action::StandDown { alarm } => {
-                    let link = suspected.as_ref().map_or_else(|| "lost".to_owned(), ToString::to_string);
-                    error!(%alarm, replication_link = %link, "ALARM: not taking over");
-                    admin_state.stood_down(SystemTime::now(), &format!("{alarm}; replication link: {link}"));
-                    // Not protected while the primary is not heard, whatever the link's socket says.
-                    admin_state.set_peer(PeerState::None, None);
+                    stood_down(admin_state, &alarm, suspected.as_ref());
                     if link_down {
-                        return Watched::Rejoin(format!("stood down: {alarm}"));
+                        return Watched::Rejoin(format!("stood down: {alarm}"), Some(detector));
                     }
                 }
                 Action::TakeOver { record } => {
