@@ -207,7 +207,7 @@ async fn join_primary(
         attempts += 1;
         let attempt = replica::join(addr, identity, config);
         tokio::pin!(attempt);
-        let retry = loop {
+        let joined = loop {
             let due = fencing.as_ref().and_then(|d| d.poll_timeout());
             tokio::select! {
                 () = &mut *shutdown => return Joined::Shutdown,
@@ -220,7 +220,7 @@ async fn join_primary(
                 }
             }
         };
-        match retry {
+        match joined {
             Ok(replica) => {
                 let peer = replica.peer().clone();
                 info!(primary = %peer.node, epoch = peer.epoch, %addr, attempts, "joined the primary; syncing");
