@@ -271,6 +271,11 @@ pub struct FailoverRecord {
     pub total: Option<Duration>,
     /// Connections restored.
     pub connections: Option<u64>,
+    /// A fence found the primary alive after it was last heard (it answered or probed the VIP): it has
+    /// since given this node up and served on without it, so the replica no longer matches its
+    /// connections and must not be restored.
+    #[serde(skip)]
+    pub replica_stale: bool,
     #[serde(skip)]
     last_heard: Instant,
     #[serde(skip)]
@@ -288,6 +293,7 @@ impl FailoverRecord {
             restore: None,
             total: None,
             connections: None,
+            replica_stale: false,
             last_heard: now,
             fenced_at: now,
         }
@@ -371,6 +377,8 @@ pub struct Detector {
     /// A late wake's extra interval, granted once per silence.
     grace_until: Option<Instant>,
     grace_used: bool,
+    /// A fence found the primary alive since it was last heard (see [`FailoverRecord::replica_stale`]).
+    primary_seen_alive: bool,
     actions: VecDeque<Action>,
     heartbeats: u64,
     records: u64,
@@ -393,6 +401,7 @@ impl Detector {
             recheck_at: None,
             grace_until: None,
             grace_used: false,
+            primary_seen_alive: false,
             actions: VecDeque::new(),
             heartbeats: 0,
             records: 0,
@@ -530,6 +539,7 @@ impl Detector {
                     restore: None,
                     total: None,
                     connections: None,
+                    replica_stale: self.primary_seen_alive,
                     last_heard: self.last_heard,
                     fenced_at: now,
                 };
@@ -597,6 +607,7 @@ impl Detector {
         self.recheck_at = None;
         self.grace_until = None;
         self.grace_used = false;
+        self.primary_seen_alive = false;
         if matches!(self.state, State::Fencing(_)) {
             self.state = State::Watching;
             self.actions.push_back(Action::Recovered { silent_for });
@@ -629,6 +640,8 @@ impl Detector {
 
     fn stand_down(&mut self, now: Instant, alarm: Alarm) {
         self.stand_downs += 1;
+        // A failed probe or command says nothing about the primary; an answer or a rival probe does.
+        self.primary_seen_alive |= matches!(alarm, Alarm::PrimaryAnswered { .. } | Alarm::Contested { .. });
         self.state = State::Watching;
         self.recheck_at = Some(now + self.config.recheck_interval);
         self.grace_until = None;
@@ -993,6 +1006,66 @@ mod tests {
         );
         assert_eq!(d.counts().suspicions, 2);
         assert_eq!(d.counts().stand_downs, 1);
+    }
+
+    /// Fences again at the recheck after a stand-down at `at`, and lets the probe go unanswered.
+    fn recheck_unanswered(d: &mut Detector, at: Instant) -> FailoverRecord {
+        let recheck = at + DEFAULT_RECHECK_INTERVAL;
+        d.handle_timeout(recheck);
+        assert!(matches!(drain(d).last(), Some(Action::Fence { attempt: 1 })));
+        d.handle_fence_result(recheck, FenceResult::Unanswered, None).unwrap();
+        match d.poll_action() {
+            Some(Action::TakeOver { record }) => record,
+            other => panic!("expected a takeover, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn takeover_after_the_primary_answered_a_fence_marks_the_replica_stale() {
+        for found in [FenceResult::Answered { mac: mac(1) }, FenceResult::Contested { mac: mac(2) }] {
+            let t0 = Instant::now();
+            let mut d = detector(t0);
+            let at = suspect_by_silence(&mut d, t0);
+            d.handle_fence_result(at, found.clone(), None).unwrap();
+            drain(&mut d);
+            assert!(recheck_unanswered(&mut d, at).replica_stale, "{found:?}");
+        }
+    }
+
+    #[test]
+    fn takeover_without_a_sign_of_the_primary_keeps_the_replica() {
+        let t0 = Instant::now();
+        let mut d = detector(t0);
+        let at = suspect_by_silence(&mut d, t0);
+        d.handle_fence_result(at, FenceResult::Unanswered, None).unwrap();
+        let Some(Action::TakeOver { record }) = d.poll_action() else { panic!("expected a takeover") };
+        assert!(!record.replica_stale);
+        // Probe errors until the alarm say nothing about the primary either.
+        let mut d = detector(t0);
+        let at = suspect_by_silence(&mut d, t0);
+        let mut now = at;
+        for _ in 0..DEFAULT_FENCE_ATTEMPTS {
+            d.handle_timeout(now);
+            d.handle_fence_result(now, FenceResult::Error("down".into()), None).unwrap();
+            now += 20 * MS;
+        }
+        assert!(matches!(drain(&mut d).last(), Some(Action::StandDown { alarm: Alarm::FenceFailed { .. } })));
+        assert!(!recheck_unanswered(&mut d, now - 20 * MS).replica_stale);
+    }
+
+    #[test]
+    fn hearing_the_primary_after_it_answered_makes_the_replica_current_again() {
+        let t0 = Instant::now();
+        let mut d = detector(t0);
+        let at = suspect_by_silence(&mut d, t0);
+        d.handle_fence_result(at, FenceResult::Answered { mac: mac(1) }, None).unwrap();
+        drain(&mut d);
+        let heard = at + 10 * MS;
+        d.handle_heartbeat(heard);
+        let at = suspect_by_silence(&mut d, heard);
+        d.handle_fence_result(at, FenceResult::Unanswered, None).unwrap();
+        let Some(Action::TakeOver { record }) = d.poll_action() else { panic!("expected a takeover") };
+        assert!(!record.replica_stale);
     }
 
     #[test]

@@ -10,8 +10,11 @@
 //!    then `connected`.
 //! 3. Feed the [`Detector`] what the link heard; on [`Action::Fence`] probe the VIP with ARP (and run
 //!    the operator's fence command when configured). A stand-down (the primary's process still answers
-//!    for the VIP) raises an alarm and the node rejoins. Until the snapshot is applied the detector
-//!    waits longer for silence; a primary gone before that is taken over from without its connections.
+//!    for the VIP) raises an alarm (`/status` `alarm`, `understudy_stand_downs_total`), kept until the
+//!    primary is heard again or a rejoin syncs; a broken link is rejoined, a silent one watched and
+//!    fenced again every recheck interval. Until the snapshot is applied the detector waits longer for
+//!    silence; a primary gone before that is taken over from without its connections, and so is one
+//!    that a fence found alive after the link was lost (it served on without this replica).
 //!
 //! Takeover, in order (each step logged and timed):
 //! hold VIP:port segments → stop the replica and take its table → add the VIP → start the gate (it
@@ -22,7 +25,7 @@
 //! ([`crate::prompt`]) → serve as primary at the next epoch (`primary::node::serve_after_takeover`),
 //! resuming each restored connection's exchange in flight ([`crate::resume`]).
 
-use crate::detector::{Action, Detector, DetectorConfig, FenceResult};
+use crate::detector::{Action, Detector, DetectorConfig, FenceResult, SuspectReason};
 use crate::prompt::{self, Prompt};
 use crate::replica::{self, Replica, ReplicaConfig};
 use crate::resume::{self, Restored};
@@ -122,19 +125,33 @@ async fn run_in_span(
     let mut shutdown: Shutdown = Box::pin(shutdown);
     let identity = LocalIdentity::new(&config.cluster, &config.node, Role::Backup, 0);
     let replica_config = ReplicaConfig::from_node(&config);
+    // After a stand-down on a broken link: the lost replica (for its epoch, should the takeover come
+    // before a rejoin) and the detector that keeps fencing while the joins fail.
+    let mut lost: Option<(Replica, Detector)> = None;
     let outcome = loop {
-        let Some(replica) = join_primary(join, &identity, &replica_config, &admin_state, &mut shutdown).await else {
-            break None;
-        };
+        let fencing = lost.as_mut().map(|(_, detector)| detector);
+        let replica =
+            match join_primary(join, &identity, &replica_config, &admin_state, &mut shutdown, fencing, &config).await {
+                Joined::Shutdown => break None,
+                Joined::Replica(replica) => replica,
+                Joined::TakeOver(record) => {
+                    let (old, _) = lost.take().expect("only a carried detector takes over while joining");
+                    error!("the primary is gone while this node was rejoining: taking over without its connections");
+                    admin_state.clear_alarm();
+                    break Some((old, record, false));
+                }
+            };
+        // Joined: the new replica replaces the lost one.
+        drop(lost.take());
         match watch_primary(&config, &detector_config, &replica, &admin_state, &mut shutdown).await {
             Watched::Shutdown => {
                 replica.stop().await;
                 break None;
             }
-            Watched::Rejoin(why) => {
+            Watched::Rejoin(why, detector) => {
                 warn!(reason = %why, "rejoining the primary");
                 admin_state.set_peer(PeerState::None, None);
-                drop(replica);
+                lost = detector.map(|d| (replica, d));
                 tokio::select! {
                     () = &mut shutdown => break None,
                     () = tokio::time::sleep(JOIN_RETRY) => {}
@@ -163,47 +180,131 @@ async fn run_in_span(
 
 enum Watched {
     Shutdown,
-    Rejoin(String),
-    /// The record, and whether the replica is synced (its table usable).
+    /// Why; after a stand-down, the detector that keeps fencing while the rejoin attempts fail.
+    Rejoin(String, Option<Detector>),
+    /// The record, and whether the replica's table is usable (synced, and not left behind by a primary
+    /// that served on after the link was lost).
     TakeOver(crate::detector::FailoverRecord, bool),
 }
 
-/// Joins the primary, retrying; `None` on shutdown.
+enum Joined {
+    Shutdown,
+    Replica(Replica),
+    /// The carried detector's fence found the VIP unanswered while the joins failed.
+    TakeOver(crate::detector::FailoverRecord),
+}
+
+/// Joins the primary, retrying. With `fencing` (a detector carried over from a stand-down on a broken
+/// link), the detector's rechecks go on meanwhile: a primary that died after the partition is taken over
+/// from even though it can no longer be joined.
 async fn join_primary(
     addr: SocketAddr,
     identity: &LocalIdentity,
     config: &ReplicaConfig,
     admin_state: &AdminState,
     shutdown: &mut Shutdown,
-) -> Option<Replica> {
+    mut fencing: Option<&mut Detector>,
+    node: &NodeConfig,
+) -> Joined {
     let mut attempts = 0u64;
     loop {
         attempts += 1;
-        tokio::select! {
-            () = &mut *shutdown => return None,
-            joined = replica::join(addr, identity, config) => match joined {
-                Ok(replica) => {
-                    let peer = replica.peer().clone();
-                    info!(primary = %peer.node, epoch = peer.epoch, %addr, attempts, "joined the primary; syncing");
-                    admin_state.set_epoch(peer.epoch);
-                    admin_state.set_peer(PeerState::Syncing, Some(&peer.node));
-                    return Some(replica);
+        let attempt = replica::join(addr, identity, config);
+        tokio::pin!(attempt);
+        let joined = loop {
+            let due = fencing.as_ref().and_then(|d| d.poll_timeout());
+            tokio::select! {
+                () = &mut *shutdown => return Joined::Shutdown,
+                joined = &mut attempt => break joined,
+                () = sleep_until_some(due) => {
+                    let detector = fencing.as_mut().expect("a deadline comes only from a detector");
+                    if let Some(record) = fence_rejoining(detector, node, admin_state).await {
+                        return Joined::TakeOver(record);
+                    }
                 }
-                Err(e) => {
-                    // Logged loudly once, then quietly: a backup started before its primary is normal.
-                    if attempts == 1 {
-                        warn!(%addr, error = %e, retry = %format_duration(JOIN_RETRY), "cannot join the primary; retrying");
-                    } else {
-                        tracing::debug!(%addr, error = %e, attempts, "cannot join the primary");
+            }
+        };
+        match joined {
+            Ok(replica) => {
+                let peer = replica.peer().clone();
+                info!(primary = %peer.node, epoch = peer.epoch, %addr, attempts, "joined the primary; syncing");
+                admin_state.set_epoch(peer.epoch);
+                admin_state.set_peer(PeerState::Syncing, Some(&peer.node));
+                return Joined::Replica(replica);
+            }
+            Err(e) => {
+                // Logged loudly once, then quietly: a backup started before its primary is normal.
+                if attempts == 1 {
+                    warn!(%addr, error = %e, retry = %format_duration(JOIN_RETRY), "cannot join the primary; retrying");
+                } else {
+                    tracing::debug!(%addr, error = %e, attempts, "cannot join the primary");
+                }
+            }
+        }
+        let pause = tokio::time::sleep(JOIN_RETRY);
+        tokio::pin!(pause);
+        loop {
+            let due = fencing.as_ref().and_then(|d| d.poll_timeout());
+            tokio::select! {
+                () = &mut *shutdown => return Joined::Shutdown,
+                () = &mut pause => break,
+                () = sleep_until_some(due) => {
+                    let detector = fencing.as_mut().expect("a deadline comes only from a detector");
+                    if let Some(record) = fence_rejoining(detector, node, admin_state).await {
+                        return Joined::TakeOver(record);
                     }
                 }
             }
         }
-        tokio::select! {
-            () = &mut *shutdown => return None,
-            () = tokio::time::sleep(JOIN_RETRY) => {}
+    }
+}
+
+/// Sleeps until `due`, or forever without one.
+async fn sleep_until_some(due: Option<Instant>) {
+    match due {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The carried detector's timer fired while rejoining: its recheck fences; returns the record when the
+/// fence passed. The primary is never heard here (no link), so only suspicions, fences, stand-downs and
+/// a takeover can come.
+async fn fence_rejoining(
+    detector: &mut Detector,
+    node: &NodeConfig,
+    admin_state: &AdminState,
+) -> Option<crate::detector::FailoverRecord> {
+    detector.handle_timeout(Instant::now());
+    let mut suspected = None;
+    while let Some(action) = detector.poll_action() {
+        match action {
+            Action::Suspect { silent_for, reason, .. } => {
+                warn!(silent = %format_duration(silent_for), %reason, "primary still unreachable; fencing again");
+                suspected = Some(reason);
+            }
+            Action::Fence { attempt } => {
+                let (result, command) = fence(node).await;
+                info!(attempt, result = ?result, command = ?command, "fence result");
+                if let Err(e) = detector.handle_fence_result(Instant::now(), result, command) {
+                    error!(error = %e, "fence result refused while rejoining");
+                }
+            }
+            Action::Recovered { .. } => {}
+            Action::StandDown { alarm } => stood_down(admin_state, &alarm, suspected.as_ref()),
+            Action::TakeOver { record } => return Some(record),
         }
     }
+    None
+}
+
+/// Raises (or updates) the alarm of a stand-down.
+fn stood_down(admin_state: &AdminState, alarm: &crate::detector::Alarm, suspected: Option<&SuspectReason>) {
+    let link = suspected.map_or_else(|| "lost".to_owned(), ToString::to_string);
+    error!(%alarm, replication_link = %link, "ALARM: not taking over");
+    admin_state.stood_down(SystemTime::now(), &format!("{alarm}; replication link: {link}"));
+    // Not protected while the primary is not heard, whatever the link's socket says.
+    admin_state.set_peer(PeerState::None, None);
 }
 
 /// Follows the primary until shutdown, a reason to rejoin, or a takeover decision.
@@ -219,11 +320,13 @@ async fn watch_primary(
     let mut handover = replica.progress();
     let mut detector = match Detector::joining(detector_config.clone(), liveness.last_heard()) {
         Ok(d) => d,
-        Err(e) => return Watched::Rejoin(format!("detector: {e}")),
+        Err(e) => return Watched::Rejoin(format!("detector: {e}"), None),
     };
     let mut fed = liveness.last_heard();
     let mut synced = false;
     let mut link_down = false;
+    // Why the primary is suspected in the current episode, for the alarm.
+    let mut suspected: Option<SuspectReason> = None;
     // The link's pause state is sampled, so sample it well within a heartbeat interval; records do not
     // wake this loop (any frame renews `last_heard`, read at each wake-up).
     let sample = detector_config.heartbeat_interval / 2;
@@ -239,6 +342,9 @@ async fn watch_primary(
                 detector.handle_synced();
                 admin_state.set_peer(PeerState::Connected, Some(&replica.peer().node));
                 info!(records, "replica synced: the pair is protected");
+                if admin_state.clear_alarm() {
+                    info!("alarm cleared: rejoined the primary");
+                }
             }
             Ok(_) = handover.wait_for(|p| p.handover), if synced => {
                 // The primary stopped, gave the VIP up and said so at the end of its stream: no
@@ -264,7 +370,8 @@ async fn watch_primary(
         while let Some(action) = detector.poll_action() {
             match action {
                 Action::Suspect { silent_for, reason, .. } => {
-                    warn!(silent = %format_duration(silent_for), %reason, "primary suspected; fencing")
+                    warn!(silent = %format_duration(silent_for), %reason, "primary suspected; fencing");
+                    suspected = Some(reason);
                 }
                 Action::Fence { attempt } => {
                     let (result, command) = fence(config).await;
@@ -275,12 +382,17 @@ async fn watch_primary(
                     }
                 }
                 Action::Recovered { silent_for } => {
-                    info!(silent = %format_duration(silent_for), "primary heard again; no takeover")
+                    info!(silent = %format_duration(silent_for), "primary heard again; no takeover");
+                    let peer = if synced { PeerState::Connected } else { PeerState::Syncing };
+                    admin_state.set_peer(peer, Some(&replica.peer().node));
+                    if admin_state.clear_alarm() {
+                        info!("alarm cleared: the primary is heard again");
+                    }
                 }
                 Action::StandDown { alarm } => {
-                    error!(%alarm, "ALARM: not taking over");
+                    stood_down(admin_state, &alarm, suspected.as_ref());
                     if link_down {
-                        return Watched::Rejoin(format!("stood down: {alarm}"));
+                        return Watched::Rejoin(format!("stood down: {alarm}"), Some(detector));
                     }
                 }
                 Action::TakeOver { record } => {
@@ -290,8 +402,19 @@ async fn watch_primary(
                         error!(
                             "the primary is gone before this replica was synced: taking over without its connections"
                         );
+                    } else if record.replica_stale {
+                        // Restoring sockets at sequence numbers the clients have left behind would leave
+                        // them hanging; without a socket they are reset at once and can reconnect.
+                        error!(
+                            "the primary served without this replica after the link was lost: taking over \
+                             without its connections (their clients are reset)"
+                        );
                     }
-                    return Watched::TakeOver(record, synced);
+                    if admin_state.clear_alarm() {
+                        info!("alarm cleared: taking over");
+                    }
+                    let usable = synced && !record.replica_stale;
+                    return Watched::TakeOver(record, usable);
                 }
             }
         }
@@ -375,9 +498,9 @@ async fn take_over(
     phases.mark("replica_stop");
     let epoch = table.epoch().max(primary_epoch) + 1;
     if !synced {
-        // A partial snapshot is not a consistent table: restore nothing from it.
+        // A partial snapshot, or a table the primary went on without, does not match the clients.
         table = shared::replica::ReplicaTable::new();
-        warn!("the replica was not synced: no connection is restored");
+        warn!("the replica is not usable (not synced, or stale after a partition): no connection is restored");
     }
 
     // 4a. Plan, and restore the connections whose restore sends nothing (idle keep-alive connections,

@@ -120,8 +120,9 @@ pub enum CommitEvent {
     Probe { id: u64 },
     /// Queue a [`lease_ping`] record: a live backup's ack of it renews the lease at once.
     LeasePing,
-    /// The backup is given up: close its link; the node serves unprotected from now on.
-    DropLink,
+    /// The backup, suspected for `reason`, is given up: close its link; the node serves unprotected from
+    /// now on.
+    DropLink { reason: SuspectReason },
     /// Another node serves the VIP, or a later epoch exists: release nothing more, ever.
     StepDown(StepDownReason),
 }
@@ -146,6 +147,16 @@ pub enum SuspectReason {
     AckOverdue,
     /// The lease ran out and nothing was heard from the backup for a whole lease.
     Silent,
+}
+
+impl std::fmt::Display for SuspectReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SuspectReason::LinkDown => "replication link ended",
+            SuspectReason::AckOverdue => "the backup's acknowledgements overdue by a lease",
+            SuspectReason::Silent => "the backup silent for a lease",
+        })
+    }
 }
 
 /// Records and encoded bytes an ack newly covered.
@@ -375,9 +386,10 @@ impl OutputCommit {
         }
         match LeaseOutcome::decide(self.own_epoch, self.highest_epoch, probe) {
             LeaseOutcome::CarryOnUnprotected => {
+                let reason = l.suspect.as_ref().map_or(SuspectReason::LinkDown, |s| s.reason);
                 self.state = State::Alone;
                 self.committed = self.sent;
-                self.events.push_back(CommitEvent::DropLink);
+                self.events.push_back(CommitEvent::DropLink { reason });
             }
             LeaseOutcome::StepDown { reason } => self.step_down(reason),
             LeaseOutcome::KeepHolding { probe_again: true } => {
@@ -852,6 +864,7 @@ impl Replicator {
             probe: None,
             last_probe_end: None,
             warned_partial: false,
+            last_peer: None,
         };
         info!(
             role = "primary",
@@ -1335,6 +1348,8 @@ struct Driver {
     probe: Option<(u64, ProbeFuture)>,
     last_probe_end: Option<Instant>,
     warned_partial: bool,
+    /// The latest backup linked, named in `/status` when it is given up (the link may be gone by then).
+    last_peer: Option<String>,
 }
 
 impl Driver {
@@ -1670,6 +1685,7 @@ impl Driver {
             return;
         };
         let link = accepted.start(first_seq);
+        self.last_peer = Some(node.clone());
         self.link = Some(Linked {
             sender: link.sender(),
             acked: link.acked(),
@@ -1733,10 +1749,11 @@ impl Driver {
                 });
                 self.probe = Some((id, fut));
             }
-            CommitEvent::DropLink => {
-                let node = self.link.as_ref().map(|l| l.node.clone());
-                warn!(role = "primary", epoch, peer = ?node, held = self.held.len(),
+            CommitEvent::DropLink { reason } => {
+                let node = self.link.as_ref().map(|l| l.node.clone()).or_else(|| self.last_peer.clone());
+                warn!(role = "primary", epoch, peer = ?node, held = self.held.len(), %reason,
                     "backup given up: nobody else answers for the VIP; serving unprotected");
+                self.admin.peer_lost(SystemTime::now(), &reason.to_string(), node.as_deref());
                 if let Some(l) = self.link.take() {
                     self.outbound.clear();
                     self.admin.metrics().replication().reset_in_flight();
@@ -2190,7 +2207,10 @@ mod tests {
         assert_eq!(c.suspected(), Some(SuspectReason::AckOverdue));
         assert_eq!(c.committed(), 2);
         c.handle_probe(0, &VipProbe::Unanswered);
-        assert_eq!(events(&mut c), [CommitEvent::DropLink, CommitEvent::Peer(PeerState::None)]);
+        assert_eq!(
+            events(&mut c),
+            [CommitEvent::DropLink { reason: SuspectReason::AckOverdue }, CommitEvent::Peer(PeerState::None)]
+        );
         assert_eq!(c.committed(), 4, "everything held is released");
         assert_eq!(c.handle_sent(t0 + LEASE * 2, 1), 5);
         assert_eq!(c.committed(), 5);
@@ -2260,6 +2280,19 @@ mod tests {
         c.handle_sent(t0 + 2 * MS, 1);
         assert_eq!(c.committed(), 2);
         assert_eq!(c.handle_link_up(t0 + 3 * MS, 2), Err(LinkUpError::SteppedDown));
+    }
+
+    #[test]
+    fn link_down_and_an_unanswered_probe_drop_the_backup_with_the_reason_for_status() {
+        let t0 = Instant::now();
+        let mut c = protected(t0);
+        c.handle_link_down(t0 + MS);
+        assert_eq!(events(&mut c), [CommitEvent::Probe { id: 0 }]);
+        c.handle_probe(0, &VipProbe::Unanswered);
+        let reason = SuspectReason::LinkDown;
+        assert_eq!(events(&mut c), [CommitEvent::DropLink { reason }, CommitEvent::Peer(PeerState::None)]);
+        assert_eq!(reason.to_string(), "replication link ended");
+        assert_eq!(SuspectReason::Silent.to_string(), "the backup silent for a lease");
     }
 
     #[test]

@@ -438,6 +438,10 @@ pub struct Metrics {
     pub resumes: Family<ResumePath, Counter>,
     /// Restored connections whose client was prompted to retransmit after a takeover.
     pub retransmit_prompts: Counter,
+    /// Stand-downs of a backup that lost its primary and did not take over.
+    pub stand_downs: Counter,
+    /// Backups a primary gave up to carry on unprotected.
+    pub peers_lost: Counter,
     /// Heartbeat round-trip times (measured on the primary).
     pub heartbeat_rtt: Histogram,
     /// Latest heartbeat round-trip time in microseconds; `u64::MAX` before the first.
@@ -457,6 +461,8 @@ impl Default for Metrics {
             gate_drops: Family::default(),
             resumes: Family::default(),
             retransmit_prompts: Counter::default(),
+            stand_downs: Counter::default(),
+            peers_lost: Counter::default(),
             heartbeat_rtt: Histogram::new(HEARTBEAT_RTT_BOUNDS_US),
             last_rtt_us: AtomicU64::new(u64::MAX),
             connections: Connections::default(),

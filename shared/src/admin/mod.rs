@@ -20,4 +20,7 @@ pub use metrics::{
     Counter, Direction, FailoverPhase, GateQueue, Gauge, Histogram, Label, Lag, Metrics, ResumePath, UnprotectedReason,
 };
 pub use server::{AdminAuth, AuthConfigError, ServeError, Unauthorized, serve};
-pub use state::{AdminState, ConnectionGuard, FailoverRecord, NodeStatus, PeerState, Protection, SwitchoverReply};
+pub use state::{
+    AdminState, AlarmStatus, ConnectionGuard, FailoverRecord, NodeStatus, PeerLostStatus, PeerState, Protection,
+    SwitchoverReply,
+};

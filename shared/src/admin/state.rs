@@ -129,6 +129,46 @@ pub struct NodeStatus {
     pub failovers_total: u64,
     /// The latest failovers (at most [`FAILOVER_HISTORY`]), oldest first.
     pub failovers: Vec<FailoverStatus>,
+    /// A backup that did not take over although it lost its primary (a split-brain guard: the fence found
+    /// the VIP answered, or could not confirm the primary is fenced); `null` when none is raised.
+    #[serde(default)]
+    pub alarm: Option<AlarmStatus>,
+    /// A primary that gave its backup up and serves unprotected: why and when; `null` while a backup is
+    /// linked, or when none ever was.
+    #[serde(default)]
+    pub peer_lost: Option<PeerLostStatus>,
+}
+
+/// `alarm` in `/status`: raised by the backup's first stand-down, updated by each one after, cleared when
+/// the primary is heard again (the link recovers or a rejoin syncs) or this node takes over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlarmStatus {
+    /// Always `"stood_down"` today.
+    pub kind: String,
+    /// The latest stand-down's reason ("the primary (02:..) still answers for the VIP; replication link:
+    /// silence").
+    pub reason: String,
+    /// The first stand-down of this episode, RFC 3339 UTC with milliseconds, and in Unix milliseconds.
+    pub since: String,
+    pub since_unix_ms: u64,
+    /// The latest stand-down.
+    pub last: String,
+    pub last_unix_ms: u64,
+    /// Stand-downs in this episode (the detector fences again every recheck interval).
+    pub count: u64,
+}
+
+/// `peer_lost` in `/status`: set when the primary gives its backup up and carries on unprotected, cleared
+/// when a backup joins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerLostStatus {
+    /// Why the backup was suspected ("replication link ended", ...); the VIP probe found nobody else.
+    pub reason: String,
+    /// The backup given up.
+    pub node: Option<String>,
+    /// When, RFC 3339 UTC with milliseconds, and in Unix milliseconds.
+    pub at: String,
+    pub at_unix_ms: u64,
 }
 
 /// Client connections open now.
@@ -241,6 +281,29 @@ struct Dynamic {
     peer_node: Option<String>,
     failovers_total: u64,
     failovers: VecDeque<FailoverRecord>,
+    alarm: Option<StandDownAlarm>,
+    peer_lost: Option<PeerLost>,
+}
+
+#[derive(Debug, Clone)]
+struct StandDownAlarm {
+    reason: String,
+    since: SystemTime,
+    last: SystemTime,
+    count: u64,
+}
+
+#[derive(Debug, Clone)]
+struct PeerLost {
+    reason: String,
+    node: Option<String>,
+    at: SystemTime,
+}
+
+/// RFC 3339 and Unix milliseconds of a wall-clock time.
+fn wall(at: SystemTime) -> (String, u64) {
+    let unix = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+    (rfc3339_utc(unix), u64::try_from(unix.as_millis()).unwrap_or(u64::MAX))
 }
 
 impl AdminState {
@@ -260,6 +323,8 @@ impl AdminState {
                     peer_node: None,
                     failovers_total: 0,
                     failovers: VecDeque::new(),
+                    alarm: None,
+                    peer_lost: None,
                 }),
                 switchover: Mutex::new(None),
             }),
@@ -301,11 +366,42 @@ impl AdminState {
         self.dynamic().epoch = epoch;
     }
 
-    /// The peer's state changed; `node` names the peer when there is one.
+    /// The peer's state changed; `node` names the peer when there is one. A peer (syncing or connected)
+    /// clears `peer_lost`.
     pub fn set_peer(&self, peer: PeerState, node: Option<&str>) {
         let mut d = self.dynamic();
         d.peer = peer;
         d.peer_node = if peer == PeerState::None { None } else { node.map(str::to_owned) };
+        if peer != PeerState::None {
+            d.peer_lost = None;
+        }
+    }
+
+    /// The primary gave its backup (`node`) up at `at` for `reason` and serves unprotected.
+    pub fn peer_lost(&self, at: SystemTime, reason: &str, node: Option<&str>) {
+        self.inner.metrics.peers_lost.inc();
+        self.dynamic().peer_lost = Some(PeerLost { reason: reason.to_owned(), node: node.map(str::to_owned), at });
+    }
+
+    /// The backup stood down at `at` (it lost its primary but did not take over) for `reason`: raises
+    /// the alarm, or updates it if already raised.
+    pub fn stood_down(&self, at: SystemTime, reason: &str) {
+        self.inner.metrics.stand_downs.inc();
+        let mut d = self.dynamic();
+        match &mut d.alarm {
+            Some(a) => {
+                a.reason = reason.to_owned();
+                a.last = at;
+                a.count += 1;
+            }
+            None => d.alarm = Some(StandDownAlarm { reason: reason.to_owned(), since: at, last: at, count: 1 }),
+        }
+    }
+
+    /// The condition behind the alarm is over (the primary is heard again, or this node took over).
+    /// Returns whether one was raised.
+    pub fn clear_alarm(&self) -> bool {
+        self.dynamic().alarm.take().is_some()
     }
 
     /// The current role.
@@ -378,15 +474,31 @@ impl AdminState {
             heartbeat_rtt_ms: m.last_heartbeat_rtt().map(ms),
             failovers_total: d.failovers_total,
             failovers: d.failovers.iter().map(FailoverStatus::from).collect(),
+            alarm: d.alarm.as_ref().map(|a| {
+                let ((since, since_unix_ms), (last, last_unix_ms)) = (wall(a.since), wall(a.last));
+                AlarmStatus {
+                    kind: "stood_down".into(),
+                    reason: a.reason.clone(),
+                    since,
+                    since_unix_ms,
+                    last,
+                    last_unix_ms,
+                    count: a.count,
+                }
+            }),
+            peer_lost: d.peer_lost.as_ref().map(|p| {
+                let (at, at_unix_ms) = wall(p.at);
+                PeerLostStatus { reason: p.reason.clone(), node: p.node.clone(), at, at_unix_ms }
+            }),
         }
     }
 
     /// `GET /metrics` at `now`: the exposition, version 0.0.4.
     pub fn render_metrics(&self, now: Instant) -> String {
         let m = &self.inner.metrics;
-        let (role, epoch, peer, failovers_total, last_failover) = {
+        let (role, epoch, peer, failovers_total, last_failover, alarm) = {
             let d = self.dynamic();
-            (d.role, d.epoch, d.peer, d.failovers_total, d.failovers.back().cloned())
+            (d.role, d.epoch, d.peer, d.failovers_total, d.failovers.back().cloned(), d.alarm.is_some())
         };
         let mut e = Encoder::default();
         let flag = |b: bool| Value::Int(i64::from(b));
@@ -511,6 +623,21 @@ impl AdminState {
             &m.retransmit_prompts,
         );
         e.counter_value("understudy_failovers_total", "Takeovers this node performed.", failovers_total);
+        e.counter(
+            "understudy_stand_downs_total",
+            "Times this backup lost its primary but did not take over (the VIP answered, or the fence failed).",
+            &m.stand_downs,
+        );
+        e.gauge(
+            "understudy_alarm",
+            "1 while this backup's stand-down alarm is raised (see /status `alarm`), else 0.",
+            flag(alarm),
+        );
+        e.counter(
+            "understudy_peers_lost_total",
+            "Times this primary gave its backup up (nobody else answered for the VIP) and carried on unprotected.",
+            &m.peers_lost,
+        );
         let phases: Vec<([(&str, &str); 1], Value)> = match &last_failover {
             Some(f) => FailoverPhase::ALL
                 .iter()
@@ -689,12 +816,67 @@ mod tests {
     }
 
     #[test]
+    fn stand_downs_raise_one_alarm_that_counts_until_cleared() {
+        let now = Instant::now();
+        let s = AdminState::new("b", "c1", Role::Backup, 1, now);
+        assert_eq!(s.status(now).alarm, None);
+        assert!(s.render_metrics(now).contains("\nunderstudy_alarm 0\n"));
+        let t1 = UNIX_EPOCH + Duration::from_millis(1_000_500);
+        let t2 = t1 + Duration::from_secs(1);
+        s.stood_down(t1, "first");
+        s.stood_down(t2, "second");
+        let alarm = s.status(now).alarm.expect("raised");
+        assert_eq!((alarm.kind.as_str(), alarm.reason.as_str(), alarm.count), ("stood_down", "second", 2));
+        assert_eq!((alarm.since_unix_ms, alarm.last_unix_ms), (1_000_500, 1_001_500));
+        assert_eq!(alarm.since, "1970-01-01T00:16:40.500Z");
+        let text = s.render_metrics(now);
+        assert!(text.contains("\nunderstudy_alarm 1\n"), "{text}");
+        assert!(text.contains("\nunderstudy_stand_downs_total 2\n"), "{text}");
+        assert!(s.clear_alarm());
+        assert!(!s.clear_alarm(), "nothing left to clear");
+        assert_eq!(s.status(now).alarm, None);
+        // A new episode starts its own count; the metric keeps the total.
+        s.stood_down(t2, "third");
+        assert_eq!(s.status(now).alarm.map(|a| (a.count, a.since_unix_ms)), Some((1, 1_001_500)));
+        assert!(s.render_metrics(now).contains("\nunderstudy_stand_downs_total 3\n"));
+    }
+
+    #[test]
+    fn peer_lost_is_reported_until_a_backup_joins() {
+        let now = Instant::now();
+        let s = state(now);
+        s.set_peer(PeerState::Connected, Some("n2"));
+        assert_eq!(s.status(now).peer_lost, None);
+        s.set_peer(PeerState::None, None);
+        s.peer_lost(UNIX_EPOCH + Duration::from_millis(42), "replication link ended", Some("n2"));
+        let st = s.status(now);
+        let lost = st.peer_lost.expect("reported");
+        assert_eq!(st.peer, PeerState::None);
+        assert_eq!(
+            (lost.reason.as_str(), lost.node.as_deref(), lost.at_unix_ms),
+            ("replication link ended", Some("n2"), 42)
+        );
+        assert!(s.render_metrics(now).contains("\nunderstudy_peers_lost_total 1\n"));
+        s.set_peer(PeerState::None, None);
+        assert!(s.status(now).peer_lost.is_some(), "still alone");
+        s.set_peer(PeerState::Syncing, Some("n3"));
+        assert_eq!(s.status(now).peer_lost, None);
+    }
+
+    #[test]
     fn status_json_round_trips() {
         let now = Instant::now();
         let s = state(now);
         let json = serde_json::to_string(&s.status(now)).expect("status serialises");
         assert!(json.contains("\"role\":\"primary\""), "{json}");
         assert!(json.contains("\"peer\":\"none\""), "{json}");
+        let back: NodeStatus = serde_json::from_str(&json).expect("status parses back");
+        assert_eq!(back, s.status(now));
+        s.stood_down(UNIX_EPOCH, "the primary still answers for the VIP");
+        s.peer_lost(UNIX_EPOCH, "replication link ended", None);
+        let json = serde_json::to_string(&s.status(now)).expect("status serialises");
+        assert!(json.contains("\"alarm\":{\"kind\":\"stood_down\""), "{json}");
+        assert!(json.contains("\"peer_lost\":{\"reason\":\"replication link ended\""), "{json}");
         let back: NodeStatus = serde_json::from_str(&json).expect("status parses back");
         assert_eq!(back, s.status(now));
     }
