@@ -8,7 +8,7 @@ use serde_json::Value;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 use understudy_tests::harness::unique_id;
-use understudy_tests::pair::{Pair, PairOptions, VIP};
+use understudy_tests::pair::{Pair, PairOptions};
 
 fn faults(args: &[&str]) -> Result<Output> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/faults");
@@ -30,18 +30,8 @@ fn fault(args: &[&str]) -> Result<String> {
 
 /// A GET through the VIP from the client host.
 fn get(pair: &Pair) -> Result<()> {
-    let out = pair.client(&[
-        "curl",
-        "-sS",
-        "--max-time",
-        "5",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        &format!("http://{VIP}/small.bin"),
-    ])?;
-    ensure!(out.trim() == "200", "GET through the VIP answered {out}");
+    let code = pair.get_status("/small.bin")?;
+    ensure!(code == "200", "GET through the VIP answered {code}");
     Ok(())
 }
 

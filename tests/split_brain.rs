@@ -206,18 +206,8 @@ fn partition_then_kill(tag: char, how: Cut) -> Result<()> {
 
     // New connections are served, and the VIP answers with the new primary's MAC.
     for _ in 0..5 {
-        let out = pair.client(&[
-            "curl",
-            "-sS",
-            "--max-time",
-            "5",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            &format!("http://{VIP}/f1.bin"),
-        ])?;
-        ensure!(out.trim() == "200", "a new request after the takeover: {out}\n{}", pair.logs_tail());
+        let code = pair.get_status("/f1.bin")?;
+        ensure!(code == "200", "a new request after the takeover: {code}\n{}", pair.logs_tail());
     }
     let mac = arping_vip(&pair)?.context("nobody answers for the VIP after the takeover")?;
     ensure!(mac == backup_mac, "{mac} answers for the VIP after the takeover (new primary {backup_mac})");

@@ -167,24 +167,7 @@ pub fn encode(payload: &[u8], max_frame: usize, dst: &mut BytesMut) -> Result<()
 /// Appends a frame carrying the encoding of `value` to `dst`, encoding in place.
 /// On error `dst` is left as it was.
 pub fn encode_value<T: Serialize>(value: &T, max_frame: usize, dst: &mut BytesMut) -> Result<(), EncodeError> {
-    let max_frame = max_frame.min(MAX_FRAME_LIMIT);
-    let start = dst.len();
-    dst.put_bytes(0, HEADER_LEN);
-    let len = match codec::encode_into(value, dst) {
-        Ok(len) => len,
-        Err(e) => {
-            dst.truncate(start);
-            return Err(EncodeError::Payload(e));
-        }
-    };
-    if len > max_frame {
-        dst.truncate(start);
-        return Err(EncodeError::Oversized { len: len as u64, max: max_frame });
-    }
-    let crc = crc32fast::hash(&dst[start + HEADER_LEN..]);
-    dst[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
-    dst[start + 4..start + HEADER_LEN].copy_from_slice(&crc.to_be_bytes());
-    Ok(())
+    encode_value_sealed::<T, 0>(value, max_frame, dst, |_| [])
 }
 
 /// Like [`encode_value`], with a trailer appended inside the payload: `seal` gets the encoded value and

@@ -394,6 +394,14 @@ impl Pair {
         self.tb.exec("client", args)
     }
 
+    /// A GET of `path` through the VIP from the client host, on a new connection: the HTTP status code
+    /// curl reports (`000` when no response came within 5 s).
+    pub fn get_status(&self, path: &str) -> Result<String> {
+        let url = format!("http://{VIP}{path}");
+        let out = self.client(&["curl", "-sS", "--max-time", "5", "-o", "/dev/null", "-w", "%{http_code}", &url])?;
+        Ok(out.trim().to_string())
+    }
+
     /// `sha256sum` of a file (in this namespace: the scratch directory is shared).
     pub fn sha256(path: &Path) -> Result<String> {
         let out = run(std::process::Command::new("sha256sum").arg(path))?;
