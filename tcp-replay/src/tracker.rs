@@ -403,6 +403,30 @@ impl Tracker {
 
     /// Handles one segment seen at time `now`, travelling in `dir`.
     pub fn handle_segment(&mut self, now: Duration, dir: Dir, seg: &Segment) -> Result<(), TrackError> {
+        // What the steps set before a later check refuses the segment (the endpoints
+        // of a first segment, a stream's origin) is undone: a refusal changes nothing.
+        let had = [&self.client, &self.server].map(|e| e.as_ref().map(|e| e.seq0.is_some()));
+        let result = self.apply_segment(now, dir, seg);
+        if result.is_err() {
+            for (slot, had) in [&mut self.client, &mut self.server].into_iter().zip(had) {
+                match (had, slot.as_mut()) {
+                    (None, _) => *slot = None,
+                    (Some(false), Some(e)) => {
+                        e.seq0 = None;
+                        e.high = (Seq(0), 0);
+                    }
+                    _ => {}
+                }
+            }
+            if had[0].is_none() {
+                self.handshake_seen = false;
+                self.established = false;
+            }
+        }
+        result
+    }
+
+    fn apply_segment(&mut self, now: Duration, dir: Dir, seg: &Segment) -> Result<(), TrackError> {
         let first = self.client.is_none();
         self.check_addresses(dir, seg)?;
         if seg.flags.syn() {
@@ -1222,6 +1246,39 @@ mod tests {
             Err(TrackError::UnexpectedSyn(Dir::ToClient))
         );
         assert_eq!(c.t.state(), TcpState::Established);
+    }
+
+    // Found by the tracker fuzz target: both refusals left endpoints or a stream origin behind.
+    #[test]
+    fn refused_first_segment_leaves_no_connection_behind() {
+        let mut t = Tracker::new();
+        let mut b = SegmentBuilder::new(C.parse().unwrap(), S.parse().unwrap());
+        b.flags = TcpFlags::SYN | TcpFlags::RST;
+        let bytes = b.build(b"");
+        let seg = Segment::parse_ipv4(&bytes, Checksums::Verify).unwrap();
+        assert_eq!(t.handle_segment(ms(0), Dir::ToServer, &seg), Err(TrackError::UnexpectedSyn(Dir::ToServer)));
+        assert_eq!(t, Tracker::new());
+        assert_eq!(t.addresses(), None);
+    }
+
+    #[test]
+    fn refused_ack_of_unsent_bytes_leaves_the_senders_stream_origin_unset() {
+        let mut t = Tracker::new();
+        let mut b = SegmentBuilder::new(C.parse().unwrap(), S.parse().unwrap());
+        b.flags = TcpFlags::SYN;
+        b.seq = Seq(1000);
+        let syn = b.build(b"");
+        t.handle_segment(ms(0), Dir::ToServer, &Segment::parse_ipv4(&syn, Checksums::Verify).unwrap()).unwrap();
+        let before = t.clone();
+        // The server's first segment acknowledges far more than the client ever sent.
+        let mut b = SegmentBuilder::new(S.parse().unwrap(), C.parse().unwrap());
+        b.seq = Seq(5000);
+        b.ack = Seq(1001 + (1 << 30) + 10);
+        let bytes = b.build(b"");
+        let seg = Segment::parse_ipv4(&bytes, Checksums::Verify).unwrap();
+        assert!(matches!(t.handle_segment(ms(1), Dir::ToClient, &seg), Err(TrackError::AckOfUnsent { .. })));
+        assert_eq!(t, before);
+        assert_eq!(t.sender(Dir::ToClient).snd_max(), None);
     }
 }
 
