@@ -5,8 +5,9 @@
 //! * `segment`: the fixtures' IPv4 datagrams, one per kind (direction, flags,
 //!   options, with or without payload).
 //! * `tracker`: each fixture's handshake and first segments as the tracker is fed
-//!   them, in four set-ups; and as the replica feeds it (client segments, the
-//!   server's SYN-ACK/FIN/RST, reply bytes as server data).
+//!   them, in three set-ups, payloads cut short; the first few whole; the last few
+//!   (mid-stream); and as the replica feeds it (client segments, the server's
+//!   SYN-ACK/FIN/RST, reply bytes as server data).
 //! * `frame`: encoded streams of every replication message, segments and reply
 //!   bytes taken from the fixtures, a replica snapshot of a fixture's connection.
 //! * `http_framer`: the fixtures' first TCP payloads each way (not HTTP: they
@@ -26,6 +27,7 @@ use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tcp_replay::pcap::CaptureReader;
+use tcp_replay::segment::SegmentBuilder;
 use tcp_replay::{Checksums, Dir, Segment, ServerAcks, Validation};
 
 /// The fuzz targets, by name.
@@ -41,7 +43,7 @@ pub struct Seed {
 
 /// The pcap fixtures' directory in this repository.
 pub fn fixtures_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tcp-replay/tests/fixtures")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tcp-replay/tests/fixtures")
 }
 
 /// A captured datagram, with its time and direction.
@@ -131,48 +133,66 @@ fn segment_seeds(captures: &[(String, Vec<Captured>)]) -> Vec<Seed> {
 
 /// Segments per tracker seed: the handshake and the first exchanges.
 const TRACKER_SEGMENTS: usize = 24;
+/// Payload bytes kept per segment in most tracker seeds: small inputs fuzz faster, and
+/// the bytes cut out are what a lossy capture misses (the ACKs still cover them).
+const TRACKER_PAYLOAD: usize = 32;
 
-/// Every packet as a segment operation, timed as captured.
-fn segment_ops(packets: &[Captured]) -> Vec<TrackerOp<'_>> {
+/// The datagram with its payload cut to `TRACKER_PAYLOAD` bytes, checksums redone.
+fn shrink(datagram: &[u8]) -> Vec<u8> {
+    let s = seg(datagram);
+    let mut b = SegmentBuilder::new(s.src, s.dst);
+    b.flags = s.flags.0;
+    b.seq = s.seq;
+    b.ack = s.ack;
+    b.window = s.window;
+    b.options = s.options;
+    b.build(&s.payload[..s.payload.len().min(TRACKER_PAYLOAD)])
+}
+
+/// Every packet as a segment operation, timed as captured; payloads shrunk or whole.
+fn segment_ops(packets: &[Captured], whole: bool) -> Vec<(Dir, Duration, Vec<u8>)> {
     let mut last = None;
     packets
         .iter()
         .map(|p| {
             let after = last.map_or(Duration::ZERO, |l| p.at.saturating_sub(l));
             last = Some(p.at);
-            TrackerOp::Segment { dir: p.dir, after, datagram: &p.datagram }
+            (p.dir, after, if whole { p.datagram.clone() } else { shrink(&p.datagram) })
         })
         .collect()
 }
 
+fn tracker_input(config: TrackerConfig, ops: &[(Dir, Duration, Vec<u8>)]) -> Vec<u8> {
+    let ops: Vec<TrackerOp<'_>> =
+        ops.iter().map(|(dir, after, datagram)| TrackerOp::Segment { dir: *dir, after: *after, datagram }).collect();
+    inputs::tracker(config, &ops)
+}
+
 fn tracker_seeds(captures: &[(String, Vec<Captured>)]) -> Vec<Seed> {
+    let kernel = TrackerConfig { validation: Validation::Kernel, server_acks: ServerAcks::Seen, trim_on_ack: true };
     let configs = [
-        ("kernel", TrackerConfig { validation: Validation::Kernel, server_acks: ServerAcks::Seen, trim_on_ack: true }),
-        (
-            "observer",
-            TrackerConfig { validation: Validation::Observer, server_acks: ServerAcks::Seen, trim_on_ack: true },
-        ),
-        ("keep", TrackerConfig { validation: Validation::Kernel, server_acks: ServerAcks::Seen, trim_on_ack: false }),
+        ("kernel", kernel),
+        ("observer", TrackerConfig { validation: Validation::Observer, ..kernel }),
+        ("keep", TrackerConfig { trim_on_ack: false, ..kernel }),
     ];
     let mut out = Vec::new();
     for (name, packets) in captures {
-        let head = segment_ops(&packets[..packets.len().min(TRACKER_SEGMENTS)]);
+        let head = segment_ops(&packets[..packets.len().min(TRACKER_SEGMENTS)], false);
         for (label, config) in configs {
-            out.push(Seed {
-                target: "tracker",
-                name: format!("{name}-{label}"),
-                bytes: inputs::tracker(config, &head),
-            });
+            out.push(Seed { target: "tracker", name: format!("{name}-{label}"), bytes: tracker_input(config, &head) });
         }
+        // The handshake and first data whole: a connection the tracker can restore.
+        let whole = segment_ops(&packets[..packets.len().min(8)], true);
+        out.push(Seed { target: "tracker", name: format!("{name}-whole"), bytes: tracker_input(kernel, &whole) });
         // The end of the connection (FIN or RST), seen mid-stream.
-        let tail = segment_ops(&packets[packets.len().saturating_sub(TRACKER_SEGMENTS / 2)..]);
-        out.push(Seed { target: "tracker", name: format!("{name}-tail"), bytes: inputs::tracker(configs[1].1, &tail) });
+        let tail = segment_ops(&packets[packets.len().saturating_sub(TRACKER_SEGMENTS / 2)..], false);
+        out.push(Seed { target: "tracker", name: format!("{name}-tail"), bytes: tracker_input(configs[1].1, &tail) });
 
         // As the replica is fed: every client segment, the server's control segments,
         // and the server's bytes from the reply log.
-        let replica =
-            TrackerConfig { validation: Validation::Kernel, server_acks: ServerAcks::Inferred, trim_on_ack: true };
-        let mut ops = Vec::new();
+        let replica = TrackerConfig { server_acks: ServerAcks::Inferred, ..kernel };
+        let mut shrunk = Vec::new();
+        let mut plan = Vec::new();
         let mut last = None;
         let mut server_offset = 0u64;
         for p in packets.iter().take(TRACKER_SEGMENTS * 2) {
@@ -180,13 +200,22 @@ fn tracker_seeds(captures: &[(String, Vec<Captured>)]) -> Vec<Seed> {
             let after = last.map_or(Duration::ZERO, |l| p.at.saturating_sub(l));
             last = Some(p.at);
             if p.dir == Dir::ToServer || s.flags.syn() || s.flags.fin() || s.flags.rst() {
-                ops.push(TrackerOp::Segment { dir: p.dir, after, datagram: &p.datagram });
+                shrunk.push(shrink(&p.datagram));
+                plan.push((p.dir, after, shrunk.len() - 1, None));
             }
             if p.dir == Dir::ToClient && !s.payload.is_empty() {
-                ops.push(TrackerOp::ServerData { offset: server_offset, bytes: s.payload });
+                let bytes = &s.payload[..s.payload.len().min(TRACKER_PAYLOAD)];
+                plan.push((p.dir, after, usize::MAX, Some((server_offset, bytes))));
                 server_offset += s.payload.len() as u64;
             }
         }
+        let mut ops: Vec<TrackerOp<'_>> = plan
+            .iter()
+            .map(|(dir, after, i, data)| match data {
+                Some((offset, bytes)) => TrackerOp::ServerData { offset: *offset, bytes },
+                None => TrackerOp::Segment { dir: *dir, after: *after, datagram: &shrunk[*i] },
+            })
+            .collect();
         ops.push(TrackerOp::Trim { dir: Dir::ToServer, offset: 100 });
         out.push(Seed { target: "tracker", name: format!("{name}-replica"), bytes: inputs::tracker(replica, &ops) });
     }

@@ -119,7 +119,7 @@ fn tracker_seeds_follow_their_connections_past_the_handshake() {
     use understudy_fuzz::inputs::{TrackerOp, parse_tracker};
     let seeds = all_seeds();
     let mut established = 0;
-    for s in seeds.iter().filter(|s| s.target == "tracker" && s.name.ends_with("-kernel")) {
+    for s in seeds.iter().filter(|s| s.target == "tracker" && s.name.ends_with("-whole")) {
         let (_, ops) = parse_tracker(&s.bytes);
         let mut t = Tracker::new();
         for op in ops {
