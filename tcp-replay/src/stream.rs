@@ -4,10 +4,16 @@
 //! 32-bit sequence wrap never reaches this layer. The first copy of a byte wins:
 //! retransmissions and overlaps never deliver a byte twice. Bytes that a peer's
 //! ACK proves were sent but that were never seen (a capture that dropped them)
-//! become a zero-filled, recorded gap, so the stream can move on.
+//! become a zero-filled, recorded gap, so the stream can move on; a hole too large
+//! to fill takes the retained bytes before it into its gap instead.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
+
+/// Largest hole [`Stream::skip_to`] zero-fills. A peer's ACK may run up to a window
+/// (1 GiB with window scaling) past the bytes seen: filling that would let one
+/// 40-byte packet of a hostile capture allocate a gigabyte.
+pub const MAX_ZERO_FILL: u64 = 1 << 20;
 
 /// One direction's reassembled bytes, retained from `start()` on.
 ///
@@ -175,25 +181,26 @@ impl Stream {
 
     /// Declares that everything below `offset` was sent although not all of it was
     /// seen: holes below `offset` become recorded gaps, zero-filled when bytes before
-    /// them are still retained (else the start just moves on). Returns the bytes skipped.
+    /// them are still retained (else the start just moves on). A hole larger than
+    /// [`MAX_ZERO_FILL`] is not filled: the retained bytes before it are given up and
+    /// the gap covers them too. Returns the bytes skipped (the holes).
     pub fn skip_to(&mut self, offset: u64) -> u64 {
         let mut skipped = 0;
-        if self.data.is_empty() {
-            // Nothing retained before the hole: move on without zero-filling it.
-            let next = self.pending.first_key_value().map(|(k, _)| *k).unwrap_or(offset).min(offset);
-            if next > self.start {
-                self.gaps.push(self.start..next);
-                skipped += next - self.start;
-                self.start = next;
-                self.drain_pending();
-            }
-        }
         while self.contiguous_end() < offset {
             let end = self.contiguous_end();
             let next = self.pending.first_key_value().map(|(k, _)| *k).unwrap_or(offset).min(offset);
             let hole = next - end;
-            self.gaps.push(end..next);
-            self.data.extend(std::iter::repeat_n(0u8, hole as usize));
+            if self.data.is_empty() || hole > MAX_ZERO_FILL {
+                let from = self.start;
+                // Gaps inside the bytes given up join the one that now covers them.
+                self.gaps.retain(|g| g.end <= from);
+                self.gaps.push(from..next);
+                self.data.clear();
+                self.start = next;
+            } else {
+                self.gaps.push(end..next);
+                self.data.extend(std::iter::repeat_n(0u8, hole as usize));
+            }
             skipped += hole;
             self.drain_pending();
         }
@@ -356,6 +363,30 @@ mod tests {
         assert!(serde_json::from_str::<Stream>(&bad_count).is_err());
         let overlapping = json.replace("\"5\":", "\"1\":");
         assert!(serde_json::from_str::<Stream>(&overlapping).is_err());
+    }
+
+    #[test]
+    fn a_hole_too_large_to_fill_gives_up_the_bytes_before_it_as_a_gap() {
+        // Found by the tracker fuzz target: a server ACK 62 MB past the client bytes
+        // seen made the tracker zero-fill 62 MB.
+        let mut s = Stream::new();
+        s.insert(0, b"ab");
+        s.insert(3, b"c");
+        s.skip_to(3);
+        let far = 4 + MAX_ZERO_FILL + 1;
+        s.insert(far, b"z");
+        assert_eq!(s.skip_to(far + 1), MAX_ZERO_FILL + 1);
+        assert_eq!(s.gaps(), &[0..far]);
+        assert_eq!(s.start(), far);
+        assert_eq!(s.retained_bytes(), 1);
+        assert_eq!(s.copy_range(0..far + 1), b"z");
+        assert!(s.has_gap_in(0..1));
+        // A hole of exactly the limit is still filled.
+        let mut s = Stream::new();
+        s.insert(0, b"a");
+        assert_eq!(s.skip_to(1 + MAX_ZERO_FILL), MAX_ZERO_FILL);
+        assert_eq!(s.retained_bytes() as u64, 1 + MAX_ZERO_FILL);
+        assert_eq!(s.gaps(), &[1..1 + MAX_ZERO_FILL]);
     }
 
     #[test]

@@ -1341,6 +1341,22 @@ mod validation_tests {
     }
 
     #[test]
+    fn server_ack_far_past_the_client_bytes_seen_fills_no_gigabytes() {
+        // Found by the tracker fuzz target: an ACK 62 MB past 32 retained client bytes
+        // was zero-filled. Now the hole and the bytes before it are one gap.
+        let mut t = Tracker::with_validation(Validation::Observer);
+        handshake(&mut t);
+        feed(&mut t, Dir::ToServer, TcpFlags::ACK, 1, 1, 1, TcpOptions::default(), &[7u8; 32]).unwrap();
+        let far = 1 + 62_000_000;
+        feed(&mut t, Dir::ToClient, TcpFlags::ACK, 1, far, 1, TcpOptions::default(), b"").unwrap();
+        let s = t.stream(Dir::ToServer);
+        assert_eq!(s.retained_bytes(), 0);
+        assert_eq!(s.gaps(), &[0..far as u64 - 1]);
+        assert_eq!(t.sender(Dir::ToServer).missing_bytes, far as u64 - 1 - 32);
+        assert!(matches!(t.restore_plan(Duration::ZERO), Err(PlanError::MissingBytes { dir: Dir::ToServer, .. })));
+    }
+
+    #[test]
     fn observer_accepts_data_beyond_a_window_update_the_capture_missed() {
         let far = 1 + 200 * 128; // beyond the 100-byte SYN-ACK window
         let mut strict = Tracker::new();
