@@ -567,14 +567,16 @@ impl Framer {
 /// Steps a chunked body: one line's worth, one data run, or one CRLF byte. Returns
 /// (bytes used, payload bytes among them, body complete).
 fn step_chunk(side: Side, pos: u64, c: &mut ChunkPos, input: &[u8]) -> Result<(u64, u64, bool), FrameError> {
-    let bad = |reason: &str| FrameError::BadChunk { side, offset: pos, reason: reason.to_string() };
+    // A line's error is reported at the line's start, wherever the input was cut.
+    let bad = |at: u64, reason: &str| FrameError::BadChunk { side, offset: at, reason: reason.to_string() };
     match c {
         ChunkPos::SizeLine { line } => {
-            let Some(used) = take_line(line, input, MAX_CHUNK_LINE).map_err(|_| bad("chunk-size line too long"))?
+            let at = pos - line.len() as u64;
+            let Some(used) = take_line(line, input, MAX_CHUNK_LINE).map_err(|_| bad(at, "chunk-size line too long"))?
             else {
                 return Ok((input.len() as u64, 0, false));
             };
-            let size = parse_chunk_size(line).ok_or_else(|| bad("malformed chunk-size line"))?;
+            let size = parse_chunk_size(line).ok_or_else(|| bad(at, "malformed chunk-size line"))?;
             *c = if size == 0 {
                 ChunkPos::Trailers { line: Vec::new(), total: 0 }
             } else {
@@ -594,14 +596,15 @@ fn step_chunk(side: Side, pos: u64, c: &mut ChunkPos, input: &[u8]) -> Result<(u
             match (*cr, input[0]) {
                 (false, b'\r') => *cr = true,
                 (true, b'\n') => *c = ChunkPos::SizeLine { line: Vec::new() },
-                _ => return Err(bad("chunk data not followed by CRLF")),
+                _ => return Err(bad(pos, "chunk data not followed by CRLF")),
             }
             Ok((1, 0, false))
         }
         ChunkPos::Trailers { line, total } => {
             let room = MAX_TRAILER_BYTES.saturating_sub(*total);
             let before = line.len();
-            let Some(used) = take_line(line, input, room + before).map_err(|_| bad("trailer section too large"))?
+            let at = pos - before as u64;
+            let Some(used) = take_line(line, input, room + before).map_err(|_| bad(at, "trailer section too large"))?
             else {
                 *total += input.len();
                 return Ok((input.len() as u64, 0, false));
@@ -611,7 +614,7 @@ fn step_chunk(side: Side, pos: u64, c: &mut ChunkPos, input: &[u8]) -> Result<(u
                 return Ok((used as u64, 0, true));
             }
             if !line.ends_with(b"\r\n") || !line.contains(&b':') {
-                return Err(bad("malformed trailer field"));
+                return Err(bad(at, "malformed trailer field"));
             }
             line.clear();
             Ok((used as u64, 0, false))
@@ -1059,6 +1062,23 @@ mod tests {
         f.handle_client(0, b"GET / HTTP/1.1\r\n\r\n", &mut Vec::new()).unwrap();
         let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\nHTTP/1.1";
         assert!(matches!(f.handle_server(0, resp, &mut Vec::new()), Err(FrameError::DataAfterClose { .. })));
+    }
+
+    #[test]
+    fn a_malformed_chunk_line_is_reported_at_its_start_however_the_bytes_were_cut() {
+        // Found by the http_framer fuzz target: the offset was where the last piece began.
+        let head = b"POST /up HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        for (body, at) in [(&b"5\r\nhello\r\nz;\r\n"[..], 10), (b"0\r\nno colon\r\n", 3)] {
+            let stream = [&head[..], body].concat();
+            let expected = head.len() as u64 + at;
+            for cut in head.len()..stream.len() {
+                let mut f = Framer::requests(0);
+                let mut ev = Vec::new();
+                let first = f.feed(0, &stream[..cut], &mut ev);
+                let err = first.and_then(|()| f.feed(cut as u64, &stream[cut..], &mut ev)).unwrap_err();
+                assert!(matches!(err, FrameError::BadChunk { offset, .. } if offset == expected), "cut {cut}: {err:?}");
+            }
+        }
     }
 
     /// A message with a random body framing, and its bytes.
