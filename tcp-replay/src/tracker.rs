@@ -1351,7 +1351,8 @@ mod validation_tests {
         feed(&mut t, Dir::ToClient, TcpFlags::ACK, 1, far, 1, TcpOptions::default(), b"").unwrap();
         let s = t.stream(Dir::ToServer);
         assert_eq!(s.retained_bytes(), 0);
-        assert_eq!(s.gaps(), &[0..far as u64 - 1]);
+        assert_eq!(s.gaps().len(), 1);
+        assert_eq!(s.gaps()[0], 0..far as u64 - 1);
         assert_eq!(t.sender(Dir::ToServer).missing_bytes, far as u64 - 1 - 32);
         assert!(matches!(t.restore_plan(Duration::ZERO), Err(PlanError::MissingBytes { dir: Dir::ToServer, .. })));
     }
