@@ -168,6 +168,37 @@ fn decode_error(e: bincode::error::DecodeError) -> CodecError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stream_encodes_its_bytes_as_it_did_as_sequences_and_decodes_either() {
+        use std::collections::{BTreeMap, VecDeque};
+        // The form a Stream had before it wrote its bytes as byte strings (serde's default for these types).
+        #[derive(serde::Serialize, serde::Deserialize)]
+        struct Before {
+            start: u64,
+            data: VecDeque<u8>,
+            pending: BTreeMap<u64, Vec<u8>>,
+            pending_bytes: usize,
+            gaps: Vec<std::ops::Range<u64>>,
+        }
+        let mut stream = tcp_replay::stream::Stream::new();
+        stream.insert(0, b"GET / HTTP/1.1\r\n");
+        stream.insert(40, b"later");
+        stream.insert(45, b"touching");
+        let mut data: VecDeque<u8> = b"GET / HTTP/1.1\r\n".iter().copied().collect();
+        data.rotate_left(3); // a deque whose bytes wrap around its buffer
+        data.rotate_right(3);
+        let before = Before {
+            start: 0,
+            data,
+            pending: BTreeMap::from([(40, b"later".to_vec()), (45, b"touching".to_vec())]),
+            pending_bytes: 13,
+            gaps: Vec::new(),
+        };
+        let bytes = encode(&before).unwrap();
+        assert_eq!(encode(&stream).unwrap(), bytes, "the wire format is unchanged");
+        assert_eq!(decode::<tcp_replay::stream::Stream>(&bytes).unwrap(), stream);
+    }
     use crate::protocol::{ConnKey, Message, Record, ToBackup};
     use std::net::SocketAddrV4;
 
