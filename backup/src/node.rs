@@ -581,7 +581,6 @@ async fn take_over(
             }
         });
     }
-    admin_state.set_role(Role::Primary, epoch);
     admin_state.set_peer(PeerState::None, None);
 
     let record_admin = admin_state.clone();

@@ -315,7 +315,7 @@ pub fn prepare_link_auth(config: &mut NodeConfig) -> Result<(), shared::config::
 /// Serves as primary after a takeover: starts the replicator with the taken-over table, calls
 /// `restored(&serving)`, which returns the tasks serving the restored connections (they are drained with
 /// the proxy's connections on stop), then serves and stops exactly like [`run`]. The caller keeps its own
-/// admin endpoint running; `taken.admin` is set to role primary at `taken.epoch`.
+/// admin endpoint running; `restored` records the takeover, which sets `taken.admin`'s role to primary.
 pub async fn serve_after_takeover(
     config: NodeConfig,
     taken: TakenOver,
@@ -324,7 +324,6 @@ pub async fn serve_after_takeover(
 ) -> Result<(), NodeError> {
     let span = tracing::info_span!("node", role = role_name(Role::Primary), epoch = taken.epoch);
     async move {
-        taken.admin.set_role(Role::Primary, taken.epoch);
         let proxy = match Proxy::new(proxy_config(&config)) {
             Ok(proxy) => proxy,
             Err(e) => {

@@ -414,9 +414,12 @@ impl AdminState {
         self.dynamic().peer == PeerState::Connected
     }
 
-    /// A takeover finished.
+    /// A takeover finished: this node is primary at the record's epoch. The role and the record change
+    /// together, so a status that reads `primary` after a takeover always shows that takeover.
     pub fn record_failover(&self, record: FailoverRecord) {
         let mut d = self.dynamic();
+        d.role = Role::Primary;
+        d.epoch = record.epoch;
         d.failovers_total += 1;
         if d.failovers.len() == FAILOVER_HISTORY {
             d.failovers.pop_front();
@@ -813,6 +816,28 @@ mod tests {
         assert_eq!(st.failovers[0].detection_ms, 1.5);
         let text = s.render_metrics(now);
         assert!(text.contains("understudy_last_failover_seconds{phase=\"restore\"} 0.00029\n"), "{text}");
+    }
+
+    #[test]
+    fn a_backup_reads_primary_only_with_the_takeover_that_made_it_so() {
+        let now = Instant::now();
+        let s = AdminState::new("b", "c1", Role::Backup, 1, now);
+        let st = s.status(now);
+        assert_eq!((st.role, st.epoch, st.failovers.len()), (Role::Backup, 1, 0));
+        s.record_failover(FailoverRecord {
+            at: UNIX_EPOCH,
+            reason: "planned switchover".into(),
+            epoch: 2,
+            detection: Duration::ZERO,
+            fencing: Duration::ZERO,
+            restore: Duration::from_millis(3),
+            total: Duration::from_millis(4),
+            connections_restored: 7,
+            connections_lost: 0,
+        });
+        let st = s.status(now);
+        assert_eq!((st.role, st.epoch, st.failovers.len()), (Role::Primary, 2, 1));
+        assert_eq!(s.role(), Role::Primary);
     }
 
     #[test]
