@@ -86,7 +86,7 @@ fn five_failovers_alternating_between_hosts_under_load() -> Result<()> {
     let pcap = pair.dir.0.join("client.pcap");
     let capture = Capture::start(&pair.tb, "client", "eth0", "tcp port 80", 96, &pcap)?;
     let load = Load::start(&pair, 64, &SIZES, Duration::from_millis(20))?;
-    let downloads = [start_download(&pair, "dl0", "4M")?, start_download(&pair, "dl1", "4M")?];
+    let mut downloads = [start_download(&pair, "dl0", "4M")?, start_download(&pair, "dl1", "4M")?];
     let mut epoch = 1;
     let mut taken = Vec::new();
     for round in 1..=5 {
@@ -98,9 +98,22 @@ fn five_failovers_alternating_between_hosts_under_load() -> Result<()> {
         let new_epoch = status["epoch"].as_u64().context("epoch")?;
         ensure!(new_epoch > epoch, "round {round}: epoch went from {epoch} to {new_epoch}");
         epoch = new_epoch;
-        // Every connection open before the failure was protected: the 64 of the load and both downloads.
+        // Every connection open before the failure was protected: the 64 of the load and the downloads. A
+        // download still running now was running at the failure (its end needs the new primary). On a
+        // slow machine one can have ended before a late round; it is checked at the end like the others.
+        let mut running = 0;
+        for d in &mut downloads {
+            running += u64::from(d.try_wait()?.is_none());
+        }
+        if running < 2 {
+            println!("round {round}: {} of the 2 downloads had already ended", 2 - running);
+        }
         let restored = f["connections_restored"].as_u64().unwrap_or(0);
-        ensure!(restored >= 66, "round {round}: only {restored} connections restored: {f}\n{}", pair.logs_tail());
+        ensure!(
+            restored >= 64 + running,
+            "round {round}: only {restored} connections restored, with {running} downloads running: {f}\n{}",
+            pair.logs_tail()
+        );
         ensure!(f["connections_lost"] == 0, "round {round}: connections lost: {f}");
         pair.promoted()?;
         load.wait_progress(200, Duration::from_secs(60))?;

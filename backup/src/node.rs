@@ -16,23 +16,26 @@
 //!    silence; a primary gone before that is taken over from without its connections, and so is one
 //!    that a fence found alive after the link was lost (it served on without this replica).
 //!
+//! At start, after the leftovers, the takeover is armed ([`Armed::arm`]): the hold for VIP:port segments,
+//! the gate above it (it will queue every client segment; the replicator applies them to the table and
+//! releases them once serving), its output lease (revoked until a takeover), and the arptables rule that
+//! keeps the kernel from answering ARP for the VIP. None of it acts while the VIP is elsewhere.
+//!
 //! Takeover, in order (each step logged and timed):
-//! hold VIP:port segments → stop the replica and take its table → add the VIP → start the gate (it
-//! queues every client segment, above the hold; the replicator applies them to the table and releases
-//! them once serving) → answer ARP and announce → ask the clients with reply bytes in flight what they
-//! received ([`takeover::ask_clients`]) → restore every connection with `TCP_REPAIR` → bind the
-//! listener → release the hold → prompt every restored client to retransmit what the outage lost
-//! ([`crate::prompt`]) → serve as primary at the next epoch (`primary::node::serve_after_takeover`),
+//! grant the output lease → stop the replica and take its table → plan every connection on a thread of
+//! its own, which restores the silent ones once the address is here → add the VIP → answer ARP and
+//! announce → ask the clients with reply bytes in flight what they received
+//! ([`takeover::ask_clients`]) → restore the other connections with `TCP_REPAIR` → bind the listener →
+//! release the hold (in the background) → spawn each connection's task and record the takeover →
+//! prompt every restored client to retransmit what the outage lost ([`crate::prompt`]) → serve as primary at the next epoch (`primary::node::serve_after_takeover`),
 //! resuming each restored connection's exchange in flight ([`crate::resume`]).
 
 use crate::detector::{Action, Detector, DetectorConfig, FenceResult, SuspectReason};
 use crate::prompt::{self, Prompt};
 use crate::replica::{self, Replica, ReplicaConfig};
 use crate::resume::{self, Restored};
-use crate::takeover::{self, Hold, RestoreReport};
-use primary::claim::VipClaim;
+use crate::takeover::{self, Armed, RestoreReport};
 use primary::cli::Shutdown;
-use primary::gate::{Gate, GateError};
 use primary::leftovers::LeftoverError;
 use primary::node::{NodeError, Serving, TakenOver};
 use primary::proxy::{ConnectionHooks, ShutdownSignal, ShutdownTrigger};
@@ -83,9 +86,9 @@ pub enum BackupError {
     /// The takeover could not claim the VIP (the hold is released and the address removed again).
     #[error("takeover failed while claiming the VIP: {0}")]
     Claim(NodeError),
-    /// The takeover could not start the gate.
-    #[error("takeover failed starting the gate: {0}")]
-    Gate(#[from] GateError),
+    /// What a takeover needs could not be prepared at start (the gate, the ARP silence).
+    #[error("{0}")]
+    Arm(#[from] takeover::ArmError),
     /// Serving as primary after the takeover failed.
     #[error("serving after the takeover: {0}")]
     Serving(NodeError),
@@ -121,6 +124,8 @@ async fn run_in_span(
     // Bound now so a wrong address fails at start; a spare joins here once this node serves.
     let repl_listener = bind("replication listener", SocketAddr::V4(config.repl_listen)).await?;
     info!(addr = %config.repl_listen, "replication listener bound (joins are accepted after a takeover)");
+    // After the leftovers are cleared: what the takeover needs is installed now, inert until the VIP is here.
+    let armed = Armed::arm(&config)?;
 
     let mut shutdown: Shutdown = Box::pin(shutdown);
     let identity = LocalIdentity::new(&config.cluster, &config.node, Role::Backup, 0);
@@ -162,11 +167,12 @@ async fn run_in_span(
     };
     let result = match outcome {
         None => {
+            armed.disarm();
             info!("stopped cleanly");
             Ok(())
         }
         Some((replica, record, synced)) => {
-            take_over(&config, replica, record, synced, admin_state.clone(), repl_listener, shutdown).await
+            take_over(&config, armed, replica, record, synced, admin_state.clone(), repl_listener, shutdown).await
         }
     };
     late_trigger.trigger();
@@ -470,8 +476,10 @@ impl primary::cli::NodeEnd for BackupError {
 }
 
 /// Takeover steps 3 to 7, then serving as primary until `shutdown`.
+#[allow(clippy::too_many_arguments)]
 async fn take_over(
     config: &NodeConfig,
+    armed: Armed,
     replica: Replica,
     mut record: crate::detector::FailoverRecord,
     synced: bool,
@@ -479,20 +487,19 @@ async fn take_over(
     repl_listener: TcpListener,
     shutdown: Shutdown,
 ) -> Result<(), BackupError> {
-    let (vip, port) = (config.vip.addr, config.port);
+    let vip = config.vip.addr;
     info!(reason = %record.reason, detection = ?record.detection, fencing = ?record.fencing, "taking over");
     let mut phases = takeover::Phases::start(record.fenced_at());
-
-    // 3. Hold. Without it a client segment that meets no socket yet is reset by the kernel.
-    let hold = match Hold::install(vip, port, &config.node) {
-        Ok(h) => Some(h),
-        Err(e) => {
-            error!(error = %e, "cannot hold VIP segments; restoring without the hold (clients may see resets)");
-            None
-        }
-    };
+    // 3. The hold, the gate above it and the ARP silence were armed at start (`Armed::arm`). The gate queues
+    // every client segment from the moment the address is here; the output lease lets VIP output pass
+    // from now (restored sockets send as they leave repair).
+    let Armed { hold, gate, diverted, mut claim } = armed;
+    if let Err(e) = gate.grant_output_now(Instant::now() + primary::gate::output_lease::STARTUP_GRANT) {
+        error!(error = %e, "cannot grant the output lease at once; VIP output passes from its next renewal");
+    }
+    let mut gate = GateFeed::new(Arc::new(gate), diverted);
+    phases.mark("lease");
     // Above every epoch this node has heard of: the primary's at the handshake, and any in its stream.
-    phases.mark("hold");
     let primary_epoch = replica.peer().epoch;
     let mut table = replica.stop().await;
     phases.mark("replica_stop");
@@ -509,8 +516,12 @@ async fn take_over(
     let table = Arc::new(table);
     let mut early = takeover::Early::start(table.clone(), config.retry.clone());
 
-    // 4b. Claim the address (the kernel stays silent on ARP for it until this process answers).
-    let mut claim = VipClaim::new(&config.iface, vip, config.vip.prefix);
+    // 4b. Claim the address (the kernel stays silent on ARP for it until this process answers). From here
+    // every client segment lands in the gate's queue, and only the replicator (started with the table
+    // once serving) applies it to the table and releases it, in order. Segments of connections restored
+    // meanwhile wait there instead of reaching their sockets unseen by the table (the hold alone lets
+    // segments that find a socket through), and the table stays exactly what the kernel received, as the
+    // next spare's snapshot needs.
     if let Err(e) = claim.take_address() {
         let _ = claim.release();
         early.abandon().await;
@@ -518,21 +529,6 @@ async fn take_over(
     }
     early.address_ready();
     phases.mark("address");
-
-    // The gate before the other restores: from here every client segment lands in its queue, and only the
-    // replicator (started with the table once serving) applies it to the table and releases it, in
-    // order. Segments of connections restored meanwhile wait there instead of reaching their sockets
-    // unseen by the table (the hold alone lets segments that find a socket through), and the table stays
-    // exactly what the kernel received, as the next spare's snapshot needs.
-    let mut gate = match Gate::start(primary::node::gate_config(config)) {
-        Ok((gate, diverted)) => GateFeed::new(Arc::new(gate), diverted),
-        Err(e) => {
-            let _ = claim.release();
-            early.abandon().await;
-            return Err(BackupError::Gate(e));
-        }
-    };
-    phases.mark("gate");
 
     // Announce before the other restores: such a socket sends a window probe as it leaves repair mode,
     // and the client answers at once, to the MAC its ARP cache holds. Before the announcement that is
@@ -671,7 +667,7 @@ fn takeover_prompts(restored: &[Restored]) -> Vec<Prompt> {
             Some((heard, prompt))
         })
         .collect();
-    prompts.sort_by(|a, b| b.0.cmp(&a.0));
+    prompts.sort_by_key(|p| std::cmp::Reverse(p.0));
     prompts.into_iter().map(|(_, p)| p).collect()
 }
 

@@ -6,9 +6,10 @@
 //! `mangle PREROUTING`, ahead of TCP, except the segments `tcp_replay::repair::restore` injects itself (a
 //! replayed FIN), marked [`INJECT_MARK`](tcp_replay::repair::INJECT_MARK), which pass.
 //!
-//! The gate the new primary starts (before the restore) inserts its NFQUEUE rules at the top of the same
-//! chain. A segment the queue accepts leaves the chain there (an accepted verdict continues with the next
-//! hook, not the next rule), so the gate's start is what lifts the hold, and every client segment,
+//! The gate, armed with the hold when the backup starts ([`Armed`]), inserts its NFQUEUE rules at the top
+//! of the same chain, above the hold's. A segment the queue accepts leaves the chain there (an accepted
+//! verdict continues with the next hook, not the next rule), so the hold only catches what the gate does
+//! not queue (nothing, while its rules are in place), and every client segment,
 //! including the answers to the window probes restored sockets send, waits in the gate until the new
 //! primary's replicator has applied it. [`Hold::release`] then removes the rules. Rules carry the comment
 //! `understudy:<node>-hold`; a crashed run's leftovers are removed on install.
@@ -34,10 +35,11 @@
 //! (which meets no socket once the hold is gone, and is reset: honest, and counted).
 
 use crate::resume::Restored;
+use primary::claim::VipClaim;
 use primary::gate::rules::{Iptables, RuleSpec, Rules, RulesError, tag};
-use primary::gate::{Diverted, Hook};
+use primary::gate::{Diverted, Gate, Hook};
 use primary::replicate::GateFeed;
-use shared::config::RetryConfig;
+use shared::config::{NodeConfig, RetryConfig};
 use shared::protocol::ConnKey;
 use shared::replica::table::Conn;
 use shared::replica::{ConnResume, Decision, ReplicaTable, plan_takeover};
@@ -93,6 +95,70 @@ pub fn hold_rules(vip: Ipv4Addr, port: u16, tag: &str) -> Vec<RuleSpec> {
         RuleSpec { chain: "PREROUTING", args: base(&["-m", "mark", "--mark", &mark, "-j", "ACCEPT"]) },
         RuleSpec { chain: "PREROUTING", args: base(&["-j", "DROP"]) },
     ]
+}
+
+/// What a takeover needs that a standby backup prepares in advance, so that the takeover itself only
+/// adds the address and announces it: the hold, the gate (queues bound, rules installed, output lease
+/// installed and revoked) and the arptables rule that keeps the kernel from answering ARP for the VIP.
+/// None of them has any effect while the VIP is not on this host. Installing them took tens of ms, and
+/// under load a hundred, between the fence and the restore.
+pub struct Armed {
+    pub hold: Option<Hold>,
+    pub gate: Gate,
+    pub diverted: tokio::sync::mpsc::Receiver<Diverted>,
+    pub claim: VipClaim,
+}
+
+/// Why a backup could not prepare its takeover.
+#[derive(Debug, thiserror::Error)]
+pub enum ArmError {
+    #[error("cannot start the gate a takeover needs: {0}")]
+    Gate(#[from] primary::gate::GateError),
+    #[error("cannot keep the kernel from answering ARP for the VIP: {0}")]
+    Claim(#[from] primary::node::NodeError),
+    #[error("cannot revoke the output lease of a standby backup: {0}")]
+    Lease(#[source] std::io::Error),
+}
+
+impl Armed {
+    /// Installs the hold, then the gate above it (its rules go to the top of the chain), then the
+    /// arptables rule. The hold is optional, as at a takeover: without it a segment that meets no socket
+    /// could be reset, but the gate queues every client segment before that anyway.
+    pub fn arm(config: &NodeConfig) -> Result<Armed, ArmError> {
+        let (vip, port) = (config.vip.addr, config.port);
+        let hold = match Hold::install(vip, port, &config.node) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                error!(error = %e, "cannot install the hold for VIP segments; a takeover restores without it");
+                None
+            }
+        };
+        let (gate, diverted) = Gate::start(primary::node::gate_config(config))?;
+        // Nothing may leave from the VIP until this node takes over.
+        gate.revoke_output().map_err(ArmError::Lease)?;
+        let mut claim = VipClaim::new(&config.iface, vip, config.vip.prefix);
+        claim.silence_kernel()?;
+        info!(%vip, port, "takeover armed: hold, gate and ARP silence in place (inert until the VIP is here)");
+        Ok(Armed { hold, gate, diverted, claim })
+    }
+
+    /// Removes what [`Armed::arm`] installed (a backup that stops without taking over). Every step is
+    /// tried; failures are logged.
+    pub fn disarm(self) {
+        let Armed { hold, gate, diverted, mut claim } = self;
+        drop(diverted);
+        if let Err(e) = gate.shutdown() {
+            error!(error = %e, "removing the gate's rules failed");
+        }
+        if let Some(hold) = hold
+            && let Err(e) = hold.release()
+        {
+            error!(error = %e, "removing the hold's rules failed");
+        }
+        if let Err(e) = claim.release() {
+            error!(error = %e, "removing the ARP silence failed");
+        }
+    }
 }
 
 /// What the restore step did.

@@ -43,19 +43,24 @@ impl VipClaim {
         VipClaim { iface: iface.to_owned(), vip, prefix, silence: None, address: false, responder: None }
     }
 
-    /// The arptables rule silencing the kernel's ARP for the VIP, then `ip addr add`. After this the
-    /// address is local (sockets may bind it) but nobody answers ARP for it yet.
+    /// The arptables rule silencing the kernel's ARP for the VIP (once). A backup installs it while it
+    /// stands by, so that its takeover only adds the address.
+    pub fn silence_kernel(&mut self) -> Result<(), NodeError> {
+        if self.silence.is_none() {
+            let (vip, iface) = (self.vip, self.iface.clone());
+            let silence =
+                KernelArpSilence::install(&iface, vip).map_err(|source| NodeError::Silence { vip, iface, source })?;
+            self.silence = Some(silence);
+        }
+        Ok(())
+    }
+
+    /// The arptables rule silencing the kernel's ARP for the VIP (unless already there), then `ip addr
+    /// add`. After this the address is local (sockets may bind it) but nobody answers ARP for it yet.
     pub fn take_address(&mut self) -> Result<(), NodeError> {
         let (vip, prefix) = (self.vip, self.prefix);
         let iface = self.iface.clone();
-        if self.silence.is_none() {
-            let silence = KernelArpSilence::install(&iface, vip).map_err(|source| NodeError::Silence {
-                vip,
-                iface: iface.clone(),
-                source,
-            })?;
-            self.silence = Some(silence);
-        }
+        self.silence_kernel()?;
         let change = addr::add(&iface, vip, prefix).map_err(|source| NodeError::AddAddress {
             vip,
             prefix,

@@ -544,6 +544,15 @@ impl Gate {
         }
     }
 
+    /// Lets the kernel pass VIP output until `until`, from now on rather than from the lease's next
+    /// renewal (no effect without an output lease).
+    pub fn grant_output_now(&self, until: std::time::Instant) -> std::io::Result<()> {
+        match &self.lease {
+            Some(lease) => lease.grant_now(until),
+            None => Ok(()),
+        }
+    }
+
     /// Lets the output lease also follow the backup's heartbeat echoes ([`output_lease::OutputLease::follow_echoes`]).
     pub fn follow_echoes(&self, follow: Option<(shared::link::PeerLiveness, std::time::Duration)>) {
         if let Some(lease) = &self.lease {

@@ -66,6 +66,7 @@ pub struct OutputLease {
     thread: Option<JoinHandle<()>>,
     child: Option<Child>,
     table: String,
+    ttl: Duration,
     netns: File,
 }
 
@@ -144,13 +145,24 @@ impl OutputLease {
                 .map_err(OutputLeaseError::Spawn)?
         };
         info!(%vip, port, table, ?ttl, "output lease installed: the kernel drops VIP output unless renewed");
-        Ok(OutputLease { shared, thread: Some(thread), child: Some(child), table, netns })
+        Ok(OutputLease { shared, thread: Some(thread), child: Some(child), table, ttl, netns })
     }
 
     /// Lets renewals run until `until`; each grant replaces the one before (a grant of now revokes).
     pub fn grant_until(&self, until: Instant) {
         let us = until.saturating_duration_since(self.shared.base).as_micros() as u64;
         self.shared.grant_us.store(us, Ordering::Relaxed);
+    }
+
+    /// Grants until `until` and writes the renewal at once instead of at the renewing thread's next turn:
+    /// a takeover whose lease was installed (and revoked) long before sends right after this.
+    pub fn grant_now(&self, until: Instant) -> io::Result<()> {
+        let mut nft = self.shared.nft.lock().unwrap_or_else(|e| e.into_inner());
+        self.grant_until(until);
+        let left = until.saturating_duration_since(Instant::now()).min(self.ttl);
+        let stdin = nft.as_mut().ok_or_else(|| io::Error::other("the lease's nft process is gone"))?;
+        stdin.write_all(renewal(&self.shared.table, self.shared.vip, self.ttl, left.as_millis()).as_bytes())?;
+        stdin.flush()
     }
 
     /// Lets the grant also follow the backup's heartbeat echoes on `liveness`, to `after` past each echoed
@@ -244,7 +256,9 @@ fn renew_loop(shared: &Shared, ttl: Duration) {
                 info!(table, "output lease renewed again");
                 lapsed = false;
             }
-        } else if !lapsed {
+        } else if !lapsed && grant != 0 {
+            // (A grant of 0 is a revocation, logged as such: a backup keeps its lease revoked until it
+            // takes over.)
             warn!(
                 table,
                 "output lease not renewed: the sender has not granted it (suspected backup, stepped down, \
