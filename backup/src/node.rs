@@ -593,7 +593,7 @@ async fn take_over(
         let tasks = resume_all(serving, restored, record_admin.clone());
         phases.mark("tasks");
         record.restored(Instant::now(), restored_count);
-        record_admin.record_failover(shared::admin::FailoverRecord {
+        record_admin.took_over(shared::admin::FailoverRecord {
             at: SystemTime::now(),
             reason: record.reason.clone(),
             epoch,

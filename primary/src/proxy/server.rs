@@ -702,7 +702,8 @@ impl Proxy {
                 }
             }
         };
-        // Counted and logged before the socket closes, so whoever sees the close sees the count.
+        // Counted and logged before the socket is dropped. A client can see the close earlier: after an
+        // error response hyper shuts the write side down itself.
         let exchanges = next.load(Ordering::Relaxed) - first;
         self.log_connection_end(&conn, exchanges, &end);
         inner.stats.connections_open.fetch_sub(1, Ordering::Relaxed);

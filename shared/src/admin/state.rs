@@ -414,12 +414,21 @@ impl AdminState {
         self.dynamic().peer == PeerState::Connected
     }
 
-    /// A takeover finished: this node is primary at the record's epoch. The role and the record change
-    /// together, so a status that reads `primary` after a takeover always shows that takeover.
-    pub fn record_failover(&self, record: FailoverRecord) {
+    /// This node took over: it is primary at the record's epoch. The role and the record change together,
+    /// so a status that reads `primary` after a takeover always shows that takeover.
+    pub fn took_over(&self, record: FailoverRecord) {
         let mut d = self.dynamic();
         d.role = Role::Primary;
         d.epoch = record.epoch;
+        Self::push_failover(&mut d, record);
+    }
+
+    /// A takeover finished (its record only; [`AdminState::took_over`] also makes this node primary).
+    pub fn record_failover(&self, record: FailoverRecord) {
+        Self::push_failover(&mut self.dynamic(), record);
+    }
+
+    fn push_failover(d: &mut Dynamic, record: FailoverRecord) {
         d.failovers_total += 1;
         if d.failovers.len() == FAILOVER_HISTORY {
             d.failovers.pop_front();
@@ -824,7 +833,7 @@ mod tests {
         let s = AdminState::new("b", "c1", Role::Backup, 1, now);
         let st = s.status(now);
         assert_eq!((st.role, st.epoch, st.failovers.len()), (Role::Backup, 1, 0));
-        s.record_failover(FailoverRecord {
+        s.took_over(FailoverRecord {
             at: UNIX_EPOCH,
             reason: "planned switchover".into(),
             epoch: 2,
