@@ -115,7 +115,8 @@ async fn run_in_span(
     let mut admin_task = None;
     if let Some(addr) = config.admin {
         let listener = bind("admin endpoint", addr).await?;
-        let serving = admin::serve(listener, admin_state.clone(), None, wait(late_signal.clone()))?;
+        let serving =
+            admin::serve(listener, admin_state.clone(), config.admin_token.as_deref(), wait(late_signal.clone()))?;
         admin_task = Some(tokio::spawn(serving.in_current_span()));
     }
     // A primary that died on this host (this node before a restart as the spare) left its orphaned

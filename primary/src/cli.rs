@@ -121,7 +121,7 @@ fn rejoin_as_spare(name: &str, join: SocketAddr) {
     eprintln!("{name}: handed over, but cannot restart as `{} --join {join}`: {error}", program.display());
 }
 
-/// `<binary> switchover [--admin ADDR] [--token TOKEN]`: asks the primary's admin endpoint for a planned
+/// `<binary> switchover [--admin ADDR] [--token TOKEN | --token-file FILE]`: asks the primary's admin endpoint for a planned
 /// switchover, prints its JSON answer, and exits 0 when the backup took over, 1 otherwise (2 for bad
 /// arguments). Returns without doing anything unless the first argument is `switchover`.
 pub fn switchover_command(name: &str) {
@@ -150,7 +150,18 @@ pub fn switchover_command(name: &str) {
                 .long("token")
                 .value_name("TOKEN")
                 .env("UNDERSTUDY_ADMIN_TOKEN")
-                .help("Bearer token, when the admin endpoint requires one"),
+                .conflicts_with("token_file")
+                .help(
+                    "Bearer token, when the admin endpoint requires one (visible to other users in the \
+                       process list: prefer --token-file)",
+                ),
+        )
+        .arg(
+            clap::Arg::new("token_file")
+                .long("token-file")
+                .value_name("FILE")
+                .value_parser(clap::value_parser!(std::path::PathBuf))
+                .help("File holding the bearer token (the node's --admin-token-file)"),
         );
     let matches = match command.try_get_matches_from(std::iter::once(format!("{name} switchover")).chain(args)) {
         Ok(m) => m,
@@ -163,7 +174,16 @@ pub fn switchover_command(name: &str) {
         }
     };
     let admin = *matches.get_one::<SocketAddr>("admin").expect("defaulted");
-    let token = matches.get_one::<String>("token").cloned();
+    let token = match matches.get_one::<std::path::PathBuf>("token_file") {
+        Some(path) => match shared::admin::load_token(path) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("{name} switchover: admin token: {e}");
+                std::process::exit(2)
+            }
+        },
+        None => matches.get_one::<String>("token").cloned(),
+    };
     match post_switchover(admin, token.as_deref()) {
         Ok((status, body)) => {
             print!("{body}");

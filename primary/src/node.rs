@@ -251,7 +251,8 @@ async fn run_in_span(mut config: NodeConfig, shutdown: impl Future<Output = ()> 
     // 1. Local listeners first: a wrong address fails before the network is touched.
     if let Some(addr) = config.admin {
         let listener = bind("admin endpoint", addr).await?;
-        let serving = admin::serve(listener, admin_state.clone(), None, wait(late_signal.clone()))?;
+        let serving =
+            admin::serve(listener, admin_state.clone(), config.admin_token.as_deref(), wait(late_signal.clone()))?;
         side_tasks.spawn(serving.in_current_span());
     }
     let repl_addr = SocketAddr::V4(config.repl_listen);

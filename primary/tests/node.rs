@@ -824,3 +824,61 @@ fn primary_steps_down_when_another_node_answers_for_the_vip_after_its_backup_is_
     ensure!(!tb.has_vip("server")?, "the VIP is still on the server");
     Ok(())
 }
+
+/// The admin endpoint on an address other hosts reach: every route but `/healthz` needs the bearer token
+/// from `--admin-token-file`, and `primary switchover --token-file` sends it.
+#[test]
+fn an_admin_endpoint_on_the_network_needs_its_token_and_the_switchover_command_sends_it() -> Result<()> {
+    let tb = Bed::up('d')?;
+    let dir = TempDir::new("token")?;
+    let token_file = dir.join("admin.token");
+    fs::write(&token_file, "Zm9vYmFy-token\n")?;
+    std::fs::set_permissions(&token_file, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let token_path = path_str(&token_file)?;
+    let psk = psk::key_file(dir.path())?;
+    let mut args = primary_args(REPL, NODE, IFACE, &psk);
+    args.extend(["--admin", "10.0.0.2:9901", "--admin-token-file", token_path]);
+    let mut primary = tb.spawn("primary", "server", &args, &dir.join("primary.log"))?;
+    primary.wait_for_log("serving HTTP on the VIP", Duration::from_secs(15))?;
+
+    // From the client host, as another machine on the network would.
+    let get = |path: &str, auth: Option<&str>| -> Result<String> {
+        let url = format!("http://10.0.0.2:9901{path}");
+        let header = auth.map(|t| format!("Authorization: Bearer {t}"));
+        let mut args = vec!["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", &url];
+        if let Some(h) = &header {
+            args.extend(["-H", h]);
+        }
+        tb.exec("client", &args)
+    };
+    assert_eq!(get("/status", None)?, "401", "no token");
+    assert_eq!(get("/status", Some("Zm9vYmFy-wrong"))?, "401", "a wrong token");
+    assert_eq!(get("/metrics", None)?, "401", "no token for the metrics");
+    assert_eq!(get("/status", Some("Zm9vYmFy-token"))?, "200", "the token");
+    assert_eq!(get("/healthz", None)?, "200", "health needs no token");
+
+    // The switchover command: refused for its missing token, then let through (and refused for what it is:
+    // there is no backup to hand over to).
+    let switchover = |extra: &[&str]| -> Result<Output> {
+        let mut a = vec![PRIMARY, "switchover", "--admin", "10.0.0.2:9901"];
+        a.extend(extra);
+        output(&mut tb.command("client", &a))
+    };
+    let without = switchover(&[])?;
+    let text = String::from_utf8_lossy(&without.stdout).to_string() + &String::from_utf8_lossy(&without.stderr);
+    ensure!(without.status.code() == Some(1) && text.contains("bearer token"), "without the token: {text}");
+    let with = switchover(&["--token-file", token_path])?;
+    let text = String::from_utf8_lossy(&with.stdout).to_string() + &String::from_utf8_lossy(&with.stderr);
+    ensure!(with.status.code() == Some(1), "no backup to hand over to: {text}");
+    ensure!(!text.contains("bearer token") && text.contains("backup"), "the token was accepted: {text}");
+
+    // A token file other users may read is refused at start, with the reason.
+    std::fs::set_permissions(&token_file, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+    let refused = primary_cmd(&[&args[1..], &["--admin-token-file", token_path]].concat())?;
+    let err = String::from_utf8_lossy(&refused.stderr);
+    ensure!(refused.status.code() == Some(2) && err.contains("--admin-token-file") && err.contains("644"), "{err}");
+    primary.signal(libc::SIGTERM)?;
+    let status = primary.wait(Duration::from_secs(30))?;
+    ensure!(status.code() == Some(0), "want exit 0 after SIGTERM, got {status}:\n{}", primary.log_text());
+    Ok(())
+}

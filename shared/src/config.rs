@@ -105,6 +105,7 @@ impl Setting {
     pub const ROOT: Setting = Setting::new("root", "--root");
     pub const ADMIN: Setting = Setting::new("admin", "--admin");
     pub const REQUEST_LOG: Setting = Setting::new("request_log", "--request-log");
+    pub const ADMIN_TOKEN_FILE: Setting = Setting::new("admin_token_file", "--admin-token-file");
     pub const CLUSTER: Setting = Setting::new("cluster", "--cluster");
     pub const NODE: Setting = Setting::new("node", "--node");
     pub const HEARTBEAT_INTERVAL: Setting = Setting::new("detection.heartbeat_interval", "--heartbeat-interval");
@@ -777,6 +778,11 @@ pub struct NodeConfig {
     /// Admin endpoint (`GET /status`, `GET /metrics`). Default: none (off). A bare port binds 127.0.0.1.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin: Option<SocketAddr>,
+    /// File holding the admin endpoint's bearer token (one line, readable by its owner and group only).
+    /// Required when `admin` is not a loopback address; with it every route but `/healthz` needs
+    /// `Authorization: Bearer <token>`. Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_token_file: Option<PathBuf>,
     /// File the request log (one JSON line per exchange) is appended to. Default: none (off).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_log: Option<PathBuf>,
@@ -801,6 +807,9 @@ pub struct NodeConfig {
     /// never in the file form).
     #[serde(skip)]
     pub psk: Option<Psk>,
+    /// The token read from `admin_token_file` ([`NodeConfig::load`] reads it; never in the file form).
+    #[serde(skip)]
+    pub admin_token: Option<String>,
 }
 
 /// The file layer: the same keys as [`NodeConfig`], each optional so that flags can supply it.
@@ -815,6 +824,7 @@ struct FileConfig {
     upstream: Option<Upstream>,
     root: Option<PathBuf>,
     admin: Option<AdminAddr>,
+    admin_token_file: Option<PathBuf>,
     request_log: Option<PathBuf>,
     cluster: Option<String>,
     node: Option<String>,
@@ -879,6 +889,11 @@ pub struct CommonArgs {
     /// [default: off] [key: admin]
     #[arg(long, value_name = "[ADDR:]PORT")]
     pub admin: Option<AdminAddr>,
+    /// Require `Authorization: Bearer <token>` on the admin endpoint (all routes but /healthz), the token
+    /// read from FILE (one line; the file must not be readable by other users). Required when --admin is
+    /// not a loopback address. [default: none] [key: admin_token_file]
+    #[arg(long, value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
     /// Append one JSON line per HTTP exchange to FILE (connection, method, target, status, bytes, serving node,
     /// resume path). [default: off] [key: request_log]
     #[arg(long, value_name = "FILE")]
@@ -1018,6 +1033,7 @@ impl NodeArgs {
             file.root.clone_from(&a.root);
         }
         set(&mut file.admin, &a.admin);
+        set(&mut file.admin_token_file, &a.admin_token_file);
         set(&mut file.request_log, &a.request_log);
         set(&mut file.cluster, &a.cluster);
         set(&mut file.node, &a.node);
@@ -1061,6 +1077,7 @@ impl NodeConfig {
         let warnings = config.validate()?;
         config.check_paths()?;
         config.load_psk()?;
+        config.load_admin_token()?;
         for warning in warnings {
             tracing::warn!(role = role_name(config.role), "config: {warning}");
         }
@@ -1078,6 +1095,17 @@ impl NodeConfig {
     /// The configuration as a TOML document that [`NodeConfig::from_toml_str`] reads back.
     pub fn to_toml_string(&self) -> String {
         toml::to_string(self).expect("every field of NodeConfig has a TOML form")
+    }
+
+    /// Reads the token named by `admin_token_file` into [`admin_token`](Self::admin_token) (nothing
+    /// without one).
+    pub fn load_admin_token(&mut self) -> Result<(), ConfigError> {
+        if let Some(path) = &self.admin_token_file {
+            let token =
+                crate::admin::load_token(path).map_err(|e| invalid(Setting::ADMIN_TOKEN_FILE, e.to_string()))?;
+            self.admin_token = Some(token);
+        }
+        Ok(())
     }
 
     /// Reads the key named by `replication.psk_file` into [`psk`](Self::psk). Without a key file, refuses
@@ -1128,6 +1156,7 @@ impl NodeConfig {
             upstream: file.upstream,
             root: file.root,
             admin: file.admin.map(|a| a.0),
+            admin_token_file: file.admin_token_file,
             request_log: file.request_log,
             cluster: file.cluster.unwrap_or_else(|| DEFAULT_CLUSTER.to_owned()),
             node: file.node.unwrap_or_else(hostname),
@@ -1138,6 +1167,7 @@ impl NodeConfig {
             queues: file.queues,
             replication: file.replication,
             psk: None,
+            admin_token: None,
         })
     }
 
@@ -1255,6 +1285,19 @@ impl NodeConfig {
             if overlaps(admin, repl) {
                 return Err(conflict(Setting::ADMIN, Setting::REPL_LISTEN, format!("both listen on {admin}")));
             }
+            if !admin.ip().is_loopback() && self.admin_token_file.is_none() {
+                return Err(ConfigError::Missing {
+                    setting: Setting::ADMIN_TOKEN_FILE,
+                    hint: "a file with the admin endpoint's bearer token: the endpoint listens on an address \
+                           other hosts can reach, and its routes include a planned switchover",
+                });
+            }
+        } else if self.admin_token_file.is_some() {
+            return Err(conflict(
+                Setting::ADMIN_TOKEN_FILE,
+                Setting::ADMIN,
+                "a token for an admin endpoint that is off (give --admin too)".into(),
+            ));
         }
         if let Some(log) = &self.request_log
             && (log.as_os_str().is_empty() || log.file_name().is_none())
@@ -1468,7 +1511,7 @@ impl fmt::Display for NodeConfig {
         write!(
             f,
             "role={} node={} cluster={} vip={} iface={} port={} repl_listen={} join={} {origin} admin={} \
-             request_log={} heartbeat_interval={} misses={} detection={} lease={} arp_probes={} arp_timeout={} \
+             admin_token_file={} request_log={} heartbeat_interval={} misses={} detection={} lease={} arp_probes={} arp_timeout={} \
              fence_command={} non_idempotent={} origin_honours_generated_keys={} prompt_retransmit={} \
              max_header_bytes={} max_headers={} header_read_timeout={} idle_timeout={} max_connections={} \
              queues={}/{} max_frame_bytes={} ack_max_records={} ack_max_delay={} psk_file={} insecure_replication={}",
@@ -1481,6 +1524,7 @@ impl fmt::Display for NodeConfig {
             self.repl_listen,
             opt(&self.join),
             opt(&self.admin),
+            opt(&self.admin_token_file.as_ref().map(|p| p.display().to_string())),
             opt(&self.request_log.as_ref().map(|p| p.display().to_string())),
             format_duration(d.heartbeat_interval),
             d.misses,

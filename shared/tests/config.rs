@@ -491,6 +491,7 @@ fn every_flag_maps_to_the_key_its_errors_name() {
         Setting::UPSTREAM,
         Setting::ROOT,
         Setting::ADMIN,
+        Setting::ADMIN_TOKEN_FILE,
         Setting::REQUEST_LOG,
         Setting::CLUSTER,
         Setting::NODE,
@@ -531,6 +532,7 @@ fn example_file_is_valid_and_lists_every_key() {
     full.join = Some("10.1.0.2:7700".parse().unwrap());
     full.root = Some("/srv/www".into());
     full.request_log = Some("/var/log/requests.jsonl".into());
+    full.admin_token_file = Some("/etc/understudy/admin.token".into());
     full.detection.lease = Some(Duration::from_millis(120));
     full.fencing.command = Some(vec!["/bin/true".into()]);
     let table: toml::Table = toml::from_str(&full.to_toml_string()).unwrap();
@@ -652,4 +654,44 @@ fn a_key_file_is_read_at_load_and_bad_ones_are_refused_with_the_reason() {
     let file = dir.file("node.toml", &file_text(&[], &format!("[replication]\npsk_file = {good:?}\n")));
     let config = primary_without_auth(&["--config", &file.display().to_string()]).expect("key from the file");
     assert_eq!(config.psk, primary_without_auth(&["--psk-file", &good]).unwrap().psk);
+}
+
+#[test]
+fn an_admin_endpoint_other_hosts_reach_needs_a_token_file_read_at_load() {
+    let dir = Scratch::new();
+    let text = |r: Result<NodeConfig, ConfigError>| r.unwrap_err().to_string();
+    let e = text(primary(&["--admin", "0.0.0.0:9900"]));
+    assert!(e.contains("--admin-token-file") && e.contains("other hosts"), "{e}");
+    let e = text(backup(&["--admin", "10.0.0.5:9900"]));
+    assert!(e.contains("--admin-token-file"), "{e}");
+    assert_eq!(primary(&["--admin", "9900"]).expect("loopback needs no token").admin_token, None);
+
+    let good = private_file(&dir, "token", "s3cr3t-Token_1\n", 0o600);
+    let config = primary(&["--admin", "0.0.0.0:9900", "--admin-token-file", &good]).expect("a good token");
+    assert_eq!(config.admin_token.as_deref(), Some("s3cr3t-Token_1"));
+    assert!(!format!("{config}").contains("s3cr3t"), "the token is never printed");
+    // On loopback a token is allowed too, and then enforced.
+    let config = primary(&["--admin", "9900", "--admin-token-file", &good]).expect("token on loopback");
+    assert!(config.admin_token.is_some());
+
+    let open = private_file(&dir, "open", "s3cr3t", 0o644);
+    let e = text(primary(&["--admin", "0.0.0.0:9900", "--admin-token-file", &open]));
+    assert!(e.contains("--admin-token-file") && e.contains("other users") && e.contains("644"), "{e}");
+    let bad = private_file(&dir, "bad", "two words", 0o600);
+    let e = text(primary(&["--admin", "0.0.0.0:9900", "--admin-token-file", &bad]));
+    assert!(e.contains("only letters, digits"), "{e}");
+    let empty = private_file(&dir, "empty", "\n", 0o600);
+    let e = text(primary(&["--admin", "0.0.0.0:9900", "--admin-token-file", &empty]));
+    assert!(e.contains("empty"), "{e}");
+    let absent = dir.path().join("absent").display().to_string();
+    let e = text(primary(&["--admin", "0.0.0.0:9900", "--admin-token-file", &absent]));
+    assert!(e.contains("cannot read") && e.contains("absent"), "{e}");
+    let e = text(primary(&["--admin-token-file", &good]));
+    assert!(e.contains("--admin") && e.contains("off"), "{e}");
+
+    // The file's key works the same way as the flag.
+    let file =
+        dir.file("node.toml", &file_text(&[], &format!("admin = \"0.0.0.0:9900\"\nadmin_token_file = {good:?}\n")));
+    let config = primary(&["--config", &file.display().to_string()]).expect("token from the file");
+    assert_eq!(config.admin_token.as_deref(), Some("s3cr3t-Token_1"));
 }

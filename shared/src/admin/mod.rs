@@ -19,7 +19,7 @@ pub mod state;
 pub use metrics::{
     Counter, Direction, FailoverPhase, GateQueue, Gauge, Histogram, Label, Lag, Metrics, ResumePath, UnprotectedReason,
 };
-pub use server::{AdminAuth, AuthConfigError, ServeError, Unauthorized, serve};
+pub use server::{AdminAuth, AuthConfigError, ServeError, TokenFileError, Unauthorized, load_token, serve};
 pub use state::{
     AdminState, AlarmStatus, ConnectionGuard, FailoverRecord, NodeStatus, PeerLostStatus, PeerState, Protection,
     SwitchoverReply,

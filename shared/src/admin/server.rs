@@ -135,6 +135,41 @@ impl AdminAuth {
     }
 }
 
+/// Largest token file read (a token is a line; a wrong path must not be read whole).
+const MAX_TOKEN_FILE_BYTES: u64 = 4096;
+
+/// Why an admin token file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenFileError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read { path: std::path::PathBuf, source: std::io::Error },
+    #[error("{} may be read by other users (mode {mode:o}): make it readable by its owner (and group) only", path.display())]
+    Exposed { path: std::path::PathBuf, mode: u32 },
+    #[error("{}: longer than {MAX_TOKEN_FILE_BYTES} bytes; a token is one line", path.display())]
+    TooLong { path: std::path::PathBuf },
+    #[error("{}: {source}", path.display())]
+    Format { path: std::path::PathBuf, source: AuthConfigError },
+}
+
+/// Reads the admin endpoint's bearer token from `path`: one line (surrounding white space ignored), in a
+/// file other users may not read, as for the replication key.
+pub fn load_token(path: &std::path::Path) -> Result<String, TokenFileError> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let read = |source| TokenFileError::Read { path: path.to_owned(), source };
+    let mut file = std::fs::File::open(path).map_err(read)?;
+    let mode = file.metadata().map_err(read)?.mode();
+    crate::auth::check_mode(mode).map_err(|mode| TokenFileError::Exposed { path: path.to_owned(), mode })?;
+    let mut text = String::new();
+    file.by_ref().take(MAX_TOKEN_FILE_BYTES + 1).read_to_string(&mut text).map_err(read)?;
+    if text.len() as u64 > MAX_TOKEN_FILE_BYTES {
+        return Err(TokenFileError::TooLong { path: path.to_owned() });
+    }
+    let token = text.trim();
+    validate_token(token).map_err(|source| TokenFileError::Format { path: path.to_owned(), source })?;
+    Ok(token.to_owned())
+}
+
 /// RFC 6750 `b64token`: `1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="`.
 fn validate_token(t: &str) -> Result<(), AuthConfigError> {
     let body = t.trim_end_matches('=');
