@@ -671,7 +671,7 @@ fn takeover_prompts(restored: &[Restored]) -> Vec<Prompt> {
             Some((heard, prompt))
         })
         .collect();
-    prompts.sort_by(|a, b| b.0.cmp(&a.0));
+    prompts.sort_by_key(|p| std::cmp::Reverse(p.0));
     prompts.into_iter().map(|(_, p)| p).collect()
 }
 
