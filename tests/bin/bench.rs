@@ -790,6 +790,8 @@ struct ProfileSummary {
     symbols: Vec<(f64, String)>,
     /// (percent, thread name).
     threads: Vec<(f64, String)>,
+    /// (percent, system call) by time in the call and everything under it, highest first.
+    syscalls: Vec<(f64, String)>,
 }
 
 /// Records every process of `pids` with perf during one more wrk run of the point; a perf that cannot run
@@ -838,11 +840,11 @@ fn profile_point(
         });
         match &summary {
             Ok(x) => clock.line(&format!(
-                "{} {point}: {node}: {}, kernel {:.0} %, top: {}",
+                "{} {point}: {node}: {}, kernel {:.0} %, system calls: {}",
                 proxy.label(),
                 x.samples,
                 x.kernel,
-                x.symbols.iter().take(3).map(|(p, n)| format!("{n} {p:.1} %")).collect::<Vec<_>>().join(", ")
+                x.syscalls.iter().take(4).map(|(p, n)| format!("{n} {p:.1} %")).collect::<Vec<_>>().join(", ")
             )),
             Err(e) => clock.line(&format!("{} {point}: {node}: no profile: {e}", proxy.label())),
         }
@@ -852,11 +854,12 @@ fn profile_point(
 }
 
 /// `perf report --stdio` of `data`, sorted by `sort`, without call graphs: (percent, name) lines and the
-/// header's sample count.
-fn perf_report(data: &Path, sort: &str) -> Result<(String, Vec<(f64, String)>), String> {
+/// header's sample count. The percent is self time, or with `children` the time in the entry and below it.
+fn perf_report(data: &Path, sort: &str, children: bool) -> Result<(String, Vec<(f64, String)>), String> {
     let input = data.to_string_lossy();
     let out = std::process::Command::new("perf")
-        .args(["report", "-i", &input, "--stdio", "--no-children", "-g", "none", "--percent-limit", "0.5"])
+        .args(["report", "-i", &input, "--stdio", "-g", "none", "--percent-limit", "0.5"])
+        .arg(if children { "--children" } else { "--no-children" })
         .args(["--sort", sort])
         .output()
         .map_err(|e| format!("perf report did not run: {e}"))?;
@@ -874,6 +877,8 @@ fn perf_report(data: &Path, sort: &str) -> Result<(String, Vec<(f64, String)>), 
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
             let (pct, rest) = l.trim_start().split_once('%')?;
+            // With children, the self percentage follows the inclusive one.
+            let rest = if children { rest.trim_start().split_once('%')?.1 } else { rest };
             Some((pct.trim().parse::<f64>().ok()?, rest.trim().to_string()))
         })
         .collect();
@@ -881,15 +886,24 @@ fn perf_report(data: &Path, sort: &str) -> Result<(String, Vec<(f64, String)>), 
 }
 
 fn summarise_profile(data: &Path) -> Result<ProfileSummary, String> {
-    let (samples, dsos) = perf_report(data, "dso")?;
+    let (samples, dsos) = perf_report(data, "dso", false)?;
     let kernel = dsos.iter().filter(|(_, d)| d.starts_with("[kernel")).map(|(p, _)| p).sum();
-    let (_, symbols) = perf_report(data, "sym")?;
-    let (_, threads) = perf_report(data, "comm")?;
+    let (_, symbols) = perf_report(data, "sym", false)?;
+    let (_, threads) = perf_report(data, "comm", false)?;
+    // Kernel call chains are whole (user ones are not: the release build has no frame pointers), so the
+    // system calls' entry points give each call's share, with the network stack work it did.
+    let (_, inclusive) = perf_report(data, "sym", true)?;
+    let syscalls = inclusive
+        .into_iter()
+        .filter_map(|(p, n)| Some((p, n.strip_prefix("[k] __x64_sys_")?.to_string())))
+        .take(8)
+        .collect();
     Ok(ProfileSummary {
         samples,
         kernel,
         symbols: symbols.into_iter().take(12).collect(),
         threads: threads.into_iter().take(6).collect(),
+        syscalls,
     })
 }
 
@@ -1929,7 +1943,11 @@ impl Report<'_> {
         let _ = writeln!(
             md,
             "Profiles: `perf record -e cpu-clock -F 4000 -g -p PID` of each process over one more run of the point \
-             (figures above are from the run without perf); self time, from `perf report --stdio --no-children`.\n"
+             (figures above are from the run without perf), read with `perf report --stdio`. System calls: the \
+             share of samples inside each call, the network stack work it did included (sending on a veth runs the \
+             receiver's TCP too). Self time in `finish_task_switch` and `_raw_spin_unlock_irqrestore` is mostly \
+             sleeping and waking threads: this VM has no hardware counters, and cpu-clock samples taken while \
+             interrupts were off land where they are turned back on.\n"
         );
         for p in &self.profiles {
             let _ = write!(
@@ -1951,10 +1969,12 @@ impl Report<'_> {
                     };
                     let _ = writeln!(
                         md,
-                        "{}; kernel {:.0} %, user {:.0} %.\n  * top symbols: {}\n  * threads: {}",
+                        "{}; kernel {:.0} %, user {:.0} %.\n  * system calls (inclusive): {}\n  * top symbols (self): \
+                         {}\n  * threads: {}",
                         x.samples,
                         x.kernel,
                         100.0 - x.kernel,
+                        list(&x.syscalls),
                         list(&x.symbols),
                         list(&x.threads)
                     );
