@@ -22,7 +22,7 @@ use shared::link::{self, BackupLink, HandshakeError, LinkConfig, LocalIdentity, 
 use shared::protocol::Message;
 use shared::replica::{Applied, ApplyError, ReplicaTable};
 use std::net::{SocketAddr, SocketAddrV4};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio::sync::{oneshot, watch};
@@ -127,49 +127,7 @@ pub struct Replica {
 
 /// Connects to the primary at `addr`, joins as `identity` (role backup), and starts applying its
 /// stream to a fresh table.
-///
-/// The link's tasks and the apply loop run on one thread of their own ([`replica_runtime`]): a record
-/// passes from the reader to the apply loop to the ack writer several times per client request, and
-/// between the worker threads of the node's runtime each hand-off cost a futex wake-up.
 pub async fn join(addr: SocketAddr, identity: &LocalIdentity, config: &ReplicaConfig) -> Result<Replica, JoinError> {
-    let (identity, config) = (identity.clone(), config.clone());
-    let mut task = AbortOnDrop(replica_runtime().spawn(async move { join_here(addr, &identity, &config).await }));
-    match (&mut task.0).await {
-        Ok(joined) => joined,
-        Err(e) => Err(JoinError::Connect { addr, source: std::io::Error::other(format!("join task failed: {e}")) }),
-    }
-}
-
-/// Aborts a join given up by its caller (the handshake in flight and the replica it would start).
-struct AbortOnDrop<T>(JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// The current-thread runtime the replica runs on, on its own thread, started at first use. It lives as
-/// long as the process; after a takeover it is idle.
-pub fn replica_runtime() -> tokio::runtime::Handle {
-    static RUNTIME: OnceLock<tokio::runtime::Handle> = OnceLock::new();
-    RUNTIME
-        .get_or_init(|| {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a current-thread runtime builds (it needs only an epoll instance and a timer)");
-            let handle = runtime.handle().clone();
-            std::thread::Builder::new()
-                .name("replica".into())
-                .spawn(move || runtime.block_on(std::future::pending::<()>()))
-                .expect("the replica thread starts");
-            handle
-        })
-        .clone()
-}
-
-async fn join_here(addr: SocketAddr, identity: &LocalIdentity, config: &ReplicaConfig) -> Result<Replica, JoinError> {
     let stream = match tokio::time::timeout(config.connect_timeout, TcpStream::connect(addr)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(source)) => return Err(JoinError::Connect { addr, source }),
@@ -259,6 +217,8 @@ impl Drop for Replica {
 
 /// Records applied per wake-up: one report to the link and one progress update for all of them.
 const APPLY_BATCH: usize = 256;
+/// Within a batch, applied records are reported to the link at least this often.
+const REPORT_EVERY: u64 = 16;
 
 enum Step {
     Records(usize),
@@ -323,6 +283,10 @@ async fn apply_loop(
             }
             update.applied = rec.seq;
             update.records += 1;
+            if update.records.is_multiple_of(REPORT_EVERY) {
+                // A long batch (a backup behind its primary) still lets the link's ack-every bound work.
+                link.applied(rec.seq);
+            }
             if matches!(rec.msg, Message::SnapshotEnd) {
                 update.synced = true;
                 let connections = lock(&table).len();
@@ -427,34 +391,6 @@ mod tests {
         assert_eq!(replica.progress().borrow().applied, 3);
         let table = replica.stop().await;
         assert!(table.is_empty() && table.epoch() == 2, "{table:?}");
-    }
-
-    #[tokio::test]
-    async fn join_over_tcp_runs_on_the_replica_thread_and_stops_with_the_table() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("address");
-        let primary_id = LocalIdentity::new("c", "p", Role::Primary, 2);
-        let backup_id = LocalIdentity::new("c", "b", Role::Backup, 1);
-        let config = ReplicaConfig::new(LinkConfig::default());
-        let accepting = async {
-            let (stream, _) = listener.accept().await.expect("accept");
-            accept(stream, &primary_id, &LinkConfig::default()).await.expect("handshake")
-        };
-        let (accepted, joined) = tokio::join!(accepting, join(addr, &backup_id, &config));
-        let link = accepted.start(NonZeroU64::new(1).expect("nonzero"));
-        let replica = joined.expect("joined");
-        link.send(Message::SnapshotBegin { connections: 0 }).await.expect("send");
-        link.send(Message::SnapshotEnd).await.expect("send");
-        link.send(nowhere()).await.expect("send");
-        tokio::time::timeout(PROMPT, link.wait_acked(3)).await.expect("acked in time").expect("link up");
-        assert!(replica.is_synced());
-        assert_eq!(replica.progress().borrow().applied, 3, "read without a wake-up, it is current");
-        let on = replica_runtime().spawn(async { std::thread::current().name().map(str::to_owned) });
-        assert_eq!(on.await.expect("task").as_deref(), Some("replica"));
-        let table = tokio::time::timeout(PROMPT, replica.stop()).await.expect("stops in time");
-        assert_eq!(table.epoch(), 2);
-        let end = tokio::time::timeout(PROMPT, link.join()).await.expect("link ends in time");
-        assert!(end.is_ok() || matches!(end, Err(shared::link::LinkError::PeerClosed)), "{end:?}");
     }
 
     #[tokio::test]
