@@ -17,8 +17,13 @@
 //!   the primary killed; the restore time is the new primary's `/status` `failovers[]` entry, and every
 //!   connection then makes a second request.
 //!
+//! Each throughput point also counts the read and write system calls of each proxy process
+//! (`/proc/<pid>/io`). With `--profile` each understudy process is recorded with `perf record -e cpu-clock
+//! -g` over one more run of one point of (a) and (b), and the report summarises the profiles.
+//!
 //! The report (`target/bench/report.md`, with SVG plots, CSV series and `results.json`) gives the figures,
-//! the machine, and the targets of issue 5 with by how much each was met or missed. Exit status 0 when the
+//! the machine, and the targets of issue 5 with by how much each was met or missed, and for each missed
+//! one what replication costs there and the profiles ("Why targets are missed"). Exit status 0 when the
 //! run completed (targets are reported, not asserted), 1 when it failed, 130 when interrupted; the test bed
 //! and every process are removed on every exit path.
 
@@ -895,7 +900,12 @@ fn summarise_profile(data: &Path) -> Result<ProfileSummary, String> {
     let (_, inclusive) = perf_report(data, "sym", true)?;
     let syscalls = inclusive
         .into_iter()
-        .filter_map(|(p, n)| Some((p, n.strip_prefix("[k] __x64_sys_")?.to_string())))
+        .filter_map(|(p, n)| {
+            // `writev` and `readv` enter their `do_` function directly on recent kernels.
+            let name =
+                n.strip_prefix("[k] __x64_sys_").or_else(|| n.strip_prefix("[k] do_").filter(|c| c.ends_with('v')))?;
+            Some((p, name.to_string()))
+        })
         .take(8)
         .collect();
     Ok(ProfileSummary {
