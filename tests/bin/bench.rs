@@ -902,8 +902,8 @@ fn summarise_profile(data: &Path) -> Result<ProfileSummary, String> {
         .into_iter()
         .filter_map(|(p, n)| {
             // `writev` and `readv` enter their `do_` function directly on recent kernels.
-            let name =
-                n.strip_prefix("[k] __x64_sys_").or_else(|| n.strip_prefix("[k] do_").filter(|c| c.ends_with('v')))?;
+            let vectored = ["[k] do_writev", "[k] do_readv"].contains(&n.as_str());
+            let name = n.strip_prefix("[k] __x64_sys_").or_else(|| n.strip_prefix("[k] do_").filter(|_| vectored))?;
             Some((p, name.to_string()))
         })
         .take(8)
