@@ -119,6 +119,38 @@ fn broken_link_backup_keeps_fencing_while_it_rejoins_and_takes_over_once_the_pri
     partition_then_kill('q', Cut::LinkReset)
 }
 
+#[test]
+fn backup_that_stood_down_over_a_live_link_clears_its_alarm_once_the_primary_speaks_again() -> Result<()> {
+    // Only the primary's side of the link falls silent at the backup, for a few detection times: the
+    // backup fences, finds the primary answering and stands down with its link up; the primary, which
+    // still hears the backup and has nothing waiting for an ack, keeps it. Then TCP delivers again.
+    let pair = Pair::up(&unique_id('r'), &PairOptions::default(), |www| load::write_files(www, &SIZES))?;
+    pair.wait_protected(Duration::from_secs(20))?;
+    let rule = ["INPUT", "-i", "eth1", "-p", "tcp", "--sport", "7700", "-j", "DROP"];
+    let mut add = vec!["iptables", "-A"];
+    add.extend(rule);
+    pair.tb.exec("spare", &add)?;
+    let stood = pair.wait_status("spare", "the backup to stand down", Duration::from_secs(10), |s| {
+        s["alarm"]["kind"] == "stood_down"
+    });
+    let mut del = vec!["iptables", "-D"];
+    del.extend(rule);
+    pair.tb.exec("spare", &del)?;
+    let stood = stood?;
+    ensure!(stood["role"] == "backup" && stood["peer"] == "none", "while silent: {stood}");
+    let reason = stood["alarm"]["reason"].as_str().unwrap_or("");
+    ensure!(reason.contains("silence"), "alarm reason: {reason}");
+    let cleared = Instant::now();
+    let back = pair.wait_status("spare", "the alarm to clear", Duration::from_secs(10), |s| {
+        s["alarm"].is_null() && s["peer"] == "connected"
+    })?;
+    ensure!(back["role"] == "backup", "the backup changed role: {back}\n{}", pair.logs_tail());
+    let primary = pair.status("server")?;
+    ensure!(primary["role"] == "primary", "the primary changed role: {primary}");
+    println!("alarm cleared {:?} after the link delivered again", cleared.elapsed());
+    Ok(())
+}
+
 fn partition_then_kill(tag: char, how: Cut) -> Result<()> {
     let mut pair = Pair::up(&unique_id(tag), &PairOptions::default(), |www| load::write_files(www, &SIZES))?;
     let primary_mac = mac_text(pair.tb.hw_addr("server", "eth0")?);

@@ -30,7 +30,7 @@
 //! prompt every restored client to retransmit what the outage lost ([`crate::prompt`]) → serve as primary at the next epoch (`primary::node::serve_after_takeover`),
 //! resuming each restored connection's exchange in flight ([`crate::resume`]).
 
-use crate::detector::{Action, Detector, DetectorConfig, FenceResult, SuspectReason};
+use crate::detector::{Action, Detector, DetectorConfig, FenceResult, Phase, SuspectReason};
 use crate::prompt::{self, Prompt};
 use crate::replica::{self, Replica, ReplicaConfig};
 use crate::resume::{self, Restored};
@@ -334,6 +334,8 @@ async fn watch_primary(
     let mut link_down = false;
     // Why the primary is suspected in the current episode, for the alarm.
     let mut suspected: Option<SuspectReason> = None;
+    // When this node stood down over a link that stayed up: hearing the primary after it ends the alarm.
+    let mut stood_down_at: Option<Instant> = None;
     // The link's pause state is sampled, so sample it well within a heartbeat interval; records do not
     // wake this loop (any frame renews `last_heard`, read at each wake-up).
     let sample = detector_config.heartbeat_interval / 2;
@@ -367,6 +369,16 @@ async fn watch_primary(
         if heard > fed {
             detector.handle_record(heard);
             fed = heard;
+            if stood_down_at.is_some_and(|t| heard > t) && !link_down && detector.phase() == Phase::Watching {
+                // The primary answered the fence and now speaks again on the same link: a pause, not a
+                // partition. The replica is current (the detector reset what the fence found).
+                stood_down_at = None;
+                let peer = if synced { PeerState::Connected } else { PeerState::Syncing };
+                admin_state.set_peer(peer, Some(&replica.peer().node));
+                if admin_state.clear_alarm() {
+                    info!("alarm cleared: the primary is heard again on the link");
+                }
+            }
         }
         detector.handle_reading_paused(now, liveness.reading_paused());
         if let Some(end) = ended {
@@ -398,6 +410,7 @@ async fn watch_primary(
                 }
                 Action::StandDown { alarm } => {
                     stood_down(admin_state, &alarm, suspected.as_ref());
+                    stood_down_at = (!link_down).then(Instant::now);
                     if link_down {
                         return Watched::Rejoin(format!("stood down: {alarm}"), Some(detector));
                     }

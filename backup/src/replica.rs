@@ -19,7 +19,7 @@
 use primary::replicate::link_config;
 use shared::config::NodeConfig;
 use shared::link::{self, BackupLink, HandshakeError, LinkConfig, LocalIdentity, PeerInfo, PeerLiveness};
-use shared::protocol::{Message, Record};
+use shared::protocol::Message;
 use shared::replica::{Applied, ApplyError, ReplicaTable};
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -172,7 +172,9 @@ impl Replica {
         self.liveness.clone()
     }
 
-    /// How far the replica has got, updated per record.
+    /// How far the replica has got, updated per batch of records applied. Receivers are woken only when
+    /// the replica syncs, the primary hands over or the replica ends; `applied`, `records` and
+    /// `last_record_at` change without a wake-up (read them with `borrow`).
     pub fn progress(&self) -> watch::Receiver<Progress> {
         self.progress.clone()
     }
@@ -213,9 +215,13 @@ impl Drop for Replica {
     }
 }
 
+/// Records applied per wake-up: one report to the link and one progress update for all of them.
+const APPLY_BATCH: usize = 256;
+/// Within a batch, applied records are reported to the link at least this often.
+const REPORT_EVERY: u64 = 16;
+
 enum Step {
-    Record(Record),
-    LinkEnded,
+    Records(usize),
     Stop,
 }
 
@@ -228,64 +234,87 @@ async fn apply_loop(
     repl_listen: SocketAddrV4,
 ) {
     let peer = link.peer().node.clone();
-    let end = loop {
+    let mut batch = Vec::with_capacity(APPLY_BATCH);
+    let end = 'follow: loop {
         let step = tokio::select! {
             biased;
             _ = &mut stop => Step::Stop,
-            rec = link.recv() => rec.map_or(Step::LinkEnded, Step::Record),
+            n = link.recv_many(&mut batch, APPLY_BATCH) => Step::Records(n),
         };
-        let rec = match step {
+        match step {
             Step::Stop => {
                 if let Err(e) = link.close().await {
                     debug!(role = "backup", epoch, peer = %peer, error = %e, "closing the replication link");
                 }
                 break ReplicaEnd::Closed;
             }
-            Step::LinkEnded => {
+            Step::Records(0) => {
                 let why = match link.join().await {
                     Ok(()) => "the primary closed the link".to_string(),
                     Err(e) => e.to_string(),
                 };
                 break ReplicaEnd::LinkLost(why);
             }
-            Step::Record(rec) => rec,
-        };
+            Step::Records(_) => {}
+        }
         let now = Instant::now();
-        let first = progress.borrow().records == 0;
-        if first && !matches!(rec.msg, Message::SnapshotBegin { .. }) {
-            break ReplicaEnd::NotAJoin { first: message_kind(&rec.msg).into() };
-        }
-        let applied = lock(&table).apply(&rec);
-        match applied {
-            Ok(Applied::Taken) => {}
-            Ok(Applied::Ignored(why)) => debug!(role = "backup", epoch, seq = rec.seq, ?why, "record ignored"),
-            Ok(Applied::Unprotected { conn, reason }) => {
-                warn!(role = "backup", epoch, conn = ?conn, %reason, "connection unprotected")
+        let mut update = Progress::default();
+        let mut failed = None;
+        for rec in batch.drain(..) {
+            let first = progress.borrow().records == 0 && update.records == 0;
+            if first && !matches!(rec.msg, Message::SnapshotBegin { .. }) {
+                failed = Some(ReplicaEnd::NotAJoin { first: message_kind(&rec.msg).into() });
+                break;
             }
-            Err(error) => {
-                error!(role = "backup", epoch, peer = %peer, seq = rec.seq, %error,
-                    "the replica refused a record; leaving the link (a new join starts over)");
-                break ReplicaEnd::Refused { seq: rec.seq, error };
+            // Locked per record: a batch of snapshot parts can take a while to apply.
+            let applied = lock(&table).apply(&rec);
+            match applied {
+                Ok(Applied::Taken) => {}
+                Ok(Applied::Ignored(why)) => debug!(role = "backup", epoch, seq = rec.seq, ?why, "record ignored"),
+                Ok(Applied::Unprotected { conn, reason }) => {
+                    warn!(role = "backup", epoch, conn = ?conn, %reason, "connection unprotected")
+                }
+                Err(error) => {
+                    error!(role = "backup", epoch, peer = %peer, seq = rec.seq, %error,
+                        "the replica refused a record; leaving the link (a new join starts over)");
+                    failed = Some(ReplicaEnd::Refused { seq: rec.seq, error });
+                    break;
+                }
+            }
+            update.applied = rec.seq;
+            update.records += 1;
+            if update.records.is_multiple_of(REPORT_EVERY) {
+                // A long batch (a backup behind its primary) still lets the link's ack-every bound work.
+                link.applied(rec.seq);
+            }
+            if matches!(rec.msg, Message::SnapshotEnd) {
+                update.synced = true;
+                let connections = lock(&table).len();
+                info!(role = "backup", epoch, peer = %peer, seq = rec.seq, connections, "snapshot applied: replica synced");
+            }
+            if matches!(rec.msg, Message::Handover) {
+                update.handover = true;
+                info!(role = "backup", epoch, peer = %peer, seq = rec.seq, "the primary hands over: taking over");
+                link.confirm_handover(rec.seq, repl_listen);
             }
         }
-        let handover = matches!(rec.msg, Message::Handover);
-        if handover {
-            info!(role = "backup", epoch, peer = %peer, seq = rec.seq, "the primary hands over: taking over");
-            link.confirm_handover(rec.seq, repl_listen);
+        batch.clear();
+        if update.records > 0 {
+            // Only now may the primary count them as held.
+            link.applied(update.applied);
+            // Receivers wake only for what they wait on; the counters are read with `borrow`.
+            progress.send_if_modified(|p| {
+                let news = (update.synced && !p.synced) || (update.handover && !p.handover);
+                p.applied = update.applied;
+                p.records += update.records;
+                p.synced |= update.synced;
+                p.last_record_at = Some(now);
+                p.handover |= update.handover;
+                news
+            });
         }
-        // Only now may the primary count it as held.
-        link.applied(rec.seq);
-        let synced_now = matches!(rec.msg, Message::SnapshotEnd);
-        progress.send_modify(|p| {
-            p.applied = rec.seq;
-            p.records += 1;
-            p.synced |= synced_now;
-            p.last_record_at = Some(now);
-            p.handover |= handover;
-        });
-        if synced_now {
-            let connections = lock(&table).len();
-            info!(role = "backup", epoch, peer = %peer, seq = rec.seq, connections, "snapshot applied: replica synced");
+        if let Some(end) = failed {
+            break 'follow end;
         }
     };
     match &end {

@@ -627,6 +627,8 @@ pub fn link_config(node: &NodeConfig) -> LinkConfig {
         max_frame: node.replication.max_frame_bytes as usize,
         ack_every: u64::from(node.replication.ack_max_records),
         ack_delay: node.replication.ack_max_delay,
+        // A fallback only: the backup's heartbeats, each interval, carry these acks anyway.
+        ack_lazy: (node.detection.heartbeat_interval / 4).min(Duration::from_millis(5)),
         auth: node.link_auth(),
         ..LinkConfig::default()
     }

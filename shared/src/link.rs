@@ -63,8 +63,10 @@
 //!   and ends the link on any gap ([`StreamError::Gap`]).
 //! * Acks are cumulative and sent only once the backup's caller reports a record
 //!   applied ([`BackupLink::applied`]): at once when the backup is idle (everything
-//!   received is applied and the reader has drained its input), otherwise after at
-//!   most `ack_every` records or `ack_delay` (zero: no timer). An ack may never
+//!   received is applied and the reader has drained its input) if the primary waits on
+//!   one of those records ([`Message::holds_output`]), otherwise after at most
+//!   `ack_every` records or `ack_delay` (zero: no timer), and records nothing waits on
+//!   within `ack_lazy` or with any other frame the backup writes. An ack may never
 //!   exceed what was sent nor go backwards.
 //! * Heartbeats: the primary sends one every `heartbeat_interval`; the backup answers
 //!   each at once (so `echo_us` yields the round-trip time) and sends its own when it
@@ -125,6 +127,11 @@ pub struct LinkConfig {
     pub ack_delay: Duration,
     /// The backup acknowledges at once when this many applied records are unacknowledged.
     pub ack_every: u64,
+    /// Longest the backup holds the ack of records the primary does not wait on
+    /// ([`Message::holds_output`]) when no other ack or write carries it. Zero: acknowledge
+    /// them like the others. Far below the lease, which a record waits before its backup is
+    /// suspected.
+    pub ack_lazy: Duration,
     /// Records queued between the link and its caller, each way. A full queue makes
     /// the primary's `send` wait and the backup stop reading: TCP pushes back.
     pub queue: usize,
@@ -145,6 +152,7 @@ impl Default for LinkConfig {
             max_frame: frame::DEFAULT_MAX_FRAME,
             ack_delay: Duration::from_millis(1),
             ack_every: 64,
+            ack_lazy: Duration::from_millis(5),
             queue: 4096,
             write_batch: 256 << 10,
             close_timeout: Duration::from_secs(2),
@@ -523,14 +531,26 @@ impl ReceiveBook {
 }
 
 /// When the backup acknowledges. Inputs: records handed to the caller
-/// (`handle_delivered`), records the caller applied (`handle_applied`), whether
-/// the reader has a frame waiting (`handle_input`). Output: `poll_ack(now)` says
-/// what to acknowledge now; `poll_timeout()` when to ask again.
+/// (`handle_delivered`, saying whether the primary holds client output on it), records
+/// the caller applied (`handle_applied`), whether the reader has a frame waiting
+/// (`handle_input`). Output: `poll_ack(now)` says what to acknowledge now;
+/// `poll_timeout()` when to ask again; `flush()` everything applied (the last ack, or one
+/// riding in a write that goes out anyway).
+///
+/// An ack is one write on each side and a wake-up of the primary's sender, so the
+/// batcher sends as few as it can without delaying any client: at once when the input
+/// read so far is applied and holds a record the primary waits on
+/// ([`Message::holds_output`]); a batch of records nothing waits on (logged upstream
+/// bytes, exchange ends) waits up to `lazy` for the next such ack or any other write.
+/// Cumulative acks make that safe: acknowledging a later record covers the earlier ones.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AckBatcher {
     every: u64,
     delay: Duration,
+    lazy: Duration,
     delivered: u64,
+    /// Highest delivered record the primary holds output on.
+    awaited: u64,
     applied: u64,
     acked: u64,
     input_waiting: bool,
@@ -540,12 +560,15 @@ pub struct AckBatcher {
 impl AckBatcher {
     /// Acks after `every` applied records or `delay`, whichever comes first, and at
     /// once when idle. A zero `delay` sets no timer: acks go out when idle or every
-    /// `every` records only.
-    pub fn new(every: u64, delay: Duration) -> Self {
+    /// `every` records only. Records nothing waits on are acknowledged when idle only if
+    /// `lazy` is zero; otherwise within `lazy` (see the type's documentation).
+    pub fn new(every: u64, delay: Duration, lazy: Duration) -> Self {
         AckBatcher {
             every: every.max(1),
             delay,
+            lazy,
             delivered: 0,
+            awaited: 0,
             applied: 0,
             acked: 0,
             input_waiting: false,
@@ -553,9 +576,13 @@ impl AckBatcher {
         }
     }
 
-    /// Record `seq` was handed to the caller (called before the caller can see it).
-    pub fn handle_delivered(&mut self, seq: u64) {
+    /// Record `seq` was handed to the caller (called before the caller can see it);
+    /// `awaited`: the primary holds client output until it is acknowledged.
+    pub fn handle_delivered(&mut self, seq: u64, awaited: bool) {
         self.delivered = self.delivered.max(seq);
+        if awaited || self.lazy.is_zero() {
+            self.awaited = self.awaited.max(seq);
+        }
     }
 
     /// Whether the reader holds or is reading more frames (`true`), or has drained its
@@ -582,17 +609,17 @@ impl AckBatcher {
             return None;
         }
         let idle = self.applied == self.delivered && !self.input_waiting;
+        let urgent = idle && self.awaited > self.acked;
         let many = self.applied - self.acked >= self.every;
-        let late = !self.delay.is_zero() && self.pending_since.is_some_and(|t| now >= t + self.delay);
-        if !(idle || many || late) {
+        let late = self.poll_timeout().is_some_and(|t| now >= t);
+        if !(urgent || many || late) {
             return None;
         }
-        self.acked = self.applied;
-        self.pending_since = None;
-        Some(self.acked)
+        self.flush()
     }
 
-    /// Everything applied, unless already acknowledged: the last ack before closing.
+    /// Everything applied, unless already acknowledged: the last ack before closing, or
+    /// one that rides in a write going out anyway.
     pub fn flush(&mut self) -> Option<u64> {
         if self.applied <= self.acked {
             return None;
@@ -604,10 +631,8 @@ impl AckBatcher {
 
     /// When `poll_ack` will have something to say without further input.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        if self.delay.is_zero() {
-            return None;
-        }
-        self.pending_since.map(|t| t + self.delay)
+        let since = self.pending_since?;
+        [self.delay, self.lazy].into_iter().filter(|d| !d.is_zero()).min().map(|d| since + d)
     }
 
     /// Last value acknowledged.
@@ -1432,7 +1457,7 @@ impl BackupLink {
         let liveness = PeerLiveness::new(base);
         let cancel = CancellationToken::new();
         let shared = Arc::new(Mutex::new(BackupShared {
-            batcher: AckBatcher::new(cfg.ack_every, cfg.ack_delay),
+            batcher: AckBatcher::new(cfg.ack_every, cfg.ack_delay, cfg.ack_lazy),
             echo: None,
             taking_over: None,
         }));
@@ -1480,6 +1505,13 @@ impl BackupLink {
     /// record received before has been returned.
     pub async fn recv(&mut self) -> Option<Record> {
         self.records.recv().await
+    }
+
+    /// The records that have arrived, in stream order, up to `limit` of them appended to
+    /// `records` (waiting for the first); 0 once the link has ended and every record
+    /// received before has been returned.
+    pub async fn recv_many(&mut self, records: &mut Vec<Record>, limit: usize) -> usize {
+        self.records.recv_many(records, limit).await
     }
 
     /// Reports every record up to `seq` applied: the link acknowledges it to the
@@ -1561,7 +1593,7 @@ impl BackupDriver {
                 match msg {
                     ToBackup::Record(rec) => {
                         lock(&self.book).handle_record(rec.seq, rec.epoch)?;
-                        lock(&self.shared).batcher.handle_delivered(rec.seq);
+                        lock(&self.shared).batcher.handle_delivered(rec.seq, rec.msg.holds_output());
                         let sent = match records.try_send(rec) {
                             Ok(()) => Ok(()),
                             Err(mpsc::error::TrySendError::Full(rec)) => {
@@ -1623,8 +1655,15 @@ impl BackupDriver {
             let now = Instant::now();
             {
                 let mut shared = lock(&self.shared);
-                // Closing, everything applied is acknowledged below, just before the FIN.
-                let ack = if closing { None } else { shared.batcher.poll_ack(now) };
+                // Closing, everything applied is acknowledged below, just before the FIN. A
+                // heartbeat or a confirmation goes out anyway: the ack rides in the same write.
+                let echo = shared.echo.take();
+                let writing = echo.is_some() || heartbeat_due || shared.taking_over.is_some();
+                let ack = match (closing, writing) {
+                    (true, _) => None,
+                    (false, true) => shared.batcher.flush(),
+                    (false, false) => shared.batcher.poll_ack(now),
+                };
                 if let Some(upto) = ack {
                     encode_message(&ToPrimary::Ack { upto }, self.cfg.max_frame, &mut sealer, &mut buf)?;
                 }
@@ -1632,7 +1671,6 @@ impl BackupDriver {
                     let taking_over = ToPrimary::TakingOver { seq, repl_listen };
                     encode_message(&taking_over, self.cfg.max_frame, &mut sealer, &mut buf)?;
                 }
-                let echo = shared.echo.take();
                 if echo.is_some() || heartbeat_due {
                     let hb = ToPrimary::Heartbeat { sent_us: clock_us(self.base, now), echo_us: echo.unwrap_or(0) };
                     encode_message(&hb, self.cfg.max_frame, &mut sealer, &mut buf)?;
@@ -1887,8 +1925,8 @@ mod tests {
     #[test]
     fn ack_batcher_acks_at_once_when_idle() {
         let t0 = Instant::now();
-        let mut b = AckBatcher::new(64, Duration::from_millis(1));
-        b.handle_delivered(1);
+        let mut b = AckBatcher::new(64, Duration::from_millis(1), Duration::ZERO);
+        b.handle_delivered(1, true);
         assert_eq!(b.poll_ack(t0), None, "nothing applied yet");
         b.handle_applied(t0, 1).unwrap();
         assert_eq!(b.poll_ack(t0), Some(1));
@@ -1900,10 +1938,10 @@ mod tests {
     fn ack_batcher_waits_while_busy_then_acks_after_the_delay() {
         let t0 = Instant::now();
         let ms = Duration::from_millis(1);
-        let mut b = AckBatcher::new(64, ms);
+        let mut b = AckBatcher::new(64, ms, Duration::ZERO);
         b.handle_input(true);
         for seq in 1..=10 {
-            b.handle_delivered(seq);
+            b.handle_delivered(seq, true);
         }
         b.handle_applied(t0, 5).unwrap();
         assert_eq!(b.poll_ack(t0), None, "more delivered than applied");
@@ -1918,11 +1956,11 @@ mod tests {
     #[test]
     fn ack_batcher_acks_every_n_records() {
         let t0 = Instant::now();
-        let mut b = AckBatcher::new(4, Duration::from_secs(1));
+        let mut b = AckBatcher::new(4, Duration::from_secs(1), Duration::ZERO);
         b.handle_input(true);
         let mut acks = Vec::new();
         for seq in 1..=10 {
-            b.handle_delivered(seq + 1);
+            b.handle_delivered(seq + 1, true);
             b.handle_applied(t0, seq).unwrap();
             acks.extend(b.poll_ack(t0));
         }
@@ -1935,9 +1973,9 @@ mod tests {
     #[test]
     fn ack_batcher_with_zero_delay_acks_only_when_idle_or_every_n() {
         let t0 = Instant::now();
-        let mut b = AckBatcher::new(4, Duration::ZERO);
+        let mut b = AckBatcher::new(4, Duration::ZERO, Duration::ZERO);
         b.handle_input(true);
-        b.handle_delivered(10);
+        b.handle_delivered(10, true);
         b.handle_applied(t0, 2).unwrap();
         assert_eq!(b.poll_timeout(), None, "no timer");
         assert_eq!(b.poll_ack(t0 + Duration::from_secs(1)), None);
@@ -1950,9 +1988,9 @@ mod tests {
     #[test]
     fn ack_batcher_flush_acks_everything_applied() {
         let t0 = Instant::now();
-        let mut b = AckBatcher::new(64, Duration::from_secs(1));
+        let mut b = AckBatcher::new(64, Duration::from_secs(1), Duration::ZERO);
         b.handle_input(true);
-        b.handle_delivered(10);
+        b.handle_delivered(10, true);
         b.handle_applied(t0, 7).unwrap();
         assert_eq!(b.poll_ack(t0), None);
         assert_eq!(b.flush(), Some(7));
@@ -1961,8 +1999,8 @@ mod tests {
 
     #[test]
     fn ack_batcher_refuses_applying_what_was_not_delivered() {
-        let mut b = AckBatcher::new(4, Duration::from_millis(1));
-        b.handle_delivered(3);
+        let mut b = AckBatcher::new(4, Duration::from_millis(1), Duration::ZERO);
+        b.handle_delivered(3, true);
         assert_eq!(
             b.handle_applied(Instant::now(), 4),
             Err(StreamError::AppliedBeyondReceived { applied: 4, received: 3 })
@@ -1970,6 +2008,94 @@ mod tests {
         b.handle_applied(Instant::now(), 3).unwrap();
         b.handle_applied(Instant::now(), 2).unwrap();
         assert_eq!(b.poll_ack(Instant::now()), Some(3), "an older report changes nothing");
+    }
+
+    #[test]
+    fn ack_batcher_acks_a_held_record_at_once_and_lets_the_others_ride() {
+        let t0 = Instant::now();
+        let lazy = Duration::from_millis(5);
+        let mut b = AckBatcher::new(64, Duration::ZERO, lazy);
+        // Logged upstream bytes and an exchange end: nothing waits on them.
+        b.handle_delivered(1, false);
+        b.handle_delivered(2, false);
+        b.handle_applied(t0, 2).unwrap();
+        assert_eq!(b.poll_ack(t0), None, "idle, but nothing held: no write of its own");
+        assert_eq!(b.poll_timeout(), Some(t0 + lazy));
+        // A client segment arrives: the ack covers it and everything before it.
+        b.handle_input(true);
+        b.handle_delivered(3, true);
+        b.handle_applied(t0, 3).unwrap();
+        assert_eq!(b.poll_ack(t0), None, "input still waiting");
+        b.handle_input(false);
+        assert_eq!(b.poll_ack(t0), Some(3));
+        assert_eq!(b.poll_timeout(), None);
+    }
+
+    #[test]
+    fn ack_batcher_acks_unheld_records_after_the_lazy_delay_or_with_another_write() {
+        let t0 = Instant::now();
+        let lazy = Duration::from_millis(5);
+        let mut b = AckBatcher::new(64, Duration::ZERO, lazy);
+        b.handle_delivered(1, false);
+        b.handle_applied(t0, 1).unwrap();
+        assert_eq!(b.poll_ack(t0 + lazy / 2), None);
+        assert_eq!(b.poll_ack(t0 + lazy), Some(1), "never held longer than the lazy delay");
+        b.handle_delivered(2, false);
+        b.handle_applied(t0 + lazy, 2).unwrap();
+        assert_eq!(b.flush(), Some(2), "a heartbeat going out carries it");
+        assert_eq!(b.poll_timeout(), None);
+    }
+
+    #[test]
+    fn ack_batcher_never_delays_a_held_record_behind_unheld_ones() {
+        let t0 = Instant::now();
+        let mut b = AckBatcher::new(64, Duration::ZERO, Duration::from_secs(1));
+        b.handle_delivered(1, true);
+        b.handle_delivered(2, false);
+        b.handle_applied(t0, 1).unwrap();
+        assert_eq!(b.poll_ack(t0), None, "record 2 is delivered, not applied yet");
+        b.handle_applied(t0, 2).unwrap();
+        assert_eq!(b.poll_ack(t0), Some(2), "held record 1 goes out with 2 as soon as both are applied");
+        // The ack-every bound holds for unheld records too.
+        let mut b = AckBatcher::new(4, Duration::ZERO, Duration::from_secs(1));
+        for seq in 1..=4 {
+            b.handle_delivered(seq, false);
+        }
+        b.handle_applied(t0, 3).unwrap();
+        assert_eq!(b.poll_ack(t0), None);
+        b.handle_applied(t0, 4).unwrap();
+        assert_eq!(b.poll_ack(t0), Some(4));
+    }
+
+    #[test]
+    fn ack_batcher_with_zero_lazy_delay_treats_every_record_as_held() {
+        let t0 = Instant::now();
+        let mut b = AckBatcher::new(64, Duration::ZERO, Duration::ZERO);
+        b.handle_delivered(1, false);
+        b.handle_applied(t0, 1).unwrap();
+        assert_eq!(b.poll_ack(t0), Some(1));
+    }
+
+    #[test]
+    fn holds_output_marks_what_the_primary_waits_on() {
+        let addr = "10.0.0.1:1".parse().unwrap();
+        let conn = ConnKey { client: addr, server: addr };
+        let held = [
+            Message::Segment { at_us: 0, dir: Dir::ToServer, datagram: vec![] },
+            Message::Reply { conn, offset: 0, bytes: vec![] },
+            Message::SnapshotEnd,
+            Message::Ping,
+            Message::Handover,
+        ];
+        assert!(held.iter().all(Message::holds_output));
+        let riding = [
+            Message::Upstream { conn, exchange: 0, offset: 0, bytes: vec![] },
+            Message::ExchangeEnd { conn, exchange: 0, status: 200 },
+            Message::ConnClosed { conn },
+            Message::SnapshotBegin { connections: 1 },
+            Message::SnapshotConn { conn, state: vec![], more: false },
+        ];
+        assert!(!riding.iter().any(Message::holds_output));
     }
 
     #[test]

@@ -136,6 +136,29 @@ pub enum Message {
     Handover,
 }
 
+impl Message {
+    /// Whether the primary holds client output until the backup acknowledges this record: a segment
+    /// waits in the gate, reply bytes before the socket, the snapshot's end for the pair to count as
+    /// protected, a lease ping and a handover for the backup's answer. The backup acknowledges those at
+    /// once and lets the others (logged upstream bytes, exchange starts and ends, closes, snapshot parts)
+    /// ride with the next ack. A record the primary starts waiting on must be added here.
+    pub fn holds_output(&self) -> bool {
+        match self {
+            Message::Segment { .. }
+            | Message::Reply { .. }
+            | Message::SnapshotEnd
+            | Message::Ping
+            | Message::Handover => true,
+            Message::ExchangeStart(_)
+            | Message::Upstream { .. }
+            | Message::ExchangeEnd { .. }
+            | Message::ConnClosed { .. }
+            | Message::SnapshotBegin { .. }
+            | Message::SnapshotConn { .. } => false,
+        }
+    }
+}
+
 /// An exchange (one request and its response) on a connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExchangeStart {

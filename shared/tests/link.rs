@@ -381,6 +381,52 @@ async fn a_lone_record_is_acknowledged_at_once_without_an_ack_timer() -> Result<
 }
 
 #[tokio::test]
+async fn records_nothing_waits_on_ride_with_the_next_held_record_or_the_lazy_timer() -> Result<()> {
+    // Heartbeats and the lazy timer far away: only a held record can acknowledge.
+    let quiet = LinkConfig {
+        heartbeat_interval: Duration::from_secs(60),
+        ack_delay: Duration::ZERO,
+        ack_lazy: Duration::from_secs(60),
+        ..cfg()
+    };
+    let (primary, mut backup) = linked(quiet, 1).await?;
+    let applier = tokio::spawn(async move {
+        while let Some(rec) = backup.recv().await {
+            backup.applied(rec.seq);
+        }
+        backup.join().await
+    });
+    let upstream = |offset| Message::Upstream { conn: conn(), exchange: 0, offset, bytes: vec![1; 1000] };
+    // Each side's first heartbeat goes out at once (and would carry an ack): let them pass.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    primary.send(upstream(0)).await?;
+    primary.send(upstream(1000)).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(*primary.acked().borrow(), 0, "logged upstream bytes alone are not acknowledged on their own");
+    let seq = primary.send(Message::Segment { at_us: 1, dir: Dir::ToServer, datagram: vec![0x45; 40] }).await?;
+    within("ack of a held record", primary.wait_acked(seq)).await??;
+    assert_eq!(*primary.acked().borrow(), 3, "one cumulative ack covers the records before it");
+    within("close", primary.close()).await??;
+    assert!(matches!(within("backup end", applier).await??, Err(LinkError::PeerClosed)));
+
+    // With the default lazy delay a lone record nothing waits on is acknowledged soon all the same.
+    let (primary, mut backup) = linked(LinkConfig { heartbeat_interval: Duration::from_secs(60), ..cfg() }, 1).await?;
+    let applier = tokio::spawn(async move {
+        while let Some(rec) = backup.recv().await {
+            backup.applied(rec.seq);
+        }
+        backup.join().await
+    });
+    let t0 = Instant::now();
+    let seq = primary.send(upstream(0)).await?;
+    within("lazy ack", primary.wait_acked(seq)).await??;
+    println!("lone unheld record acknowledged after {:?} (lazy delay {:?})", t0.elapsed(), cfg().ack_lazy);
+    within("close", primary.close()).await??;
+    assert!(matches!(within("backup end", applier).await??, Err(LinkError::PeerClosed)));
+    Ok(())
+}
+
+#[tokio::test]
 async fn closing_while_the_peer_reads_nothing_gives_up_after_the_close_timeout() -> Result<()> {
     let (a, mut raw) = tcp_pair().await?;
     let small = LinkConfig { queue: 16, close_timeout: Duration::from_millis(300), ..cfg() };

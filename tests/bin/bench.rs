@@ -17,8 +17,13 @@
 //!   the primary killed; the restore time is the new primary's `/status` `failovers[]` entry, and every
 //!   connection then makes a second request.
 //!
+//! Each throughput point also counts the read and write system calls of each proxy process
+//! (`/proc/<pid>/io`). With `--profile` each understudy process is recorded with `perf record -e cpu-clock
+//! -g` over one more run of one point of (a) and (b), and the report summarises the profiles.
+//!
 //! The report (`target/bench/report.md`, with SVG plots, CSV series and `results.json`) gives the figures,
-//! the machine, and the targets of issue 5 with by how much each was met or missed. Exit status 0 when the
+//! the machine, and the targets of issue 5 with by how much each was met or missed, and for each missed
+//! one what replication costs there and the profiles ("Why targets are missed"). Exit status 0 when the
 //! run completed (targets are reported, not asserted), 1 when it failed, 130 when interrupted; the test bed
 //! and every process are removed on every exit path.
 
@@ -232,6 +237,13 @@ struct Cli {
     /// printed.
     #[arg(long)]
     keep: bool,
+    /// Profile each understudy process (`perf record -e cpu-clock -F 4000 -g -p PID`) during one more run of
+    /// the point SIZE:MODE:CONNECTIONS (default 1k:keep-alive:16) of (a) and (b), after the point is measured
+    /// (the figures are not taken under perf). The report's "Why targets are missed" section summarises the
+    /// profiles (kernel and user share, top symbols and threads from `perf report --stdio`); the `perf.data`
+    /// files stay next to the report. Without perf the report says why there is no profile.
+    #[arg(long, num_args = 0..=1, default_missing_value = "1k:keep-alive:16", value_name = "POINT")]
+    profile: Option<String>,
 }
 
 /// `v` sorted, without repeats.
@@ -258,6 +270,17 @@ struct Settings {
     node_config: Option<String>,
     out: PathBuf,
     command_line: String,
+    profile: Option<(Size, Mode, u32)>,
+}
+
+/// `SIZE:MODE:CONNECTIONS`, as `--profile` takes it.
+fn parse_point(text: &str) -> Result<(Size, Mode, u32)> {
+    let parts: Vec<&str> = text.split(':').collect();
+    ensure!(parts.len() == 3, "--profile {text}: expected SIZE:MODE:CONNECTIONS, for example 1k:keep-alive:16");
+    let size = Size::from_str(parts[0], true).map_err(|e| anyhow::anyhow!("--profile {text}: size: {e}"))?;
+    let mode = Mode::from_str(parts[1], true).map_err(|e| anyhow::anyhow!("--profile {text}: mode: {e}"))?;
+    let conns = parts[2].parse().with_context(|| format!("--profile {text}: connections"))?;
+    Ok((size, mode, conns))
 }
 
 impl Settings {
@@ -283,6 +306,7 @@ impl Settings {
             node_config,
             out: cli.out.clone().unwrap_or_else(|| workspace_root().join("target/bench")),
             command_line: std::env::args().skip(1).collect::<Vec<_>>().join(" "),
+            profile: cli.profile.as_deref().map(parse_point).transpose()?,
         })
     }
 
@@ -311,6 +335,14 @@ fn cpu_time(pid: u32) -> Option<Duration> {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     Some(Duration::from_secs_f64(ticks as f64 / hz))
+}
+
+/// Read and write system calls of process `pid` so far (`syscr`, `syscw` of `/proc/<pid>/io`: `read`,
+/// `readv`, `write`, `writev` and the like, not `send` or `recv`), if it exists.
+fn syscalls(pid: u32) -> Option<(u64, u64)> {
+    let io = fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    let field = |name: &str| io.lines().find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok());
+    Some((field("syscr:")?, field("syscw:")?))
 }
 
 /// The children of process `pid` (from every process's parent PID in /proc).
@@ -507,6 +539,8 @@ struct Point {
     wrk: WrkResult,
     /// CPU time of each proxy process over the point.
     cpu: Vec<(String, Duration)>,
+    /// Read and write system calls of each proxy process over the point ([`syscalls`]).
+    calls: Vec<(String, u64, u64)>,
     /// Something that makes the point doubtful (the pair lost its protection during it).
     note: Option<String>,
     /// TIME_WAIT sockets on the proxy's host when the point began (connection-per-request points).
@@ -522,6 +556,16 @@ impl Point {
     fn cpu_per_request_us(&self) -> f64 {
         if self.wrk.requests == 0 { f64::NAN } else { self.cpu_total().as_secs_f64() * 1e6 / self.wrk.requests as f64 }
     }
+    /// "primary 3.1 reads + 2.0 writes, backup ..." per request.
+    fn calls_text(&self) -> String {
+        let per = |n: u64| n as f64 / self.wrk.requests.max(1) as f64;
+        let parts: Vec<String> = self
+            .calls
+            .iter()
+            .map(|(name, r, w)| format!("{name} {:.2} reads + {:.2} writes", per(*r), per(*w)))
+            .collect();
+        if parts.is_empty() { "–".into() } else { parts.join(", ") }
+    }
 }
 
 /// The processes whose CPU a point counts: (name, PID).
@@ -529,6 +573,10 @@ type Pids = Vec<(String, u32)>;
 
 fn cpu_snapshot(pids: &Pids) -> Vec<Duration> {
     pids.iter().map(|(_, p)| cpu_time(*p).unwrap_or_default()).collect()
+}
+
+fn calls_snapshot(pids: &Pids) -> Vec<(u64, u64)> {
+    pids.iter().map(|(_, p)| syscalls(*p).unwrap_or_default()).collect()
 }
 
 /// What went wrong with the pair's protection during the run, in order (for the report).
@@ -630,6 +678,7 @@ fn run_matrix(
     points: &mut Vec<Point>,
     incidents: &mut Incidents,
     history: &mut Vec<(Instant, u64)>,
+    profiles: &mut Vec<Profile>,
 ) -> Result<()> {
     let dir = pair.dir.0.clone();
     let opened = |w: &WrkResult, mode: Mode, conns: u32| if mode == Mode::Close { w.requests } else { conns as u64 };
@@ -668,14 +717,19 @@ fn run_matrix(
                         .filter(|(t, _)| t.elapsed() < Duration::from_secs(60))
                         .map(|(_, n)| n)
                         .sum::<u64>();
-                    let before = cpu_snapshot(&pids);
+                    let (before, calls_before) = (cpu_snapshot(&pids), calls_snapshot(&pids));
                     let wrk = run_wrk(pair, &dir, size, mode, conns, s.duration, &tag)?;
                     history.push((Instant::now(), opened(&wrk, mode, conns)));
-                    let after = cpu_snapshot(&pids);
+                    let (after, calls_after) = (cpu_snapshot(&pids), calls_snapshot(&pids));
                     let cpu = pids
                         .iter()
                         .zip(before.iter().zip(&after))
                         .map(|((name, _), (b, a))| (name.clone(), a.saturating_sub(*b)))
+                        .collect();
+                    let calls = pids
+                        .iter()
+                        .zip(calls_before.iter().zip(&calls_after))
+                        .map(|((name, _), (b, a))| (name.clone(), a.0.saturating_sub(b.0), a.1.saturating_sub(b.1)))
                         .collect();
                     let mut note = None;
                     if proxy == Proxy::B
@@ -689,26 +743,178 @@ fn run_matrix(
                         }
                         note = Some(format!("in both attempts, {why}"));
                     }
-                    let p = Point { proxy, size, mode, conns, wrk, cpu, note, time_wait, recent_conns };
+                    let p = Point { proxy, size, mode, conns, wrk, cpu, calls, note, time_wait, recent_conns };
                     clock.line(&format!(
                         "{what}: {:.0} req/s ({:.1} MB/s), p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs, CPU {:.1} \
-                         µs/request, errors {}{}",
+                         µs/request ({}), errors {}{}",
                         p.wrk.rps(),
                         p.wrk.mbps(),
                         p.wrk.p50,
                         p.wrk.p99,
                         p.wrk.p999,
                         p.cpu_per_request_us(),
+                        p.calls_text(),
                         p.wrk.errors_text(),
                         p.note.as_ref().map(|n| format!(" — {n}")).unwrap_or_default()
                     ));
                     points.push(p);
+                    if proxy != Proxy::C && s.profile == Some((size, mode, conns)) {
+                        profiles.extend(profile_point(s, pair, clock, proxy, size, mode, conns, &pids)?);
+                    }
                     break;
                 }
             }
         }
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Profiles (`--profile`).
+
+/// One process's CPU profile over one more run of a point.
+#[derive(Debug, Clone)]
+struct Profile {
+    proxy: Proxy,
+    node: String,
+    /// "1 KiB keep-alive c=16".
+    point: String,
+    /// Throughput of the profiled run (perf running).
+    rps: f64,
+    data: PathBuf,
+    /// What `perf report` made of it, or why there is none.
+    summary: Result<ProfileSummary, String>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct ProfileSummary {
+    samples: String,
+    /// Share of the samples in the kernel, percent.
+    kernel: f64,
+    /// (percent, symbol) by self time, highest first.
+    symbols: Vec<(f64, String)>,
+    /// (percent, thread name).
+    threads: Vec<(f64, String)>,
+    /// (percent, system call) by time in the call and everything under it, highest first.
+    syscalls: Vec<(f64, String)>,
+}
+
+/// Records every process of `pids` with perf during one more wrk run of the point; a perf that cannot run
+/// gives profiles that say why.
+#[allow(clippy::too_many_arguments)]
+fn profile_point(
+    s: &Settings,
+    pair: &Pair,
+    clock: &Clock,
+    proxy: Proxy,
+    size: Size,
+    mode: Mode,
+    conns: u32,
+    pids: &Pids,
+) -> Result<Vec<Profile>> {
+    let dir = pair.dir.0.clone();
+    let point = format!("{} {} c={conns}", size.label(), mode.label());
+    let secs = s.duration.max(2);
+    let mut perfs = Vec::new();
+    for (name, pid) in pids {
+        let data = s.out.join(format!("perf-{}-{name}.data", proxy.short()));
+        let _ = fs::remove_file(&data);
+        let mut cmd = std::process::Command::new("perf");
+        let (pid, secs, out) = (pid.to_string(), secs.to_string(), data.to_string_lossy().into_owned());
+        cmd.args(["record", "-q", "-e", "cpu-clock", "-F", "4000", "-g", "-p", &pid, "-o", &out, "--", "sleep", &secs]);
+        let log = dir.join(format!("perf-{}-{name}.log", proxy.short()));
+        let started = pair.tb.spawn_command("perf", cmd, &log).map_err(|e| format!("perf did not start: {e:#}"));
+        perfs.push((name.clone(), data, started));
+    }
+    // perf attaches within a moment; wrk runs past the recording's end so that every sample is under load.
+    pause(Duration::from_millis(300))?;
+    clock.line(&format!("{} {point}: profiling ({secs} s, perf record -e cpu-clock -g)", proxy.label()));
+    let wrk = run_wrk(pair, &dir, size, mode, conns, secs + 1, &format!("{}-profile", proxy.short()))?;
+    let mut out = Vec::new();
+    for (node, data, started) in perfs {
+        let summary = started.and_then(|mut p| {
+            let status = p.wait(Duration::from_secs(30)).map_err(|e| format!("perf record did not end: {e:#}"))?;
+            let log = p.log_text();
+            if !status.success() || !data.exists() {
+                return Err(format!(
+                    "perf record failed ({status}): {}",
+                    log.lines().last().unwrap_or_default().trim()
+                ));
+            }
+            summarise_profile(&data)
+        });
+        match &summary {
+            Ok(x) => clock.line(&format!(
+                "{} {point}: {node}: {}, kernel {:.0} %, system calls: {}",
+                proxy.label(),
+                x.samples,
+                x.kernel,
+                x.syscalls.iter().take(4).map(|(p, n)| format!("{n} {p:.1} %")).collect::<Vec<_>>().join(", ")
+            )),
+            Err(e) => clock.line(&format!("{} {point}: {node}: no profile: {e}", proxy.label())),
+        }
+        out.push(Profile { proxy, node, point: point.clone(), rps: wrk.rps(), data, summary });
+    }
+    Ok(out)
+}
+
+/// `perf report --stdio` of `data`, sorted by `sort`, without call graphs: (percent, name) lines and the
+/// header's sample count. The percent is self time, or with `children` the time in the entry and below it.
+fn perf_report(data: &Path, sort: &str, children: bool) -> Result<(String, Vec<(f64, String)>), String> {
+    let input = data.to_string_lossy();
+    let out = std::process::Command::new("perf")
+        .args(["report", "-i", &input, "--stdio", "-g", "none", "--percent-limit", "0.5"])
+        .arg(if children { "--children" } else { "--no-children" })
+        .args(["--sort", sort])
+        .output()
+        .map_err(|e| format!("perf report did not run: {e}"))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(format!("perf report failed: {}", err.lines().last().unwrap_or_default().trim()));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let samples = text
+        .lines()
+        .find_map(|l| l.strip_prefix("# Samples: "))
+        .map_or_else(|| "? samples".into(), |v| format!("{} samples", v.split_whitespace().next().unwrap_or("?")));
+    let rows = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (pct, rest) = l.trim_start().split_once('%')?;
+            // With children, the self percentage follows the inclusive one.
+            let rest = if children { rest.trim_start().split_once('%')?.1 } else { rest };
+            Some((pct.trim().parse::<f64>().ok()?, rest.trim().to_string()))
+        })
+        .collect();
+    Ok((samples, rows))
+}
+
+fn summarise_profile(data: &Path) -> Result<ProfileSummary, String> {
+    let (samples, dsos) = perf_report(data, "dso", false)?;
+    let kernel = dsos.iter().filter(|(_, d)| d.starts_with("[kernel")).map(|(p, _)| p).sum();
+    let (_, symbols) = perf_report(data, "sym", false)?;
+    let (_, threads) = perf_report(data, "comm", false)?;
+    // Kernel call chains are whole (user ones are not: the release build has no frame pointers), so the
+    // system calls' entry points give each call's share, with the network stack work it did.
+    let (_, inclusive) = perf_report(data, "sym", true)?;
+    let syscalls = inclusive
+        .into_iter()
+        .filter_map(|(p, n)| {
+            // `writev` and `readv` enter their `do_` function directly on recent kernels.
+            let vectored = ["[k] do_writev", "[k] do_readv"].contains(&n.as_str());
+            let name = n.strip_prefix("[k] __x64_sys_").or_else(|| n.strip_prefix("[k] do_").filter(|_| vectored))?;
+            Some((p, name.to_string()))
+        })
+        .take(8)
+        .collect();
+    Ok(ProfileSummary {
+        samples,
+        kernel,
+        symbols: symbols.into_iter().take(12).collect(),
+        threads: threads.into_iter().take(6).collect(),
+        syscalls,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -1216,11 +1422,22 @@ fn bench(s: &Settings) -> Result<bool> {
     let mut scale = Vec::new();
     let mut incidents = Incidents::new();
     let (mut primary_history, mut nginx_history) = (Vec::new(), Vec::new());
+    let mut profiles = Vec::new();
 
     if s.has(Phase::B) {
         loads.push(("(b)".into(), loadavg()));
         clock.line("(b) the replicated pair");
-        run_matrix(s, &mut pair, &clock, Proxy::B, None, &mut points, &mut incidents, &mut primary_history)?;
+        run_matrix(
+            s,
+            &mut pair,
+            &clock,
+            Proxy::B,
+            None,
+            &mut points,
+            &mut incidents,
+            &mut primary_history,
+            &mut profiles,
+        )?;
     }
     if s.has(Phase::A) {
         loads.push(("(a)".into(), loadavg()));
@@ -1232,7 +1449,17 @@ fn bench(s: &Settings) -> Result<bool> {
         pair.wait_status(pair.primary_host, "the primary to serve unprotected", Duration::from_secs(10), |st| {
             st["peer"] == "none"
         })?;
-        run_matrix(s, &mut pair, &clock, Proxy::A, None, &mut points, &mut incidents, &mut primary_history)?;
+        run_matrix(
+            s,
+            &mut pair,
+            &clock,
+            Proxy::A,
+            None,
+            &mut points,
+            &mut incidents,
+            &mut primary_history,
+            &mut profiles,
+        )?;
     }
     if s.has(Phase::D) {
         loads.push(("(d)".into(), loadavg()));
@@ -1313,7 +1540,17 @@ fn bench(s: &Settings) -> Result<bool> {
         pair.tb.vip("server")?;
         wait_serving(&pair, Size::K1.path(), Duration::from_secs(10))?;
         let nginx = nginx_server.as_ref().context("no nginx")?;
-        run_matrix(s, &mut pair, &clock, Proxy::C, Some(nginx), &mut points, &mut incidents, &mut nginx_history)?;
+        run_matrix(
+            s,
+            &mut pair,
+            &clock,
+            Proxy::C,
+            Some(nginx),
+            &mut points,
+            &mut incidents,
+            &mut nginx_history,
+            &mut profiles,
+        )?;
         pair.tb.exec("server", &["ip", "addr", "del", &format!("{VIP}/24"), "dev", "eth0"])?;
     }
     if s.has(Phase::E) {
@@ -1379,7 +1616,7 @@ fn bench(s: &Settings) -> Result<bool> {
     drop(nginx_server);
     loads.push(("end".into(), loadavg()));
 
-    let report = Report { s, started_wall, loads, points, fail_d, fail_e, scale, incidents };
+    let report = Report { s, started_wall, loads, points, fail_d, fail_e, scale, incidents, profiles };
     report.write(&s.out)?;
     clock.line(&format!("report: {}", s.out.join("report.md").display()));
     println!();
@@ -1399,6 +1636,7 @@ struct Report<'a> {
     fail_e: Option<FailoverResult>,
     scale: Vec<ScalePoint>,
     incidents: Incidents,
+    profiles: Vec<Profile>,
 }
 
 fn cmd_out(program: &str, args: &[&str]) -> String {
@@ -1642,6 +1880,119 @@ impl Report<'_> {
         out
     }
 
+    /// "Why targets are missed": each missed target with its gap, what the points say about the cost of
+    /// replication there, and the profiles.
+    fn why_missed(&self, md: &mut String) {
+        let missed: Vec<(String, Vec<Verdict>)> = self
+            .verdicts()
+            .into_iter()
+            .map(|(t, vs)| (t, vs.into_iter().filter(|v| !v.met).collect::<Vec<_>>()))
+            .filter(|(_, vs)| !vs.is_empty())
+            .collect();
+        if missed.is_empty() {
+            return;
+        }
+        let _ = writeln!(md, "\n## Why targets are missed\n");
+        let mut throughput = false;
+        for (target, vs) in &missed {
+            let _ = writeln!(md, "* **{target}**");
+            for v in vs {
+                let _ = writeln!(md, "  * {}", v.text);
+            }
+            if target.starts_with("(d)") {
+                if let Some(d) = &self.fail_d {
+                    let _ = writeln!(
+                        md,
+                        "  * The stall is the takeover, not CPU (a profile does not show waiting): {}.",
+                        d.takeover_text
+                    );
+                }
+            } else {
+                throughput = true;
+            }
+        }
+        if !throughput {
+            return;
+        }
+        let ka = Mode::KeepAlive;
+        let _ =
+            writeln!(md, "\nWhat replication costs at each keep-alive point measured with and without the backup:\n");
+        let _ = writeln!(md, "| point | CPU per request (a) | (b): primary + backup | writes per request (a) | (b) |");
+        let _ = writeln!(md, "|---|---:|---:|---:|---:|");
+        for &size in &self.s.sizes {
+            for &c in &self.s.concurrency {
+                let (Some(a), Some(b)) = (self.point(Proxy::A, size, ka, c), self.point(Proxy::B, size, ka, c)) else {
+                    continue;
+                };
+                let per = |x: &Point, name: &str| -> (f64, f64) {
+                    let n = x.wrk.requests.max(1) as f64;
+                    let cpu = x.cpu.iter().filter(|(k, _)| k == name).map(|(_, d)| d.as_secs_f64()).sum::<f64>();
+                    let w = x.calls.iter().filter(|(k, _, _)| k == name).map(|(_, _, w)| *w).sum::<u64>();
+                    (cpu * 1e6 / n, w as f64 / n)
+                };
+                let ((ac, aw), (pc, pw), (bc, bw)) = (per(a, "primary"), per(b, "primary"), per(b, "backup"));
+                let _ = writeln!(
+                    md,
+                    "| {} c={c} | {ac:.0} µs | {:.0} µs = {pc:.0} + {bc:.0} | {aw:.2} | {pw:.2} + {bw:.2} |",
+                    size.label(),
+                    pc + bc
+                );
+            }
+        }
+        let _ = writeln!(
+            md,
+            "\nOn these {} cores every process competes for the same CPU (wrk, the nodes, the origin), so the \
+             throughput of (b) follows its CPU per request; on top of that each client segment and each reply \
+             waits for the backup's acknowledgement (output commit).\n",
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+        );
+        if self.profiles.is_empty() {
+            let _ = writeln!(md, "No profiles in this run: `scripts/bench --profile` records them.");
+            return;
+        }
+        let _ = writeln!(
+            md,
+            "Profiles: `perf record -e cpu-clock -F 4000 -g -p PID` of each process over one more run of the point \
+             (figures above are from the run without perf), read with `perf report --stdio`. System calls: the \
+             share of samples inside each call, the network stack work it did included (sending on a veth runs the \
+             receiver's TCP too). Self time in `finish_task_switch` and `_raw_spin_unlock_irqrestore` is mostly \
+             sleeping and waking threads: this VM has no hardware counters, and cpu-clock samples taken while \
+             interrupts were off land where they are turned back on.\n"
+        );
+        for p in &self.profiles {
+            let _ = write!(
+                md,
+                "* **{}, {}**, {} (profiled run {} req/s, `{}`): ",
+                p.proxy.label(),
+                p.node,
+                p.point,
+                fmt_rps(p.rps),
+                p.data.file_name().map(|f| f.to_string_lossy()).unwrap_or_default()
+            );
+            match &p.summary {
+                Err(e) => {
+                    let _ = writeln!(md, "no profile: {e}");
+                }
+                Ok(x) => {
+                    let list = |v: &[(f64, String)]| {
+                        v.iter().map(|(pct, n)| format!("`{n}` {pct:.1} %")).collect::<Vec<_>>().join(", ")
+                    };
+                    let _ = writeln!(
+                        md,
+                        "{}; kernel {:.0} %, user {:.0} %.\n  * system calls (inclusive): {}\n  * top symbols (self): \
+                         {}\n  * threads: {}",
+                        x.samples,
+                        x.kernel,
+                        100.0 - x.kernel,
+                        list(&x.syscalls),
+                        list(&x.symbols),
+                        list(&x.threads)
+                    );
+                }
+            }
+        }
+    }
+
     fn targets_text(&self) -> String {
         let mut s = String::from("Targets (reported, not asserted)\n");
         for (target, vs) in self.verdicts() {
@@ -1835,6 +2186,15 @@ impl Report<'_> {
                 "\nCPU times come from clock ticks ({} per second), so a point with few requests (1 MiB at c=1) is coarse.",
                 // SAFETY: sysconf has no preconditions.
                 unsafe { libc::sysconf(libc::_SC_CLK_TCK) }
+            );
+            let _ = writeln!(md, "\n## Read and write system calls per request (`/proc/<pid>/io`)\n");
+            self.matrix_table(&mut md, s, &proxies, &[], |_, x, _, _, _| x.calls_text(), |_, _, _| Vec::new());
+            let _ = writeln!(
+                md,
+                "\nCounted by the kernel per process (`syscr`, `syscw`): `read`, `write` and their vectored forms on \
+                 sockets, files and pipes. Rust reads sockets with `recv`, which is not counted, so the reads are \
+                 mostly of files and pipes; the writes include every socket write (a replication ack is one \
+                 `writev`)."
             );
         }
 
@@ -2031,6 +2391,7 @@ impl Report<'_> {
                 let _ = writeln!(md, "  * {} {}", if v.met { "met:" } else { "**missed:**" }, v.text);
             }
         }
+        self.why_missed(&mut md);
         fs::write(out.join("report.md"), md)?;
 
         let results = json!({
@@ -2048,7 +2409,9 @@ impl Report<'_> {
                 "p50_us": p.wrk.p50, "p99_us": p.wrk.p99, "p999_us": p.wrk.p999, "mean_us": p.wrk.mean,
                 "max_us": p.wrk.max, "wrk_errors": p.wrk.errors,
                 "cpu_s": p.cpu.iter().map(|(n, d)| json!([n, d.as_secs_f64()])).collect::<Vec<_>>(),
-                "cpu_per_request_us": p.cpu_per_request_us(), "note": p.note, "time_wait_before": p.time_wait, "connections_in_the_60_s_before": p.recent_conns,
+                "cpu_per_request_us": p.cpu_per_request_us(),
+                "read_write_syscalls": p.calls.iter().map(|(n, r, w)| json!([n, r, w])).collect::<Vec<_>>(),
+                "note": p.note, "time_wait_before": p.time_wait, "connections_in_the_60_s_before": p.recent_conns,
             })).collect::<Vec<_>>(),
             "failover": self.fail_d.iter().chain(self.fail_e.iter()).map(|f| f.json()).collect::<Vec<_>>(),
             "protection_incidents": self.incidents,
