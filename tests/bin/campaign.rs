@@ -21,7 +21,7 @@ use understudy_tests::tool::{self, Clock};
                   After each the pair is made protected again and the injection is survived when every client \
                   finished with every body checked, no reset from the VIP reached the client, the origin's \
                   ledger shows every POST executed exactly once with the body sent, and the VIP changed hands \
-                  on ARP no more often than the injection handed it over. Faults that end the primary are not \
+                  on ARP exactly as often as the injection handed it over. Faults that end the primary are not \
                   drawn during a join or a takeover (the pair protects nothing then). Needs root, the release \
                   build of the workspace's binaries, nginx, curl, tcpdump, arping."
 )]

@@ -237,9 +237,9 @@ pub fn covering_plan(seed: u64) -> Vec<Injection> {
     out
 }
 
-/// How many times the MAC claiming the VIP changed over a capture's claims (time order), and whether that
-/// is within `handovers`: each claim is a reply "VIP is-at MAC" or a gratuitous announcement by MAC. Two
-/// nodes answering at once show as the claimant flipping back and forth.
+/// How many times the MAC claiming the VIP changed over a capture's claims (time order): each claim is a
+/// reply "VIP is-at MAC" or a gratuitous announcement by MAC. Two nodes answering at once show as the
+/// claimant flipping back and forth.
 pub fn arp_changes(claims: &[(f64, String)]) -> usize {
     claims.windows(2).filter(|w| w[0].1 != w[1].1).count()
 }
