@@ -432,7 +432,11 @@ impl Campaign {
         if self.pair.backup.is_none() {
             self.pair.start_spare()?;
         }
-        self.pair.wait_protected(PROTECT_WITHIN)
+        if self.pair.wait_protected(PROTECT_WITHIN / 2).is_ok() {
+            return Ok(());
+        }
+        // No node serves (both stepped down, say): the pair starts over, the findings already recorded.
+        self.pair.restart_fresh(PROTECT_WITHIN)
     }
 
     /// The primary's epoch (raised by every takeover).
