@@ -89,7 +89,14 @@ impl Conn {
     fn more(&mut self, owed: bool) -> Result<()> {
         let mut chunk = [0u8; 64 * 1024];
         let t = Instant::now();
-        let n = self.s.read(&mut chunk).context("reading")?;
+        // A signal (SIGCHLD when a node this process started is stopped or continued) ends a read that has a
+        // timeout with EINTR even under SA_RESTART: not the server's doing, read again.
+        let n = loop {
+            match self.s.read(&mut chunk) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => break r.context("reading")?,
+            }
+        };
         if owed {
             self.stall = self.stall.max(t.elapsed());
         }

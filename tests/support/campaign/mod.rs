@@ -244,7 +244,15 @@ impl Campaign {
         if resets > 0 {
             // The history of each reset connection, from the capture.
             let mut history = String::new();
-            for port in lines.lines().filter_map(|l| l.split(" > ").nth(1)?.split(':').next()?.rsplit('.').next()) {
+            // `… ethertype IPv4 (0x0800), length 54: 10.0.0.100.80 > 10.0.0.1.55796: Flags [R], …`
+            let client_port = |l: &str| -> Option<String> {
+                let ip = &l[l.find("length ")?..];
+                let ip = &ip[ip.find(": ")? + 2..];
+                Some(ip.split(" > ").nth(1)?.split(':').next()?.rsplit('.').next()?.to_string())
+            };
+            let mut ports: Vec<String> = lines.lines().filter_map(client_port).collect();
+            ports.dedup();
+            for port in ports {
                 let conn = crate::harness::run(
                     Command::new("tcpdump")
                         .args(["-nn", "-e", "-tt", "-r"])
