@@ -471,6 +471,16 @@ impl Campaign {
     }
 }
 
+impl Drop for Campaign {
+    /// Before the bed goes down (the pair is dropped after this): no fault rule, helper or remembered
+    /// command line of `scripts/faults` outlives the campaign.
+    fn drop(&mut self) {
+        if let Err(e) = self.faults(&["clear"]) {
+            eprintln!("campaign: clearing the faults of bed {}: {e:#}", self.pair.tb.id);
+        }
+    }
+}
+
 /// Runs `injections` on one bed, printing a progress line per injection; the outcomes in order.
 pub fn run(
     id: &str,
