@@ -311,3 +311,34 @@ fn planned_switchovers_under_load_lose_nothing_and_execute_nothing_twice() -> Re
     );
     Ok(())
 }
+
+/// Found by the fault campaign (`scripts/campaign`, SIGSTOP of the primary during handshakes): a primary
+/// frozen within a second of starting to serve, while its repeated gratuitous ARP was still pending, sent
+/// that announcement the moment it was resumed, after its backup had taken over. The new primary read the
+/// announcement as a later takeover and stepped down too, and nobody served the VIP. A node resumed after a
+/// stall must not announce the VIP from a stale timer; the new primary must serve on.
+#[test]
+fn a_primary_frozen_just_after_it_started_serving_does_not_announce_over_its_successor() -> Result<()> {
+    let (mut pair, _) = pair_with_files('a', MB)?;
+    // Protected within a few hundred ms of the primary's start: its repeated announcements are still due.
+    let frozen = pair.primary.as_ref().context("primary")?;
+    frozen.signal(libc::SIGSTOP)?;
+    let taken = pair.wait_taken_over(Duration::from_secs(30));
+    frozen.signal(libc::SIGCONT)?;
+    taken?;
+    let mut old = pair.primary.take().context("primary")?;
+    let status = old.wait(Duration::from_secs(20))?;
+    ensure!(!status.success() && old.log_text().contains("stepped down"), "the resumed primary did not step down");
+    pair.primary = pair.backup.take();
+    pair.primary_host = "spare";
+    // The successor serves on: still primary a while after the resumed node stepped down, and answering.
+    std::thread::sleep(Duration::from_millis(1500));
+    if let Some(exit) = pair.primary.as_mut().context("new primary")?.try_wait()? {
+        anyhow::bail!("the new primary stopped serving and exited ({exit}):\n{}", pair.logs_tail());
+    }
+    let s = pair.status("spare")?;
+    ensure!(s["role"] == "primary", "the new primary stopped serving: {s}\n{}", pair.logs_tail());
+    let code = pair.get_status("/f0.bin")?;
+    ensure!(code == "200", "GET through the VIP after the resumed primary stepped down: {code}\n{}", pair.logs_tail());
+    Ok(())
+}

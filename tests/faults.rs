@@ -118,3 +118,114 @@ fn faults_kill_restart_partition_heal_and_loss_act_on_a_running_pair() -> Result
     ensure!(!fault(&["status", &id])?.contains("state T"), "cont resumes the node");
     Ok(())
 }
+
+/// Every node log written so far, concatenated with its name.
+fn node_logs(pair: &Pair) -> Vec<(String, String)> {
+    pair.node_log_stems()
+        .iter()
+        .map(|s| (s.clone(), std::fs::read_to_string(pair.dir.0.join(format!("{s}.log"))).unwrap_or_default()))
+        .collect()
+}
+
+/// `faults corrupt` with the `us-corrupt` built for this test.
+fn corrupt(args: &[&str]) -> Result<String> {
+    let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/faults"))
+        .args(args)
+        .env("US_CORRUPT", env!("CARGO_BIN_EXE_us-corrupt"))
+        .output()
+        .with_context(|| format!("running scripts/faults {args:?}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.success(),
+        "scripts/faults {args:?}: {}\n{text}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(text)
+}
+
+/// Issue 6, item 1: replication segments altered in flight with valid TCP checksums. `tamper` (frame CRC
+/// recomputed) must be caught by the frame's authentication tag, `wire` by the frame CRC; either ends the
+/// link with the error logged by the node that received the frame, the pair is protected again once the
+/// corruption stops, and the clients (keep-alive loops, every body checked) see no error and no reset.
+#[test]
+fn corrupted_replication_frames_end_the_link_and_the_pair_recovers_unseen_by_clients() -> Result<()> {
+    use understudy_tests::harness::{Capture, count_matching};
+    use understudy_tests::load::{self, Load};
+    if unsafe { libc::geteuid() } != 0 {
+        anyhow::bail!("the faults test needs root (network namespaces, iptables)");
+    }
+    let id = unique_id('c');
+    struct Forget(String);
+    impl Drop for Forget {
+        fn drop(&mut self) {
+            let _ = faults(&["clear", &self.0]);
+        }
+    }
+    const SIZES: [u64; 4] = [1_000, 20_000, 5, 150_000];
+    let pair = Pair::up(&id, &PairOptions::default(), |www| load::write_files(www, &SIZES))?;
+    let _forget = Forget(id.clone());
+    let pcap = pair.dir.0.join("client.pcap");
+    let capture = Capture::start(&pair.tb, "client", "eth0", "tcp port 80", 96, &pcap)?;
+    let load = Load::start(&pair, 8, &SIZES, Duration::from_millis(10))?;
+    load.wait_progress(50, Duration::from_secs(30))?;
+
+    ensure!(faults(&["corrupt", &id, "client", "5"])?.status.code() == Some(2), "corrupt is for repl only");
+    ensure!(faults(&["corrupt", &id, "repl", "5", "bitrot"])?.status.code() == Some(2), "a bad mode is bad usage");
+    for (mode, error) in [("tamper", "replication frame failed authentication: frame"), ("wire", "frame CRC mismatch")]
+    {
+        let before: usize = node_logs(&pair).iter().map(|(_, t)| t.matches(error).count()).sum();
+        let started = Instant::now();
+        let said = corrupt(&["corrupt", &id, "repl", "3", mode])?;
+        ensure!(said.contains(&format!("mode {mode}")), "{said}");
+        let status = fault(&["status", &id])?;
+        ensure!(status.matches("usfault:corrupt-repl").count() == 2, "one queue rule per host:\n{status}");
+        let (stem, line) = understudy_tests::harness::wait_until(
+            &format!("a node to log {error:?}"),
+            Duration::from_secs(30),
+            || {
+                let logs = node_logs(&pair);
+                let now: usize = logs.iter().map(|(_, t)| t.matches(error).count()).sum();
+                Ok((now > before).then(|| {
+                    logs.iter()
+                        .find_map(|(s, t)| {
+                            t.lines().rev().find(|l| l.contains(error)).map(|l| (s.clone(), l.to_string()))
+                        })
+                        .unwrap_or_default()
+                }))
+            },
+        )?;
+        let status = fault(&["status", &id])?;
+        let altered: u64 = status
+            .lines()
+            .filter_map(|l| l.strip_suffix(" segments altered")?.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
+        ensure!(altered > 0, "no segment altered, yet {error:?} was logged:\n{status}");
+        corrupt(&["corrupt", &id, "repl", "0"])?;
+        ensure!(!fault(&["status", &id])?.contains("usfault:"), "corrupt 0 leaves no rule");
+        pair.wait_protected(Duration::from_secs(60))?;
+        ensure!(pair.primary_host == "server", "the primary moved");
+        load.wait_progress(50, Duration::from_secs(30))?;
+        println!("{mode}: {stem} logged `{line}`; protected again {:?} after the corruption began", started.elapsed());
+    }
+    // `clear` ends a corruption in place too.
+    corrupt(&["corrupt", &id, "repl", "1", "wire"])?;
+    fault(&["clear", &id])?;
+    let status = fault(&["status", &id])?;
+    ensure!(!status.contains("usfault:") && !status.contains("corrupter"), "clear leaves no rule or helper:\n{status}");
+    pair.wait_protected(Duration::from_secs(60))?;
+
+    let report = load.stop()?;
+    let errors = report.errors();
+    ensure!(errors.is_empty(), "{} load errors:\n{}\n{}", errors.len(), errors.join("\n"), pair.logs_tail());
+    capture.stop()?;
+    let (resets, lines) =
+        count_matching(&pcap, &format!("src host {} and tcp[tcpflags] & tcp-rst != 0", understudy_tests::pair::VIP))?;
+    ensure!(resets == 0, "{resets} resets from the VIP reached the client:\n{lines}");
+    println!(
+        "corruption: {} requests on 8 keep-alive connections, 0 errors, 0 resets, slowest {:?}",
+        report.requests(),
+        report.slowest()
+    );
+    Ok(())
+}

@@ -438,8 +438,12 @@ async fn serve(
         let (iface, vip) = (config.iface.clone(), claim.vip());
         tokio::spawn(
             async move {
-                tokio::time::sleep(ANNOUNCE_INTERVAL).await;
-                if let Err(e) = shared::vip::announce(&iface, vip, ANNOUNCE_REPEATS, ANNOUNCE_INTERVAL).await {
+                // Due rounds, not a sleep then rounds: a round whose time passed while this process was
+                // stalled is dropped (a successor may hold the VIP by now; it would give way to it).
+                let first = tokio::time::Instant::now() + ANNOUNCE_INTERVAL;
+                if let Err(e) =
+                    shared::vip::announce_from(&iface, vip, first, ANNOUNCE_REPEATS, ANNOUNCE_INTERVAL).await
+                {
                     warn!(%vip, iface, error = %e, "repeated gratuitous ARP failed; the responder still answers");
                 }
             }

@@ -13,8 +13,8 @@
 //!   runs. The response is JSON naming the execution.
 //!
 //! Every request that arrives complete gets one line in the `--log` file (JSON lines: `method`,
-//! `target`, `key`, `outcome` = "executed" | "deduplicated", `execution`, `conn`, `bytes_in`, `ms`
-//! since start), appended with one write each, so tests count executions while it runs. Every
+//! `target`, `key`, `outcome` = "executed" | "deduplicated", `execution`, `conn`, `bytes_in`, for a POST
+//! the `sha256` of its body, `ms` since start), appended with one write each, so tests count executions while it runs. Every
 //! response echoes its request target in `x-request-target`, so a pipelining client can check order.
 
 use anyhow::{Context, Result};
@@ -132,8 +132,11 @@ async fn handle(origin: Arc<Origin>, peer: SocketAddr, req: Request<Incoming>) -
     let key = req.headers().get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_owned);
     let (_, body) = req.into_parts();
     // The request counts only once it arrived whole.
-    let bytes_in = match body.collect().await {
-        Ok(b) => b.to_bytes().len(),
+    let (bytes_in, sha256) = match body.collect().await {
+        Ok(b) => {
+            let b = b.to_bytes();
+            (b.len(), hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&b)))
+        }
         Err(e) => {
             eprintln!("us-origin: {method} {target} from {peer}: request body: {e}");
             return Ok(full(StatusCode::BAD_REQUEST, "request body failed\n"));
@@ -141,7 +144,7 @@ async fn handle(origin: Arc<Origin>, peer: SocketAddr, req: Request<Incoming>) -
     };
     let ms = param(&query, "ms").unwrap_or(0);
     let mut resp = if method == Method::POST {
-        post(&origin, peer, &target, key, bytes_in, ms).await
+        post(&origin, peer, &target, key, (bytes_in, &sha256), ms).await
     } else {
         let line = |execution: u64| {
             serde_json::json!({
@@ -184,7 +187,7 @@ async fn post(
     peer: SocketAddr,
     target: &str,
     key: Option<String>,
-    bytes_in: usize,
+    (bytes_in, sha256): (usize, &str),
     ms: u64,
 ) -> Resp {
     let (mut rx, execution, outcome) = {
@@ -213,7 +216,8 @@ async fn post(
     // Recorded on arrival, so a test can fail the proxy while the execution runs.
     origin.record(serde_json::json!({
         "method": "POST", "target": target, "key": key, "outcome": outcome, "execution": execution,
-        "conn": peer.to_string(), "bytes_in": bytes_in, "ms": origin.started.elapsed().as_millis() as u64,
+        "conn": peer.to_string(), "bytes_in": bytes_in, "sha256": sha256,
+        "ms": origin.started.elapsed().as_millis() as u64,
     }));
     let stored = match rx.wait_for(Option::is_some).await {
         Ok(s) => s.clone(),

@@ -11,6 +11,8 @@
 //! * [`app`], [`derive`], [`takeover`]: the `us-testapp` application and the kernel takeover tests
 //!   (`tests/takeover.rs`); [`pair`]: the replicated pair in a test bed (`tests/pair.rs`), roles moving
 //!   between its hosts across failovers; [`load`]: a steady keep-alive load with every body checked.
+//! * [`campaign`]: the fault campaign (`us-campaign`, `scripts/campaign`, `tests/campaign.rs`).
+//! * [`corrupt`]: what `us-corrupt` does to a replication segment (`scripts/faults corrupt`).
 //! * [`psk`]: replication key files for tests that run real nodes.
 //! * [`tool`]: what the `us-demo` and `us-scale` tools share (clean stop on SIGINT, exit status, progress).
 //! * [`bench_load`]: the benchmark's load clients (`us-bench`: throughput over time, stalls, resets; idle
@@ -21,6 +23,9 @@
 pub mod app;
 #[cfg(target_os = "linux")]
 pub mod bench_load;
+#[cfg(target_os = "linux")]
+pub mod campaign;
+pub mod corrupt;
 pub mod derive;
 pub mod harness;
 pub mod hyper_origin;

@@ -219,6 +219,23 @@ impl Pair {
         self.tb.spawn(role, host, &argv, &self.dir.0.join(format!("{stem}.log")))
     }
 
+    /// Starts the pair over when no node can be brought back to a protected pair by a restart (both stepped
+    /// down, say): ends both nodes, starts a primary on `server` and a backup joining it on `spare`, and waits
+    /// until it is protected. The clients' connections are not carried over.
+    pub fn restart_fresh(&mut self, timeout: Duration) -> Result<()> {
+        drop(self.backup.take());
+        drop(self.primary.take());
+        self.primary_host = "server";
+        let stem = format!("primary{}-server", self.node_logs.len());
+        let primary = self.start_node("primary", "server", None, &stem)?;
+        self.primary = Some(primary);
+        self.wait_status("server", "the fresh primary to serve", timeout, |s| s["role"] == "primary")?;
+        let stem = format!("backup{}-spare", self.node_logs.len());
+        let backup = self.start_node("backup", "spare", Some(PRIMARY_REPL), &stem)?;
+        self.backup = Some(backup);
+        self.wait_protected(timeout)
+    }
+
     /// The host of the backup (or of the dead primary's replacement): the one that is not primary.
     pub fn backup_host(&self) -> &'static str {
         other_host(self.primary_host)

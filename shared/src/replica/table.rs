@@ -279,10 +279,13 @@ impl Exchange {
         }
     }
 
-    /// Sent (or about to be sent) upstream, with no response head logged yet and not ended: a takeover
-    /// now would have to send the request again, since nothing says whether the origin got it.
+    /// Sent (or about to be sent) upstream in full, with no response head logged yet and not ended: a
+    /// takeover now would have to send the request again, since nothing says whether the origin got it. A
+    /// request whose body is still arriving is not awaiting: the origin answers once it has the whole body,
+    /// and a handing-over primary, which releases no more client bytes, would wait for it in vain.
     pub fn awaiting_upstream(&self) -> bool {
-        self.meta.as_ref().is_some_and(|m| m.upstream.is_some())
+        self.request_end.is_some()
+            && self.meta.as_ref().is_some_and(|m| m.upstream.is_some())
             && self.ended.is_none()
             && self.upstream.as_ref().is_none_or(|u| u.head.is_none() && u.broken.is_none())
     }
@@ -874,6 +877,35 @@ mod tests {
 
     fn log_with(method: &str) -> UpstreamLog {
         UpstreamLog::new(0, method)
+    }
+
+    #[test]
+    fn an_exchange_awaits_upstream_only_once_its_request_is_complete() {
+        let request = RequestHead {
+            index: 0,
+            start: 0,
+            head_end: 60,
+            method: "POST".into(),
+            target: "/upload".into(),
+            version: 1,
+            framing: super::super::http::BodyFraming::Length(3_000_000),
+            idempotency_key: Some("k".into()),
+            expect_continue: false,
+            range: false,
+            close: false,
+        };
+        let mut ex = Exchange::new(request);
+        ex.meta = Some(ExchangeMeta {
+            idempotency_key: Some("k".into()),
+            key_generated: false,
+            upstream: Some("http://10.2.0.10:8080".into()),
+            request_offset: 0,
+        });
+        assert!(!ex.awaiting_upstream(), "the body is still arriving: the origin cannot answer yet");
+        ex.request_end = Some(3_000_060);
+        assert!(ex.awaiting_upstream(), "complete and sent upstream, no head yet");
+        ex.ended = Some(201);
+        assert!(!ex.awaiting_upstream());
     }
 
     #[test]

@@ -25,7 +25,7 @@ pub mod rules;
 pub mod socket;
 
 pub use arp::{ArpFrame, ArpKind, Mac};
-pub use probe::{ProbeOutcome, announce, announce_on, probe, probe_on};
+pub use probe::{ProbeOutcome, STALE_ROUND, announce, announce_from, announce_on, announce_on_from, probe, probe_on};
 pub use responder::{Conflict, Responder, ResponderCounts};
 pub use rules::KernelArpSilence;
 pub use socket::{ArpError, ArpSocket};

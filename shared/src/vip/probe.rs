@@ -131,10 +131,33 @@ pub async fn probe_on(
     }
 }
 
+/// How late a round of gratuitous ARP may go out. Later than this, the process was stalled (frozen,
+/// starved) while the round was due, and another node may have fenced it and taken the address over
+/// meanwhile: announcing then would claim the address back from under the new owner, which gives way to
+/// another node's announcement. The rounds still due are dropped; the responder keeps answering, and the
+/// node's lease and probe decide whether it still owns the address.
+pub const STALE_ROUND: Duration = Duration::from_millis(100);
+
+/// Whether a round due at `due` is stale at `now` ([`STALE_ROUND`]).
+pub fn round_is_stale(due: Instant, now: Instant) -> bool {
+    now.saturating_duration_since(due) > STALE_ROUND
+}
+
 /// Announces `vip` on `iface`: opens an ARP socket, then [`announce_on`].
 pub async fn announce(iface: &str, vip: Ipv4Addr, count: u32, interval: Duration) -> Result<u32, ArpError> {
+    announce_from(iface, vip, Instant::now(), count, interval).await
+}
+
+/// [`announce`] with the first round due at `first` (later rounds `interval` apart): opens the socket now.
+pub async fn announce_from(
+    iface: &str,
+    vip: Ipv4Addr,
+    first: Instant,
+    count: u32,
+    interval: Duration,
+) -> Result<u32, ArpError> {
     let socket = ArpSocket::open(iface)?;
-    announce_on(&socket, vip, count, interval).await
+    announce_on_from(&socket, vip, first, count, interval).await
 }
 
 /// Sends `count` rounds of gratuitous ARP for `vip`, `interval` apart, the first at once.
@@ -142,20 +165,54 @@ pub async fn announce(iface: &str, vip: Ipv4Addr, count: u32, interval: Duration
 /// form, for stacks that only update their caches from replies. Both override a Linux
 /// neighbour entry even within its `locktime`. Returns the number of frames sent.
 pub async fn announce_on(socket: &ArpSocket, vip: Ipv4Addr, count: u32, interval: Duration) -> Result<u32, ArpError> {
+    announce_on_from(socket, vip, Instant::now(), count, interval).await
+}
+
+/// [`announce_on`] with the first round due at `first`. A round that would go out later than
+/// [`STALE_ROUND`] after it was due is not sent, nor any after it (logged).
+pub async fn announce_on_from(
+    socket: &ArpSocket,
+    vip: Ipv4Addr,
+    first: Instant,
+    count: u32,
+    interval: Duration,
+) -> Result<u32, ArpError> {
     check_unicast(vip)?;
     let ours = socket.mac();
     let frames = [ArpFrame::announcement(ours, vip).emit(), ArpFrame::gratuitous_reply(ours, vip).emit()];
-    let start = Instant::now();
     let mut sent = 0;
+    let mut rounds = 0;
     for round in 0..count {
-        if round > 0 {
-            sleep_until(start + interval * round).await;
+        let due = first + interval * round;
+        sleep_until(due).await;
+        let now = Instant::now();
+        if round_is_stale(due, now) {
+            warn!(iface = socket.iface(), %vip, late = ?now.duration_since(due), rounds_left = count - round,
+                "gratuitous ARP dropped: its round ran late (this process was stalled), and another node may \
+                 hold the address now");
+            break;
         }
         for f in &frames {
             socket.send(f).await?;
             sent += 1;
         }
+        rounds += 1;
     }
-    info!(iface = socket.iface(), %vip, %ours, rounds = count, "announced address with gratuitous ARP");
+    info!(iface = socket.iface(), %vip, %ours, rounds, "announced address with gratuitous ARP");
     Ok(sent)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_round_later_than_the_stale_limit_is_stale() {
+        let due = Instant::now();
+        assert!(!round_is_stale(due, due));
+        assert!(!round_is_stale(due, due + STALE_ROUND));
+        assert!(round_is_stale(due, due + STALE_ROUND + Duration::from_millis(1)));
+        // A round still ahead (the clock before it is due) is never stale.
+        assert!(!round_is_stale(due + Duration::from_secs(1), due));
+    }
 }
