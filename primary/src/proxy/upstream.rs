@@ -35,6 +35,8 @@ pub(crate) struct Upstream {
     client: Client<HttpConnector, RequestBody>,
     authority: Authority,
     timeout: Duration,
+    /// For the request bodies' pace.
+    limits: Arc<Limits>,
 }
 
 /// The upstream request head's key, from [`Upstream::prepare`].
@@ -77,7 +79,7 @@ impl Upstream {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(connector);
-        Ok(Upstream { client, authority, timeout: limits.upstream_timeout })
+        Ok(Upstream { client, authority, timeout: limits.upstream_timeout, limits: Arc::new(limits.clone()) })
     }
 
     /// Forwards one request and hands back the response for the client. `logged_key`: the key
@@ -110,7 +112,7 @@ impl Upstream {
         ex.start(Some(upstream.clone()), key, generated);
 
         let progress = ex.progress.clone();
-        let request = Request::from_parts(parts, RequestBody::new(body, progress.clone()));
+        let request = Request::from_parts(parts, RequestBody::new(body, progress.clone(), &self.limits));
         let result = self.send(request, &progress).await;
 
         let stats = &conn.inner.stats;
@@ -126,6 +128,7 @@ impl Upstream {
                         stats.upstream_timeouts.fetch_add(1, Ordering::Relaxed);
                         (StatusCode::GATEWAY_TIMEOUT, e)
                     }
+                    Failure::Client(e) if progress.too_slow() => return super::server::body_too_slow(ex, e),
                     Failure::Client(e) => (StatusCode::BAD_REQUEST, e),
                 };
                 tracing::warn!(conn = %conn.peer, exchange = ex.id, %upstream, %status, %error, "upstream request failed");
@@ -224,7 +227,7 @@ impl Upstream {
         tracing::info!(conn = %peer, exchange, %upstream, method = %parts.method, target = %parts.uri,
             range = ?range.as_ref().map(|r| r.from), key = ?key, "re-issuing a request to continue its response");
         let progress = Arc::new(RequestProgress::new(std::time::Instant::now()));
-        let request = Request::from_parts(parts, RequestBody::resumed(body, progress.clone()));
+        let request = Request::from_parts(parts, RequestBody::resumed(body, progress.clone(), &self.limits));
         match self.send(request, &progress).await {
             Ok(response) => {
                 let (parts, body) = response.into_parts();
