@@ -672,7 +672,9 @@ impl Proxy {
             .half_close(true)
             .max_headers(limits.max_headers)
             .max_header_size(limits.max_header_bytes)
-            .max_buf_size((limits.max_header_bytes + 8192).max(400 * 1024))
+            // hyper's write buffer holds response bytes read from the upstream and not yet logged: kept
+            // small, it leaves the reply log window to bound what a connection's replica holds.
+            .max_buf_size((limits.max_header_bytes + 8192).max(HYPER_BUFFER))
             .header_read_timeout(None);
         // Boxed so that it can be dropped, closing the socket, before this function returns.
         let mut connection = Box::pin(
@@ -893,6 +895,9 @@ impl Proxy {
         }
     }
 }
+
+/// hyper's buffers on both sides of the proxy: reads from the upstream and writes to the client.
+pub(crate) const HYPER_BUFFER: usize = 64 * 1024;
 
 /// Refusals answered at once; beyond them a connection over the limit is closed without an answer.
 const MAX_REFUSALS_IN_FLIGHT: usize = 256;

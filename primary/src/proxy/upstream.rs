@@ -76,6 +76,8 @@ impl Upstream {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(limits.pool_idle_timeout)
             .pool_max_idle_per_host(limits.pool_max_idle)
+            // A response body is read a buffer ahead of the client at most (see `HYPER_BUFFER`).
+            .http1_max_buf_size(super::server::HYPER_BUFFER)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(connector);

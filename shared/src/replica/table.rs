@@ -858,7 +858,10 @@ impl ReplicaTable {
             Dir::ToServer => ConnKey { client: seg.src, server: seg.dst },
             Dir::ToClient => ConnKey { client: seg.dst, server: seg.src },
         };
-        let opens = dir == Dir::ToServer && seg.flags.syn() && !seg.flags.ack();
+        let f = seg.flags;
+        // Only what a listening socket takes as a connection request (RFC 9293 3.10.7.2; Linux drops a SYN
+        // that also carries FIN or RST): anything else would leave state the kernel never had.
+        let opens = dir == Dir::ToServer && f.syn() && !f.ack() && !f.fin() && !f.rst();
         let replace = match self.conns.get(&key).map(|c| &c.state) {
             None => true,
             Some(State::Unprotected(_)) => opens,
@@ -872,7 +875,9 @@ impl ReplicaTable {
         if replace {
             if opens {
                 self.conns.insert(key, Conn { key, state: State::Tracked(Box::new(Tracked::new())) });
-            } else if dir == Dir::ToServer && !seg.payload.is_empty() && !seg.flags.rst() {
+            } else if dir == Dir::ToServer && !seg.payload.is_empty() && f.ack() && !f.syn() && !f.rst() {
+                // (Data without ACK, or with SYN, is dropped by every TCP, RFC 9293 3.10.7.4: a flood of
+                // such segments for unknown connections must leave nothing behind.)
                 // Data from a connection never seen opening: served, not protected.
                 let lost = Lost { reason: Unprotection::MidStream, client_fin: seg.flags.fin(), server_fin: false };
                 tracing::warn!(conn = ?key, reason = %lost.reason, "connection unprotected");
