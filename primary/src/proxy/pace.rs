@@ -123,12 +123,12 @@ mod tests {
     }
 
     #[test]
-    fn body_at_the_minimum_rate_never_expires() {
+    fn body_just_above_the_minimum_rate_never_expires() {
         let mut now = Instant::now();
         let mut p = BodyPace::new(10 * S, 100);
         for _ in 0..100 {
             p.handle_waiting(now);
-            now += S;
+            now += S * 9 / 10;
             assert!(!p.expired(now));
             p.handle_data(now, 100);
         }
