@@ -322,6 +322,7 @@ async fn watch_primary(
     admin_state: &AdminState,
     shutdown: &mut Shutdown,
 ) -> Watched {
+    admin_state.set_replica(Some(replica.table()));
     let liveness = replica.liveness();
     let mut progress = replica.progress();
     let mut handover = replica.progress();

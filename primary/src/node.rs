@@ -412,6 +412,7 @@ async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), NodeError> {
     let TakenOver { epoch, table, admin, mut claim, listener, gate, repl_listener } = taken;
+    proxy.report_to(&admin);
     let gate_handle = gate.gate.clone();
     let check = ArpVipCheck::new(&config.iface, claim.vip(), config.fencing.arp_probes, config.fencing.arp_time());
     let started =
@@ -831,6 +832,11 @@ fn proxy_config(config: &NodeConfig) -> ProxyConfig {
             max_headers: l.max_headers,
             header_timeout: l.header_read_timeout,
             idle_timeout: l.idle_timeout,
+            max_connections: l.max_connections as usize,
+            body_read_timeout: l.body_read_timeout,
+            body_min_rate: l.body_min_rate,
+            reply_window: l.reply_window(),
+            client_send_buffer: Some(l.client_send_buffer()),
             ..Limits::default()
         },
     }

@@ -838,6 +838,7 @@ impl Replicator {
             slot: slot.clone(),
         });
         admin.set_peer(PeerState::None, None);
+        admin.set_replica(Some(table.clone()));
         let now = Instant::now();
         let (gate, diverted, early) = match gate {
             Some(g) => (Some(g.gate), Some(g.diverted), g.early),

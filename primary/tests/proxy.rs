@@ -1353,3 +1353,116 @@ fn shutdown_finishes_a_download_in_progress_closes_idle_connections_and_stops_ac
     assert!(proxy.stopped_within(Duration::from_secs(15)), "run did not return after its connections ended");
     Ok(())
 }
+
+// ---------------------------------------------------------------- hostile clients
+
+#[test]
+fn connection_beyond_max_connections_gets_503_and_close_others_are_served_and_a_closed_one_frees_its_place()
+-> Result<()> {
+    let dir = TempDir::new("maxconn")?;
+    fs::write(dir.join("ok.txt"), b"ok")?;
+    let mut cfg = config(Backend::Root(dir.path().to_owned()));
+    cfg.limits.max_connections = 2;
+    let proxy = Served::start(cfg);
+    let served = |c: &mut Raw| -> Result<()> {
+        c.send(get("/ok.txt").as_bytes())?;
+        let r = c.response(false)?;
+        ensure!(r.status == 200 && r.body == b"ok", "status {} body {:?}", r.status, r.body);
+        Ok(())
+    };
+    let mut a = Raw::connect(proxy.addr)?;
+    served(&mut a)?;
+    let mut b = Raw::connect(proxy.addr)?;
+    served(&mut b)?;
+
+    // The third is answered 503 with its reason and closed.
+    let mut c = Raw::connect(proxy.addr)?;
+    c.send(get("/ok.txt").as_bytes())?;
+    let r = c.response(false)?;
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(r.header("connection"), Some("close"));
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("connection limit (2)"),
+        "{:?}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert!(c.closed_within(Duration::from_secs(10))?, "refused connection left open");
+    assert_eq!(proxy.proxy.stats().refused, 1);
+
+    // The two in place are untouched.
+    served(&mut a)?;
+    served(&mut b)?;
+
+    // A closed connection frees its place for the next one, and the limit holds again after it.
+    drop(a);
+    wait_until("the closed connection's place to free", Duration::from_secs(10), || {
+        Ok((proxy.proxy.live_connections() == 1).then_some(()))
+    })?;
+    let mut d = Raw::connect(proxy.addr)?;
+    served(&mut d)?;
+    let mut e = Raw::connect(proxy.addr)?;
+    e.send(get("/ok.txt").as_bytes())?;
+    assert_eq!(e.response(false)?.status, 503);
+    served(&mut b)?;
+    served(&mut d)?;
+    assert_eq!(proxy.proxy.stats().refused, 2);
+    Ok(())
+}
+
+#[test]
+fn request_body_slower_than_its_minimum_rate_gets_408_and_close_while_one_at_the_rate_is_served() -> Result<()> {
+    let origin = Origin::start();
+    let mut cfg = config(upstream(origin.addr));
+    cfg.limits.body_read_timeout = Duration::from_secs(2);
+    // 200 bytes per 2 s of waiting.
+    cfg.limits.body_min_rate = 100;
+    let proxy = Served::start(cfg);
+    let post = |path: &str, len: usize| format!("POST {path} HTTP/1.1\r\nHost: t\r\nContent-Length: {len}\r\n\r\n");
+
+    // At about 1 000 bytes per second (five times the minimum) the upload is served.
+    let mut ok = Raw::connect(proxy.addr)?;
+    ok.send(post("/paced", 3000).as_bytes())?;
+    let body = pattern(3000);
+    for piece in body.chunks(250) {
+        std::thread::sleep(Duration::from_millis(250));
+        ok.send(piece)?;
+    }
+    let r = ok.response(false)?;
+    assert_eq!(r.status, 200, "{r:?}");
+    let seen = origin.seen();
+    assert!(seen.iter().any(|s| s.path == "/paced" && s.sha256 == sha256_hex(&body)), "{seen:?}");
+
+    // A byte every 300 ms: each comes well within the timeout, but the body never reaches its rate.
+    let mut slow = Raw::connect(proxy.addr)?;
+    slow.stream.set_read_timeout(Some(Duration::from_millis(300)))?;
+    slow.send(post("/trickle", 10_000).as_bytes())?;
+    let t = Instant::now();
+    let mut sent = 0;
+    let deadline = t + Duration::from_secs(60);
+    let status = loop {
+        ensure!(Instant::now() < deadline, "a trickled body was never cut ({sent} bytes sent)");
+        if slow.stream.write_all(b"x").is_ok() {
+            sent += 1;
+        }
+        let mut chunk = [0u8; 4096];
+        match slow.stream.read(&mut chunk) {
+            Ok(0) => bail!("closed without an answer after {sent} body bytes"),
+            Ok(n) => {
+                slow.buf.extend_from_slice(&chunk[..n]);
+                slow.stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+                break slow.response(false)?;
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => return Err(e).context("reading the answer to the trickled body"),
+        }
+    };
+    println!("trickled body cut after {:?} and {sent} bytes (timeout 2 s, 100 B/s)", t.elapsed());
+    assert_eq!(status.status, 408, "{status:?}");
+    assert_eq!(status.header("connection"), Some("close"));
+    assert!(slow.closed_within(Duration::from_secs(10))?, "connection left open after the 408");
+    assert!(sent < 10_000);
+    assert_eq!(proxy.proxy.stats().body_timeouts, 1);
+    assert!(!origin.seen().iter().any(|s| s.path == "/trickle"), "the origin got the whole trickled body");
+    Ok(())
+}

@@ -65,6 +65,15 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Client connections served at once.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
+/// Time a request body may keep the proxy waiting before it must have delivered its minimum (below).
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(20);
+/// Slowest request body accepted, bytes per second, measured over each `body_read_timeout`.
+pub const DEFAULT_BODY_MIN_RATE: u32 = 500;
+/// Reply bytes the replica may hold per connection: the reply log window plus the client socket's send
+/// buffer (see `LimitsConfig::replica_bytes_per_connection`).
+pub const DEFAULT_REPLICA_BYTES_PER_CONNECTION: usize = 1024 * 1024;
+/// Smallest `limits.replica_bytes_per_connection`: a few full-sized segments each way of the split.
+pub const MIN_REPLICA_BYTES_PER_CONNECTION: usize = 64 * 1024;
 /// NFQUEUE number of the inbound gate.
 pub const DEFAULT_INBOUND_QUEUE: u16 = 7701;
 /// NFQUEUE number for the segments of the primary's closed sockets (orphans; see `QueuesConfig::outbound`).
@@ -123,6 +132,9 @@ impl Setting {
     pub const HEADER_READ_TIMEOUT: Setting = Setting::key_only("limits.header_read_timeout");
     pub const IDLE_TIMEOUT: Setting = Setting::key_only("limits.idle_timeout");
     pub const MAX_CONNECTIONS: Setting = Setting::key_only("limits.max_connections");
+    pub const BODY_READ_TIMEOUT: Setting = Setting::key_only("limits.body_read_timeout");
+    pub const BODY_MIN_RATE: Setting = Setting::key_only("limits.body_min_rate");
+    pub const REPLICA_BYTES_PER_CONNECTION: Setting = Setting::key_only("limits.replica_bytes_per_connection");
     pub const INBOUND_QUEUE: Setting = Setting::key_only("queues.inbound");
     pub const OUTBOUND_QUEUE: Setting = Setting::key_only("queues.outbound");
     pub const MAX_FRAME_BYTES: Setting = Setting::key_only("replication.max_frame_bytes");
@@ -669,9 +681,38 @@ pub struct LimitsConfig {
     /// Time an idle keep-alive connection stays open. Duration. Default `"60s"`.
     #[serde(with = "duration_str")]
     pub idle_timeout: Duration,
-    /// Client connections served at once; beyond it new connections wait in the listen backlog. Count.
-    /// Default 10000. It bounds the replica table's memory with the per-connection limits.
+    /// Client connections served at once, restored ones included. Count, at least 1. Default 10000. A
+    /// connection beyond it is answered `503` with `Connection: close` and closed; restored connections are
+    /// never refused. With `replica_bytes_per_connection` it bounds the replica table's memory.
     pub max_connections: u32,
+    /// How long a request body may keep the proxy waiting (time spent waiting on the client only, not on
+    /// the upstream) before it must have sent `body_min_rate` bytes per second of it; each time it has,
+    /// the clock starts again. Duration. Default `"20s"`. Beyond: `408` (or the response cut, if it had
+    /// started) and close.
+    #[serde(with = "duration_str")]
+    pub body_read_timeout: Duration,
+    /// Slowest request body accepted, bytes per second, over each `body_read_timeout`. 0..=1e9. Default
+    /// 500. 0 keeps only the timeout: one byte per `body_read_timeout` is then enough.
+    pub body_min_rate: u32,
+    /// Reply bytes the replica holds at most per connection: half for bytes logged but not yet written to
+    /// the client's socket, half for bytes written and not yet acknowledged by the client (the socket's
+    /// send buffer, `SO_SNDBUF`, which then no longer autotunes). A client that stops reading stalls its
+    /// response there, and the proxy stops reading from the upstream. Bytes, 65536..=268435456. Default
+    /// 1048576.
+    pub replica_bytes_per_connection: usize,
+}
+
+impl LimitsConfig {
+    /// Bytes a connection may have logged but not yet written to its socket.
+    pub fn reply_window(&self) -> usize {
+        self.replica_bytes_per_connection / 2
+    }
+
+    /// The `SO_SNDBUF` value for client sockets: the kernel doubles it for its own bookkeeping, so
+    /// the bytes it holds stay within the other half.
+    pub fn client_send_buffer(&self) -> usize {
+        self.replica_bytes_per_connection / 4
+    }
 }
 
 impl Default for LimitsConfig {
@@ -682,6 +723,9 @@ impl Default for LimitsConfig {
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
+            body_min_rate: DEFAULT_BODY_MIN_RATE,
+            replica_bytes_per_connection: DEFAULT_REPLICA_BYTES_PER_CONNECTION,
         }
     }
 }
@@ -1425,6 +1469,18 @@ impl NodeConfig {
         if l.max_connections == 0 {
             return Err(invalid(Setting::MAX_CONNECTIONS, "must be at least 1".into()));
         }
+        if l.body_read_timeout.is_zero() {
+            return Err(invalid(Setting::BODY_READ_TIMEOUT, "must be above zero".into()));
+        }
+        if l.body_min_rate > 1_000_000_000 {
+            return Err(invalid(Setting::BODY_MIN_RATE, "must be 0..=1000000000 bytes per second".into()));
+        }
+        if !(MIN_REPLICA_BYTES_PER_CONNECTION..=256 << 20).contains(&l.replica_bytes_per_connection) {
+            return Err(invalid(
+                Setting::REPLICA_BYTES_PER_CONNECTION,
+                format!("must be {MIN_REPLICA_BYTES_PER_CONNECTION}..=268435456 bytes"),
+            ));
+        }
 
         if self.queues.inbound == self.queues.outbound {
             return Err(conflict(
@@ -1514,6 +1570,7 @@ impl fmt::Display for NodeConfig {
              admin_token_file={} request_log={} heartbeat_interval={} misses={} detection={} lease={} arp_probes={} arp_timeout={} \
              fence_command={} non_idempotent={} origin_honours_generated_keys={} prompt_retransmit={} \
              max_header_bytes={} max_headers={} header_read_timeout={} idle_timeout={} max_connections={} \
+             body_read_timeout={} body_min_rate={} replica_bytes_per_connection={} \
              queues={}/{} max_frame_bytes={} ack_max_records={} ack_max_delay={} psk_file={} insecure_replication={}",
             role_name(self.role),
             self.node,
@@ -1541,6 +1598,9 @@ impl fmt::Display for NodeConfig {
             format_duration(l.header_read_timeout),
             format_duration(l.idle_timeout),
             l.max_connections,
+            format_duration(l.body_read_timeout),
+            l.body_min_rate,
+            l.replica_bytes_per_connection,
             self.queues.inbound,
             self.queues.outbound,
             r.max_frame_bytes,

@@ -440,6 +440,32 @@ fn status_json_has_every_field_with_its_type() -> Result<()> {
     assert_eq!(f["restore_ms"].as_f64(), Some(0.29));
     assert_eq!(f["total_ms"].as_f64(), Some(160.0));
     assert_eq!((f["connections_restored"].as_u64(), f["connections_lost"].as_u64()), (Some(65), Some(1)));
+    let limits = j["limits"].as_object().context("limits is an object")?;
+    let names: Vec<&str> = limits.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        [
+            "bad_request",
+            "body_read_timeout",
+            "header_read_timeout",
+            "idle_timeout",
+            "max_connections",
+            "max_header_bytes",
+            "send_timeout"
+        ]
+    );
+    assert!(limits.values().all(|v| v == 0));
+    assert!(j["replica"].is_null(), "no table set: {}", j["replica"]);
+    s.metrics().limit_hits.get(shared::admin::Limit::MaxConnections).inc();
+    s.set_replica(Some(std::sync::Arc::new(std::sync::Mutex::new(shared::replica::ReplicaTable::new()))));
+    let j: Json = serde_json::from_str(&get(&server, "/status")?.body)?;
+    assert_eq!(j["limits"]["max_connections"], 1);
+    let r = &j["replica"];
+    assert_eq!(
+        (r["connections"].as_u64(), r["bytes"].as_u64(), r["largest_connection_bytes"].as_u64()),
+        (Some(0), Some(0), Some(0))
+    );
+    assert!(r["digest"].as_str().is_some_and(|d| d.len() == 16), "{r}");
 
     // Everything acknowledged and no peer: unprotected, and the age is null.
     s.metrics().replication().record_acked(3, 3000);
@@ -468,6 +494,7 @@ fn metrics_are_a_valid_exposition_with_every_family() -> Result<()> {
         "understudy_peer",
         "understudy_protected",
         "understudy_connections",
+        "understudy_limit_hits_total",
         "understudy_connections_unprotected",
         "understudy_connections_opened_total",
         "understudy_connections_unprotected_total",

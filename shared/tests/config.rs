@@ -129,6 +129,8 @@ fn minimal_flags_get_documented_defaults() {
     let l = &config.limits;
     assert_eq!((l.max_header_bytes, l.max_headers, l.max_connections), (32768, 100, 10_000));
     assert_eq!((l.header_read_timeout, l.idle_timeout), (Duration::from_secs(10), Duration::from_secs(60)));
+    assert_eq!((l.body_read_timeout, l.body_min_rate), (Duration::from_secs(20), 500));
+    assert_eq!((l.replica_bytes_per_connection, l.reply_window(), l.client_send_buffer()), (1 << 20, 1 << 19, 1 << 18));
     assert_eq!((config.queues.inbound, config.queues.outbound), (7701, 7702));
     let r = &config.replication;
     assert_eq!((r.max_frame_bytes, r.ack_max_records, r.ack_max_delay), (4 << 20, 64, Duration::ZERO));
@@ -444,6 +446,11 @@ fn limits_queues_and_replication_are_validated() {
     check("[limits]\nidle_timeout = \"0ms\"\n", "limits.idle_timeout", "zero");
     check("[limits]\nmax_connections = 0\n", "limits.max_connections", "at least 1");
     check("[limits]\nmax_connections = -1\n", "limits.max_connections", "u32");
+    check("[limits]\nbody_read_timeout = \"0s\"\n", "limits.body_read_timeout", "zero");
+    check("[limits]\nbody_read_timeout = \"soon\"\n", "limits.body_read_timeout", "soon");
+    check("[limits]\nbody_min_rate = 2000000000\n", "limits.body_min_rate", "0..=1000000000");
+    check("[limits]\nreplica_bytes_per_connection = 1000\n", "limits.replica_bytes_per_connection", "65536..=");
+    check("[limits]\nreplica_bytes_per_connection = 1000000000\n", "limits.replica_bytes_per_connection", "268435456");
     check("[queues]\ninbound = 5\noutbound = 5\n", "queues.inbound", "queues.outbound");
     check("[queues]\ninbound = 65536\n", "queues.inbound", "u16");
     check("[replication]\nmax_frame_bytes = 65536\n", "replication.max_frame_bytes", "64 KiB");

@@ -554,6 +554,39 @@ fn connection_first_seen_mid_stream_is_kept_unprotected_until_it_resets() {
 }
 
 #[test]
+fn segments_no_tcp_would_take_for_unknown_connections_leave_nothing_behind() {
+    use TcpFlags as F;
+    let mut log = Log::new();
+    let mut live = Pair::new(40020, 1000, 2000, false);
+    live.open(&mut log);
+    live.get(&mut log, 0, b"ok");
+    let mut table = ReplicaTable::new();
+    log.apply_from(&mut table, 0);
+    let before = table.summary();
+    assert_eq!(before.connections, 1);
+    // Data without ACK, SYN with FIN or RST, SYN-ACK from a client, a bare FIN: dropped by the server's TCP
+    // (RFC 9293 3.10.7), so the table keeps nothing of them.
+    let n = log.records.len();
+    for (i, flags) in [0, F::FIN, F::PSH, F::SYN | F::FIN, F::SYN | F::RST, F::SYN | A, F::SYN | F::FIN | A, 0xff]
+        .into_iter()
+        .enumerate()
+    {
+        let mut p = Pair::new(41000 + i as u16, 7, 9, false);
+        p.seg(&mut log, Dir::ToServer, flags, 12345, 678, TcpOptions::default(), b"GET /evil HTTP/1.1\r\n\r\n");
+    }
+    let out = log.apply_from(&mut table, n);
+    assert!(out.iter().all(|a| matches!(a, Applied::Ignored(Ignored::Stray))), "{out:?}");
+    assert_eq!(table.summary(), before, "bogus segments changed the table");
+    // A real connection request still opens one.
+    let n = log.records.len();
+    let mut p = Pair::new(42000, 7, 9, false);
+    p.seg(&mut log, Dir::ToServer, F::SYN, 7, 0, TcpOptions::default(), b"");
+    log.apply_from(&mut table, n);
+    assert_eq!(table.summary().connections, 2);
+    assert_ne!(table.summary().digest, before.digest);
+}
+
+#[test]
 fn malformed_request_unprotects_only_its_connection() {
     let mut log = Log::new();
     let mut good = Pair::new(40011, 1, 2, false);

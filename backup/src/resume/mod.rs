@@ -192,6 +192,8 @@ async fn resume<L: ReplyLog + Unpin>(
     let Restored { stream, plan, conn } = restored;
     let peer = SocketAddr::V4(plan.conn.client);
     let limits = proxy.limits().clone();
+    // A restored connection is never refused, but takes its place among `max_connections`.
+    let _slot = proxy.take_slot();
     let mut outcome = ResumeOutcome {
         conn: plan.conn,
         path: plan.decision.kind(),
@@ -223,6 +225,7 @@ async fn resume<L: ReplyLog + Unpin>(
         }
     };
     outcome.queued = steps.queued.clone();
+    primary::proxy::set_send_buffer(&stream, limits.client_send_buffer, peer);
     let io = LoggedIo::with_offset(Graceful::new(stream), log, steps.reply_offset).with_window(limits.reply_window);
     let mut client = ClientIo::new(io, plan.recv_start);
     if plan.decision.exchange().is_some() || !steps.queued.is_empty() {

@@ -5,7 +5,9 @@
 //! record; when hyper drops the body (sent, or abandoned), the exchange ends: the observer
 //! hears of it, the request log gets its line, and the connection counts as idle again.
 
+use super::Limits;
 use super::hooks::{ExchangeInfo, ExchangeOutcome};
+use super::pace::BodyPace;
 use super::request_log::RequestLogEntry;
 use super::server::ConnShared;
 use super::static_files::StaticBody;
@@ -32,6 +34,8 @@ pub(crate) struct RequestProgress {
     last_progress_ns: AtomicU64,
     /// Set when reading the client's body failed (the client broke off its upload).
     client_error: Mutex<Option<String>>,
+    /// The body was cut for being too slow (`limits.body_read_timeout`).
+    too_slow: std::sync::atomic::AtomicBool,
 }
 
 impl RequestProgress {
@@ -41,7 +45,13 @@ impl RequestProgress {
             bytes_in: AtomicU64::new(0),
             last_progress_ns: AtomicU64::new(0),
             client_error: Mutex::new(None),
+            too_slow: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// The client's body was cut for being too slow.
+    pub(crate) fn too_slow(&self) -> bool {
+        self.too_slow.load(Ordering::Relaxed)
     }
 
     /// When the request body last moved (or the exchange started).
@@ -67,19 +77,61 @@ enum RequestSource {
     Resumed(BoxBody<Bytes, BoxError>),
 }
 
-/// The client's request body on its way upstream; counts bytes and notes progress.
+/// The client's request body on its way upstream; counts bytes, notes progress, and cuts a body
+/// slower than `limits.body_read_timeout` / `body_min_rate` allow.
 pub struct RequestBody {
     inner: RequestSource,
     progress: Arc<RequestProgress>,
+    pace: BodyPace,
+    /// Armed at the pace's deadline while waiting on the client.
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+/// A request body cut for being too slow.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "request body too slow: fewer than {min_bytes} bytes in {timeout:?} of waiting (limits.body_read_timeout, limits.body_min_rate)"
+)]
+pub struct BodyTooSlow {
+    min_bytes: u64,
+    timeout: Duration,
 }
 
 impl RequestBody {
-    pub(crate) fn new(inner: Incoming, progress: Arc<RequestProgress>) -> Self {
-        RequestBody { inner: RequestSource::Client(inner), progress }
+    pub(crate) fn new(inner: Incoming, progress: Arc<RequestProgress>, limits: &Limits) -> Self {
+        Self::with_source(RequestSource::Client(inner), progress, limits)
     }
 
-    pub(crate) fn resumed(inner: BoxBody<Bytes, BoxError>, progress: Arc<RequestProgress>) -> Self {
-        RequestBody { inner: RequestSource::Resumed(inner), progress }
+    pub(crate) fn resumed(inner: BoxBody<Bytes, BoxError>, progress: Arc<RequestProgress>, limits: &Limits) -> Self {
+        Self::with_source(RequestSource::Resumed(inner), progress, limits)
+    }
+
+    fn with_source(inner: RequestSource, progress: Arc<RequestProgress>, limits: &Limits) -> Self {
+        RequestBody {
+            inner,
+            progress,
+            pace: BodyPace::new(limits.body_read_timeout, limits.body_min_rate),
+            timer: Box::pin(tokio::time::sleep(limits.body_read_timeout)),
+        }
+    }
+
+    /// Waiting on the client: `Ready` with the error once the pace is broken, else `Pending` with the
+    /// timer armed.
+    fn poll_pace(&mut self, cx: &mut Context<'_>) -> Poll<BodyTooSlow> {
+        let now = Instant::now();
+        self.pace.handle_waiting(now);
+        loop {
+            let Some(deadline) = self.pace.deadline() else { return Poll::Pending };
+            if self.pace.expired(Instant::now()) {
+                return Poll::Ready(BodyTooSlow { min_bytes: self.pace.min_bytes(), timeout: self.pace.timeout() });
+            }
+            if self.timer.deadline() != deadline.into() {
+                self.timer.as_mut().reset(deadline.into());
+            }
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
     }
 }
 
@@ -94,16 +146,22 @@ impl Body for RequestBody {
         };
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    self.progress.bytes_in.fetch_add(data.len() as u64, Ordering::Relaxed);
-                }
+                let n = frame.data_ref().map_or(0, Bytes::len);
+                self.progress.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                self.pace.handle_data(Instant::now(), n);
                 self.progress.touch();
             }
             Poll::Ready(Some(Err(e))) => {
                 *self.progress.client_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
             }
             Poll::Ready(None) => self.progress.touch(),
-            Poll::Pending => {}
+            Poll::Pending => {
+                if let Poll::Ready(slow) = self.poll_pace(cx) {
+                    self.progress.too_slow.store(true, Ordering::Relaxed);
+                    *self.progress.client_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(slow.to_string());
+                    return Poll::Ready(Some(Err(Box::new(slow))));
+                }
+            }
         }
         polled
     }

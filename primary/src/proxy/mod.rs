@@ -36,6 +36,7 @@ pub mod request_log;
 pub mod static_files;
 
 mod body;
+mod pace;
 mod server;
 mod upstream;
 
@@ -45,15 +46,16 @@ pub use logged_io::{LoggedIo, NoLog, ReplyLog};
 pub use request_log::{RequestLog, RequestLogEntry, RequestLogError};
 pub use server::{
     ConnectionEnd, ConnectionSummary, ExchangeOverride, Replay, ReplayError, ResumeFrom, ResumedExchange,
-    ShutdownSignal, ShutdownTrigger,
+    ShutdownSignal, ShutdownTrigger, set_send_buffer,
 };
 pub use static_files::{StaticFiles, StaticRootError};
 pub use upstream::{LoggedKey, RangeFrom, Refetch, RefetchError, Refetched};
 
 use serde::Serialize;
+use shared::admin::{AdminState, Limit};
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 /// What the proxy serves from.
@@ -91,6 +93,15 @@ pub struct Limits {
     pub drain_timeout: Duration,
     /// Bytes a connection may have appended to its reply log but not yet written.
     pub reply_window: usize,
+    /// `SO_SNDBUF` of client sockets (the kernel doubles it); `None` leaves the kernel's autotuning.
+    pub client_send_buffer: Option<usize>,
+    /// Client connections served at once, restored ones included; beyond it: 503 and close.
+    pub max_connections: usize,
+    /// Waiting on a request body this long must have brought `body_min_rate` bytes per second;
+    /// beyond it: 408 (or the response cut) and close.
+    pub body_read_timeout: Duration,
+    /// Bytes per second, over each `body_read_timeout` (0: one byte per timeout is enough).
+    pub body_min_rate: u32,
 }
 
 impl Default for Limits {
@@ -107,6 +118,10 @@ impl Default for Limits {
             pool_max_idle: 128,
             drain_timeout: Duration::from_secs(10),
             reply_window: logged_io::DEFAULT_WINDOW,
+            client_send_buffer: None,
+            max_connections: 10_000,
+            body_read_timeout: Duration::from_secs(20),
+            body_min_rate: 500,
         }
     }
 }
@@ -157,6 +172,8 @@ pub(crate) struct Stats {
     header_timeouts: AtomicU64,
     idle_timeouts: AtomicU64,
     send_timeouts: AtomicU64,
+    body_timeouts: AtomicU64,
+    refused: AtomicU64,
 }
 
 /// A snapshot of the proxy's counters.
@@ -182,6 +199,10 @@ pub struct StatsSnapshot {
     pub header_timeouts: u64,
     pub idle_timeouts: u64,
     pub send_timeouts: u64,
+    /// Requests whose body was too slow (408).
+    pub body_timeouts: u64,
+    /// Connections refused at `max_connections` (503).
+    pub refused: u64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -214,6 +235,8 @@ impl Stats {
             header_timeouts: g(&self.header_timeouts),
             idle_timeouts: g(&self.idle_timeouts),
             send_timeouts: g(&self.send_timeouts),
+            body_timeouts: g(&self.body_timeouts),
+            refused: g(&self.refused),
         }
     }
 }
@@ -229,6 +252,35 @@ pub(crate) struct Inner {
     pub(crate) backend: BackendImpl,
     pub(crate) request_log: Option<RequestLog>,
     pub(crate) stats: Stats,
+    /// Where limit hits are counted for `/status` and `/metrics`, once set.
+    admin: OnceLock<AdminState>,
+    /// Connections holding a [`Slot`].
+    live: AtomicUsize,
+}
+
+impl Inner {
+    /// Counts a connection a limit refused or closed.
+    pub(crate) fn limit_hit(&self, limit: Limit) {
+        if let Some(admin) = self.admin.get() {
+            admin.metrics().limit_hits.get(limit).inc();
+        }
+    }
+}
+
+/// One of the `max_connections` places, held by a connection from accept (or restore) to close.
+#[derive(Debug)]
+pub struct Slot(Arc<Inner>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.live.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner").field("node", &self.node).field("limits", &self.limits).finish_non_exhaustive()
+    }
 }
 
 /// The proxy: shared state of every connection it serves. Cheap to clone.
@@ -265,6 +317,8 @@ impl Proxy {
             limit(!d.is_zero(), name, "must be positive")?;
         }
         limit(l.reply_window >= 4096, "reply_window", "must be at least 4096")?;
+        limit(l.max_connections >= 1, "max_connections", "must be at least 1")?;
+        limit(!l.body_read_timeout.is_zero(), "body_read_timeout", "must be positive")?;
         let backend = match &config.backend {
             Backend::Upstream(uri) => BackendImpl::Upstream(upstream::Upstream::new(uri, &config.limits)?),
             Backend::Root(root) => BackendImpl::Static(Arc::new(StaticFiles::new(root)?)),
@@ -277,6 +331,8 @@ impl Proxy {
                 backend,
                 request_log,
                 stats: Stats::default(),
+                admin: OnceLock::new(),
+                live: AtomicUsize::new(0),
             }),
         })
     }
@@ -284,6 +340,30 @@ impl Proxy {
     /// The proxy's counters now.
     pub fn stats(&self) -> StatsSnapshot {
         self.inner.stats.snapshot()
+    }
+
+    /// Counts limit hits in `admin`'s metrics from now on (the first call wins).
+    pub fn report_to(&self, admin: &AdminState) {
+        let _ = self.inner.admin.set(admin.clone());
+    }
+
+    /// A place among `max_connections` whether or not one is free: for connections a takeover
+    /// restored, which are never refused but take their places.
+    pub fn take_slot(&self) -> Slot {
+        self.inner.live.fetch_add(1, Ordering::AcqRel);
+        Slot(Arc::clone(&self.inner))
+    }
+
+    /// A place among `max_connections`, if one is free.
+    pub fn try_slot(&self) -> Option<Slot> {
+        let max = self.inner.limits.max_connections;
+        self.inner.live.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).ok()?;
+        Some(Slot(Arc::clone(&self.inner)))
+    }
+
+    /// Connections holding a place now.
+    pub fn live_connections(&self) -> usize {
+        self.inner.live.load(Ordering::Acquire)
     }
 
     pub fn limits(&self) -> &Limits {

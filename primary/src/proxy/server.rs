@@ -15,7 +15,8 @@
 
 use super::body::{BodyKind, Exchange, RequestBody, ResponseBody, now_rfc3339};
 use super::hooks::{ConnectionHooks, ExchangeObserver};
-use super::logged_io::LoggedIo;
+use super::logged_io::{LoggedIo, ReplyLog};
+use super::pace::LogBudget;
 use super::request_log::RequestLogEntry;
 use super::static_files::{StaticBody, text_response};
 use super::upstream::LoggedKey;
@@ -26,6 +27,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
+use shared::admin::Limit;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
@@ -538,10 +540,13 @@ async fn answer_replay(
     replay: Replay,
 ) -> Response<ResponseBody> {
     let (_, body) = req.into_parts();
-    let mut body = RequestBody::new(body, ex.progress.clone());
+    let mut body = RequestBody::new(body, ex.progress.clone(), &ex.conn().inner.limits);
     while let Some(frame) = body.frame().await {
         if let Err(e) = frame {
             ex.start(replay.upstream.clone(), key.as_ref().map(|k| k.key.clone()), key.is_some_and(|k| k.generated));
+            if ex.progress.too_slow() {
+                return body_too_slow(ex, e.to_string());
+            }
             ex.set_error(format!("client request body: {e}"));
             return ex.respond(text_response(StatusCode::BAD_REQUEST).map(BodyKind::Static));
         }
@@ -552,6 +557,19 @@ async fn answer_replay(
     *response.status_mut() = replay.status;
     *response.headers_mut() = replay.headers;
     ex.respond(response)
+}
+
+/// The answer to a request whose body was too slow: 408, and the connection closes (the rest of the
+/// body is never read). Counted and logged.
+pub(crate) fn body_too_slow(mut ex: Exchange, error: String) -> Response<ResponseBody> {
+    let conn = Arc::clone(ex.conn());
+    conn.inner.stats.body_timeouts.fetch_add(1, Ordering::Relaxed);
+    conn.inner.limit_hit(Limit::BodyReadTimeout);
+    tracing::info!(conn = %conn.peer, exchange = ex.id, %error, "request body too slow: 408 and close");
+    ex.set_error(error);
+    let mut response = text_response(StatusCode::REQUEST_TIMEOUT);
+    response.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+    ex.respond(response.map(BodyKind::Static))
 }
 
 /// The status hyper sent for a parse error, if it sent one (hyper's `Server::on_error`).
@@ -654,7 +672,9 @@ impl Proxy {
             .half_close(true)
             .max_headers(limits.max_headers)
             .max_header_size(limits.max_header_bytes)
-            .max_buf_size((limits.max_header_bytes + 8192).max(400 * 1024))
+            // hyper's write buffer holds response bytes read from the upstream and not yet logged: kept
+            // small, it leaves the reply log window to bound what a connection's replica holds.
+            .max_buf_size((limits.max_header_bytes + 8192).max(HYPER_BUFFER))
             .header_read_timeout(None);
         // Boxed so that it can be dropped, closing the socket, before this function returns.
         let mut connection = Box::pin(
@@ -717,21 +737,25 @@ impl Proxy {
         let (status, sent, error) = match end {
             ConnectionEnd::BadRequest { status, reason } => {
                 inner.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+                inner.limit_hit(if matches!(status, 414 | 431) { Limit::HeadTooLarge } else { Limit::BadRequest });
                 tracing::info!(conn = %conn.peer, status, %reason, "bad request; connection closed");
                 (Some(*status), true, reason.clone())
             }
             ConnectionEnd::HeaderTimeout => {
                 inner.stats.header_timeouts.fetch_add(1, Ordering::Relaxed);
+                inner.limit_hit(Limit::HeaderReadTimeout);
                 tracing::info!(conn = %conn.peer, timeout = ?inner.limits.header_timeout, "request head timed out; connection closed");
                 (Some(408), false, format!("request head not complete within {:?}", inner.limits.header_timeout))
             }
             ConnectionEnd::SendTimeout => {
                 inner.stats.send_timeouts.fetch_add(1, Ordering::Relaxed);
+                inner.limit_hit(Limit::SendTimeout);
                 tracing::info!(conn = %conn.peer, timeout = ?inner.limits.send_timeout, "client stopped reading; connection closed");
                 return;
             }
             ConnectionEnd::IdleTimeout => {
                 inner.stats.idle_timeouts.fetch_add(1, Ordering::Relaxed);
+                inner.limit_hit(Limit::IdleTimeout);
                 tracing::debug!(conn = %conn.peer, exchanges, "idle keep-alive connection closed");
                 return;
             }
@@ -800,6 +824,8 @@ impl Proxy {
     pub async fn run<H: ConnectionHooks>(&self, listener: TcpListener, hooks: H, shutdown: impl Future<Output = ()>) {
         let (trigger, signal) = ShutdownTrigger::new();
         let mut tasks = JoinSet::new();
+        let mut refusals = JoinSet::new();
+        let mut refusal_log = LogBudget::new(Duration::from_secs(1));
         let window = self.inner.limits.reply_window;
         tokio::pin!(shutdown);
         loop {
@@ -809,6 +835,8 @@ impl Proxy {
                     Ok((stream, peer)) => {
                         // Replies are already batched by hyper; Nagle would only add latency.
                         let _ = stream.set_nodelay(true);
+                        set_send_buffer(&stream, self.inner.limits.client_send_buffer, peer);
+                        let slot = self.try_slot();
                         let local = match stream.local_addr() {
                             Ok(local) => local,
                             Err(e) => {
@@ -817,14 +845,22 @@ impl Proxy {
                             }
                         };
                         let (log, observer) = hooks.open(peer, local);
+                        let Some(slot) = slot else {
+                            self.refuse(&mut refusals, &mut refusal_log, LoggedIo::new(stream, log).with_window(window), peer);
+                            continue;
+                        };
                         // The socket lives inside `io`, which the connection owns as long as the cork.
                         let cork = cork_for(std::os::fd::AsRawFd::as_raw_fd(&stream));
                         let io = LoggedIo::new(stream, log).with_window(window);
                         let (proxy, signal) = (self.clone(), signal.clone());
                         let span = tracing::info_span!("conn", conn = %peer, node = %self.inner.node);
                         tasks.spawn(
-                            async move { proxy.serve_corkable(io, peer, Arc::new(observer), signal, cork).await }
-                                .instrument(span),
+                            async move {
+                                let summary = proxy.serve_corkable(io, peer, Arc::new(observer), signal, cork).await;
+                                drop(slot);
+                                summary
+                            }
+                            .instrument(span),
                         );
                     }
                     Err(e) => {
@@ -833,6 +869,7 @@ impl Proxy {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 },
+                Some(_) = refusals.join_next(), if !refusals.is_empty() => {}
                 Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
                     if let Err(e) = joined && e.is_panic() {
                         tracing::error!(error = %e, "connection task panicked");
@@ -841,6 +878,7 @@ impl Proxy {
             }
         }
         drop(listener);
+        refusals.abort_all();
         trigger.trigger();
         let deadline = tokio::time::Instant::now() + self.inner.limits.drain_timeout;
         let open = tasks.len();
@@ -855,6 +893,76 @@ impl Proxy {
                 }
             }
         }
+    }
+}
+
+/// hyper's buffers on both sides of the proxy: reads from the upstream and writes to the client.
+pub(crate) const HYPER_BUFFER: usize = 64 * 1024;
+
+/// Refusals answered at once; beyond them a connection over the limit is closed without an answer.
+const MAX_REFUSALS_IN_FLIGHT: usize = 256;
+/// How long a refusal may wait for the request head, then for the client to read the answer and close.
+const REFUSAL_TIME: Duration = Duration::from_secs(2);
+
+impl Proxy {
+    /// Answers a connection beyond `max_connections` with a 503 (through its reply log, like any
+    /// reply) once its request head is in, then closes it; counted and logged (at most a line a second).
+    fn refuse<L: ReplyLog + Unpin>(
+        &self,
+        refusals: &mut JoinSet<()>,
+        budget: &mut LogBudget,
+        mut io: LoggedIo<tokio::net::TcpStream, L>,
+        peer: SocketAddr,
+    ) {
+        let inner = &self.inner;
+        inner.stats.refused.fetch_add(1, Ordering::Relaxed);
+        inner.limit_hit(Limit::MaxConnections);
+        let max = inner.limits.max_connections;
+        let answered = refusals.len() < MAX_REFUSALS_IN_FLIGHT;
+        if let Some(suppressed) = budget.handle_event(Instant::now()) {
+            tracing::warn!(conn = %peer, max_connections = max, open = self.live_connections(), answered,
+                refused_unlogged = suppressed,
+                "connection refused: at limits.max_connections (answered 503 and closed)");
+        }
+        if !answered {
+            return;
+        }
+        let body = format!("This server is at its connection limit ({max}); try again shortly.\n");
+        let answer = format!(
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+             Retry-After: 1\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        refusals.spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let refuse = async {
+                // Read the head first, so that the answer follows a request, as HTTP has it.
+                let mut head = Vec::with_capacity(1024);
+                let mut buf = [0u8; 2048];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+                    match io.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if io.write_all(answer.as_bytes()).await.is_err() || io.shutdown().await.is_err() {
+                    return;
+                }
+                // Whatever else the client sends is read and dropped until it closes: a close with
+                // unread bytes would reset the connection, answer and all.
+                while matches!(io.read(&mut buf).await, Ok(n) if n > 0) {}
+            };
+            let _ = tokio::time::timeout(REFUSAL_TIME, refuse).await;
+        });
+    }
+}
+
+/// Caps the socket's send buffer, and so the reply bytes its replica holds written but unacknowledged.
+pub fn set_send_buffer(stream: &tokio::net::TcpStream, bytes: Option<usize>, peer: SocketAddr) {
+    if let Some(bytes) = bytes
+        && let Err(e) = socket2::SockRef::from(stream).set_send_buffer_size(bytes)
+    {
+        tracing::warn!(conn = %peer, bytes, error = %e, "cannot cap the client socket's send buffer");
     }
 }
 

@@ -35,6 +35,8 @@ pub(crate) struct Upstream {
     client: Client<HttpConnector, RequestBody>,
     authority: Authority,
     timeout: Duration,
+    /// For the request bodies' pace.
+    limits: Arc<Limits>,
 }
 
 /// The upstream request head's key, from [`Upstream::prepare`].
@@ -74,10 +76,12 @@ impl Upstream {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(limits.pool_idle_timeout)
             .pool_max_idle_per_host(limits.pool_max_idle)
+            // A response body is read a buffer ahead of the client at most (see `HYPER_BUFFER`).
+            .http1_max_buf_size(super::server::HYPER_BUFFER)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(connector);
-        Ok(Upstream { client, authority, timeout: limits.upstream_timeout })
+        Ok(Upstream { client, authority, timeout: limits.upstream_timeout, limits: Arc::new(limits.clone()) })
     }
 
     /// Forwards one request and hands back the response for the client. `logged_key`: the key
@@ -110,7 +114,7 @@ impl Upstream {
         ex.start(Some(upstream.clone()), key, generated);
 
         let progress = ex.progress.clone();
-        let request = Request::from_parts(parts, RequestBody::new(body, progress.clone()));
+        let request = Request::from_parts(parts, RequestBody::new(body, progress.clone(), &self.limits));
         let result = self.send(request, &progress).await;
 
         let stats = &conn.inner.stats;
@@ -126,6 +130,7 @@ impl Upstream {
                         stats.upstream_timeouts.fetch_add(1, Ordering::Relaxed);
                         (StatusCode::GATEWAY_TIMEOUT, e)
                     }
+                    Failure::Client(e) if progress.too_slow() => return super::server::body_too_slow(ex, e),
                     Failure::Client(e) => (StatusCode::BAD_REQUEST, e),
                 };
                 tracing::warn!(conn = %conn.peer, exchange = ex.id, %upstream, %status, %error, "upstream request failed");
@@ -224,7 +229,7 @@ impl Upstream {
         tracing::info!(conn = %peer, exchange, %upstream, method = %parts.method, target = %parts.uri,
             range = ?range.as_ref().map(|r| r.from), key = ?key, "re-issuing a request to continue its response");
         let progress = Arc::new(RequestProgress::new(std::time::Instant::now()));
-        let request = Request::from_parts(parts, RequestBody::resumed(body, progress.clone()));
+        let request = Request::from_parts(parts, RequestBody::resumed(body, progress.clone(), &self.limits));
         match self.send(request, &progress).await {
             Ok(response) => {
                 let (parts, body) = response.into_parts();

@@ -225,6 +225,26 @@ label_enum! {
 }
 
 label_enum! {
+    /// A limit on client connections (README "Limits") that refused or closed a connection.
+    pub enum Limit: "limit" {
+        /// `limits.max_connections`: a new connection answered 503 and closed.
+        MaxConnections => "max_connections",
+        /// `limits.max_header_bytes` or `limits.max_headers`: 431 (414 for a request line alone).
+        HeadTooLarge => "max_header_bytes",
+        /// A malformed request head: 400.
+        BadRequest => "bad_request",
+        /// `limits.header_read_timeout`: a request head too slow; closed.
+        HeaderReadTimeout => "header_read_timeout",
+        /// `limits.body_read_timeout` / `limits.body_min_rate`: a request body too slow; 408 and closed.
+        BodyReadTimeout => "body_read_timeout",
+        /// `limits.idle_timeout`: an idle keep-alive connection closed.
+        IdleTimeout => "idle_timeout",
+        /// The send timeout: a client that stopped reading its response; closed.
+        SendTimeout => "send_timeout",
+    }
+}
+
+label_enum! {
     /// Which NFQUEUE a gate counter is about.
     pub enum GateQueue: "queue" {
         /// Client segments to VIP:port (every one is replicated before the kernel sees it).
@@ -442,6 +462,8 @@ pub struct Metrics {
     pub stand_downs: Counter,
     /// Backups a primary gave up to carry on unprotected.
     pub peers_lost: Counter,
+    /// Client connections a limit refused or closed, by limit.
+    pub limit_hits: Family<Limit, Counter>,
     /// Heartbeat round-trip times (measured on the primary).
     pub heartbeat_rtt: Histogram,
     /// Latest heartbeat round-trip time in microseconds; `u64::MAX` before the first.
@@ -463,6 +485,7 @@ impl Default for Metrics {
             retransmit_prompts: Counter::default(),
             stand_downs: Counter::default(),
             peers_lost: Counter::default(),
+            limit_hits: Family::default(),
             heartbeat_rtt: Histogram::new(HEARTBEAT_RTT_BOUNDS_US),
             last_rtt_us: AtomicU64::new(u64::MAX),
             connections: Connections::default(),
@@ -523,6 +546,7 @@ mod tests {
         check::<GateQueue>();
         check::<Direction>();
         check::<FailoverPhase>();
+        check::<Limit>();
         assert_eq!(ResumePath::ALL.len(), 8);
     }
 

@@ -17,10 +17,11 @@ pub mod server;
 pub mod state;
 
 pub use metrics::{
-    Counter, Direction, FailoverPhase, GateQueue, Gauge, Histogram, Label, Lag, Metrics, ResumePath, UnprotectedReason,
+    Counter, Direction, FailoverPhase, GateQueue, Gauge, Histogram, Label, Lag, Limit, Metrics, ResumePath,
+    UnprotectedReason,
 };
 pub use server::{AdminAuth, AuthConfigError, ServeError, TokenFileError, Unauthorized, load_token, serve};
 pub use state::{
     AdminState, AlarmStatus, ConnectionGuard, FailoverRecord, NodeStatus, PeerLostStatus, PeerState, Protection,
-    SwitchoverReply,
+    ReplicaStatus, SwitchoverReply,
 };

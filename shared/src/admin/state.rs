@@ -5,6 +5,7 @@
 use super::expo::{Encoder, Value};
 use super::metrics::{FailoverPhase, Label, Metrics, UnprotectedReason};
 use crate::protocol::Role;
+use crate::replica::{ReplicaTable, TableSummary};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -137,6 +138,28 @@ pub struct NodeStatus {
     /// linked, or when none ever was.
     #[serde(default)]
     pub peer_lost: Option<PeerLostStatus>,
+    /// Client connections each limit refused or closed since start, by limit (every limit listed).
+    #[serde(default)]
+    pub limits: BTreeMap<String, u64>,
+    /// This node's replica table (the backup's replica, or the primary's own copy of it); `null` while
+    /// there is none (a backup not yet joined).
+    #[serde(default)]
+    pub replica: Option<ReplicaStatus>,
+}
+
+/// `replica` in `/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    /// Connections in the table.
+    pub connections: u64,
+    /// Bytes the table holds for them (unanswered request bytes, unacknowledged reply bytes, upstream
+    /// payload not yet sent, partial heads).
+    pub bytes: u64,
+    /// The most one connection holds (bounded by `limits.replica_bytes_per_connection` for reply bytes).
+    pub largest_connection_bytes: u64,
+    /// A digest of every connection's TCP state (sequence numbers, acknowledgements, windows, flags), as
+    /// 16 hex digits: the same on both nodes when their tables agree, unchanged while no state moves.
+    pub digest: String,
 }
 
 /// `alarm` in `/status`: raised by the backup's first stand-down, updated by each one after, cleared when
@@ -267,6 +290,8 @@ struct Inner {
     metrics: Metrics,
     dynamic: Mutex<Dynamic>,
     switchover: Mutex<Option<tokio::sync::mpsc::UnboundedSender<SwitchoverReply>>>,
+    /// The table `/status` summarises.
+    replica: Mutex<Option<Arc<Mutex<ReplicaTable>>>>,
 }
 
 /// Where a node answers a planned-switchover request of the admin endpoint: an HTTP status and a JSON
@@ -327,6 +352,7 @@ impl AdminState {
                     peer_lost: None,
                 }),
                 switchover: Mutex::new(None),
+                replica: Mutex::new(None),
             }),
         }
     }
@@ -334,6 +360,18 @@ impl AdminState {
     fn dynamic(&self) -> MutexGuard<'_, Dynamic> {
         // The data is plain values; a panic elsewhere cannot leave it half-updated.
         self.inner.dynamic.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The replica table `/status` summarises (`None`: none now).
+    pub fn set_replica(&self, table: Option<Arc<Mutex<ReplicaTable>>>) {
+        *self.inner.replica.lock().unwrap_or_else(PoisonError::into_inner) = table;
+    }
+
+    /// The summary of the table set with [`AdminState::set_replica`], if any.
+    pub fn replica(&self) -> Option<TableSummary> {
+        let table = self.inner.replica.lock().unwrap_or_else(PoisonError::into_inner).clone()?;
+        let summary = table.lock().unwrap_or_else(PoisonError::into_inner).summary();
+        Some(summary)
     }
 
     /// Who answers `POST /admin/switchover` (a serving primary); `None` when nobody can.
@@ -446,6 +484,8 @@ impl AdminState {
 
     /// `GET /status` at `now`.
     pub fn status(&self, now: Instant) -> NodeStatus {
+        // Before the dynamic lock: the two locks are never held together.
+        let replica = self.replica();
         let m = &self.inner.metrics;
         let c = m.connections();
         let r = m.replication();
@@ -502,6 +542,13 @@ impl AdminState {
                 let (at, at_unix_ms) = wall(p.at);
                 PeerLostStatus { reason: p.reason.clone(), node: p.node.clone(), at, at_unix_ms }
             }),
+            limits: m.limit_hits.iter().map(|(l, c)| (l.as_str().to_owned(), c.get())).collect(),
+            replica: replica.map(|r| ReplicaStatus {
+                connections: r.connections,
+                bytes: r.bytes,
+                largest_connection_bytes: r.largest_connection_bytes,
+                digest: format!("{:016x}", r.digest),
+            }),
         }
     }
 
@@ -512,6 +559,7 @@ impl AdminState {
             let d = self.dynamic();
             (d.role, d.epoch, d.peer, d.failovers_total, d.failovers.back().cloned(), d.alarm.is_some())
         };
+        let replica = self.replica();
         let mut e = Encoder::default();
         let flag = |b: bool| Value::Int(i64::from(b));
 
@@ -569,6 +617,25 @@ impl AdminState {
             "Times a client connection opened unprotected or lost its protection, by reason.",
             &c.became_unprotected,
         );
+
+        e.counter_family(
+            "understudy_limit_hits_total",
+            "Client connections a limit refused or closed, by limit (README, Limits).",
+            &m.limit_hits,
+        );
+        if let Some(r) = replica {
+            e.gauge(
+                "understudy_replica_connections",
+                "Connections in this node's replica table.",
+                Value::Uint(r.connections),
+            );
+            e.gauge("understudy_replica_bytes", "Bytes this node's replica table holds.", Value::Uint(r.bytes));
+            e.gauge(
+                "understudy_replica_largest_connection_bytes",
+                "The most bytes one connection holds in this node's replica table.",
+                Value::Uint(r.largest_connection_bytes),
+            );
+        }
 
         e.counter("understudy_http_exchanges_total", "HTTP exchanges (request and response) completed.", &m.exchanges);
         e.counter_family("understudy_client_bytes_total", "Bytes read from and written to clients.", &m.client_bytes);

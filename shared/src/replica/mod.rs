@@ -13,4 +13,4 @@ pub mod resume;
 pub mod table;
 
 pub use resume::{ConnResume, Decision, plan_takeover};
-pub use table::{Applied, ApplyError, ReplicaTable};
+pub use table::{Applied, ApplyError, ReplicaTable, TableSummary};

@@ -383,6 +383,37 @@ impl Conn {
         }
     }
 
+    /// Feeds what identifies this connection's TCP state (sequence numbers, acknowledgements, windows,
+    /// flags, stream bounds; not the bytes) into `h`.
+    fn digest_into(&self, h: &mut Fnv) {
+        h.write(&self.key.client.ip().octets());
+        h.write(&self.key.client.port().to_be_bytes());
+        h.write(&self.key.server.ip().octets());
+        h.write(&self.key.server.port().to_be_bytes());
+        let t = match &self.state {
+            State::Tracked(t) => &t.tracker,
+            State::Unprotected(l) => {
+                h.write(l.reason.to_string().as_bytes());
+                return;
+            }
+        };
+        h.write(format!("{:?}", t.state()).as_bytes());
+        for dir in [Dir::ToServer, Dir::ToClient] {
+            let Some(e) = t.endpoint(dir) else {
+                h.write(&[0]);
+                continue;
+            };
+            let seq = |s: Option<tcp_replay::Seq>| s.map_or(u64::MAX, |s| u64::from(s.0));
+            for v in [seq(e.isn), seq(e.snd_max()), seq(e.acked()), u64::from(e.window_raw()), e.payload_bytes] {
+                h.write(&v.to_be_bytes());
+            }
+            let stream = t.stream(dir);
+            for v in [stream.start(), stream.contiguous_end(), u64::from(e.fin_seen), u64::from(e.rst_seen)] {
+                h.write(&v.to_be_bytes());
+            }
+        }
+    }
+
     fn unprotect(&mut self, reason: Unprotection) -> Applied {
         let (client_fin, server_fin) = match &self.state {
             State::Tracked(t) => (fin_seen(&t.tracker, Dir::ToServer), fin_seen(&t.tracker, Dir::ToClient)),
@@ -600,6 +631,36 @@ pub struct ReplicaTable {
     snapshot: Option<Incoming>,
 }
 
+/// [`ReplicaTable::summary`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TableSummary {
+    pub connections: u64,
+    /// Bytes held for every connection (streams, partial heads, upstream payload).
+    pub bytes: u64,
+    /// The most any one connection holds.
+    pub largest_connection_bytes: u64,
+    /// FNV-1a over every connection's TCP state in key order: equal on two nodes whose tables agree, and
+    /// unchanged while no connection's state moves.
+    pub digest: u64,
+}
+
+/// 64-bit FNV-1a: small, stable across builds and hosts.
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+}
+
 /// A snapshot being received: connections announced, received so far, and the parts of the one
 /// whose state is still arriving.
 #[derive(Debug, Clone, Default)]
@@ -664,6 +725,20 @@ impl ReplicaTable {
     /// Bytes held in all (streams, partial heads, upstream payload).
     pub fn retained_bytes(&self) -> usize {
         self.conns.values().map(Conn::retained_bytes).sum()
+    }
+
+    /// Connections, bytes and a digest of the TCP state, for `/status`: O(connections), no byte copied.
+    pub fn summary(&self) -> TableSummary {
+        let mut sum = TableSummary { connections: self.conns.len() as u64, ..TableSummary::default() };
+        let mut digest = Fnv::default();
+        for c in self.conns.values() {
+            let bytes = c.retained_bytes() as u64;
+            sum.bytes += bytes;
+            sum.largest_connection_bytes = sum.largest_connection_bytes.max(bytes);
+            c.digest_into(&mut digest);
+        }
+        sum.digest = digest.0;
+        sum
     }
 
     /// Applies one record of the replication stream.
@@ -783,7 +858,10 @@ impl ReplicaTable {
             Dir::ToServer => ConnKey { client: seg.src, server: seg.dst },
             Dir::ToClient => ConnKey { client: seg.dst, server: seg.src },
         };
-        let opens = dir == Dir::ToServer && seg.flags.syn() && !seg.flags.ack();
+        let f = seg.flags;
+        // Only what a listening socket takes as a connection request (RFC 9293 3.10.7.2; Linux drops a SYN
+        // that also carries FIN or RST): anything else would leave state the kernel never had.
+        let opens = dir == Dir::ToServer && f.syn() && !f.ack() && !f.fin() && !f.rst();
         let replace = match self.conns.get(&key).map(|c| &c.state) {
             None => true,
             Some(State::Unprotected(_)) => opens,
@@ -797,7 +875,9 @@ impl ReplicaTable {
         if replace {
             if opens {
                 self.conns.insert(key, Conn { key, state: State::Tracked(Box::new(Tracked::new())) });
-            } else if dir == Dir::ToServer && !seg.payload.is_empty() && !seg.flags.rst() {
+            } else if dir == Dir::ToServer && !seg.payload.is_empty() && f.ack() && !f.syn() && !f.rst() {
+                // (Data without ACK, or with SYN, is dropped by every TCP, RFC 9293 3.10.7.4: a flood of
+                // such segments for unknown connections must leave nothing behind.)
                 // Data from a connection never seen opening: served, not protected.
                 let lost = Lost { reason: Unprotection::MidStream, client_fin: seg.flags.fin(), server_fin: false };
                 tracing::warn!(conn = ?key, reason = %lost.reason, "connection unprotected");
