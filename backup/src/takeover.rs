@@ -41,8 +41,9 @@ use primary::gate::{Diverted, Gate, Hook};
 use primary::replicate::GateFeed;
 use shared::config::{NodeConfig, RetryConfig};
 use shared::protocol::ConnKey;
+use shared::replica::resume::plan_conn;
 use shared::replica::table::Conn;
-use shared::replica::{ConnResume, Decision, ReplicaTable, plan_takeover};
+use shared::replica::{ConnResume, Decision, ReplicaTable};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -214,8 +215,12 @@ pub fn stream_now() -> Duration {
 }
 
 /// Plans every connection of `table` at the stream's clock, now.
+/// Planning copies what the replica holds of each connection (the bytes queued both ways), so it is
+/// split across threads like the restore.
 pub fn plan_all(table: &ReplicaTable, retry: &RetryConfig) -> Vec<ConnResume> {
-    plan_takeover(table, stream_now(), retry)
+    let now = stream_now();
+    let conns: Vec<&Conn> = table.conns().collect();
+    in_parallel("plan", &conns, |c| plan_conn(c, now, retry))
 }
 
 /// How long the takeover waits for the clients' answers to its probes (all of them usually arrive
@@ -522,32 +527,37 @@ const PER_THREAD_MIN: usize = 256;
 
 /// Restores each plan of `todo` (all have a restore plan), in order, split across threads.
 fn restore_parallel(todo: &[(ConnResume, Conn)]) -> Vec<Result<std::net::TcpStream, String>> {
-    let one = |(plan, _): &(ConnResume, Conn)| {
+    in_parallel("restore", todo, |(plan, _)| {
         restore_one(plan.restore.as_ref().expect("only plans with a restore are to do"))
-    };
+    })
+}
+
+/// `f` of each item, in order, split across up to [`RESTORE_THREADS`] threads (fewer for short lists or a
+/// smaller machine). A thread that cannot start, or dies, leaves its part to the caller's thread.
+fn in_parallel<T: Sync, R: Send>(what: &str, items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
     let parallelism = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = parallelism.min(RESTORE_THREADS).min(todo.len() / PER_THREAD_MIN).max(1);
+    let threads = parallelism.min(RESTORE_THREADS).min(items.len() / PER_THREAD_MIN).max(1);
     if threads == 1 {
-        return todo.iter().map(one).collect();
+        return items.iter().map(&f).collect();
     }
-    let chunk = todo.len().div_ceil(threads);
+    let chunk = items.len().div_ceil(threads);
+    let f = &f;
     std::thread::scope(|s| {
-        let workers: Vec<_> = todo
+        let workers: Vec<_> = items
             .chunks(chunk)
             .map(|part| {
                 std::thread::Builder::new()
-                    .name("restore".into())
-                    .spawn_scoped(s, || part.iter().map(one).collect::<Vec<_>>())
+                    .name(what.to_owned())
+                    .spawn_scoped(s, move || part.iter().map(f).collect::<Vec<_>>())
             })
             .collect();
-        let mut results = Vec::with_capacity(todo.len());
-        for (worker, part) in workers.into_iter().zip(todo.chunks(chunk)) {
+        let mut results = Vec::with_capacity(items.len());
+        for (worker, part) in workers.into_iter().zip(items.chunks(chunk)) {
             match worker.map_err(|e| e.to_string()).and_then(|w| w.join().map_err(|_| "panicked".to_owned())) {
                 Ok(done) => results.extend(done),
-                // A thread that could not start (or died) leaves its part to this one.
                 Err(e) => {
-                    warn!(error = %e, connections = part.len(), "a restore thread failed; restoring its part here");
-                    results.extend(part.iter().map(one));
+                    warn!(error = %e, items = part.len(), what, "a worker thread failed; doing its part here");
+                    results.extend(part.iter().map(f));
                 }
             }
         }
