@@ -22,13 +22,14 @@
 //! keeps the kernel from answering ARP for the VIP. None of it acts while the VIP is elsewhere.
 //!
 //! Takeover, in order (each step logged and timed):
-//! grant the output lease → stop the replica and take its table → plan every connection on a thread of
-//! its own, which restores the silent ones once the address is here → add the VIP → answer ARP and
+//! grant the output lease → stop the replica and take its table → plan every connection off this thread
+//! (which then restores the silent ones once the address is here) → add the VIP → answer ARP and
 //! announce → ask the clients with reply bytes in flight what they received
 //! ([`takeover::ask_clients`]) → restore the other connections with `TCP_REPAIR` → bind the listener →
 //! release the hold (in the background) → spawn each connection's task and record the takeover →
-//! prompt every restored client to retransmit what the outage lost ([`crate::prompt`]) → serve as primary at the next epoch (`primary::node::serve_after_takeover`),
-//! resuming each restored connection's exchange in flight ([`crate::resume`]).
+//! prompt every restored client to retransmit what the outage lost ([`crate::prompt`]) → serve as
+//! primary at the next epoch (`primary::node::serve_after_takeover`), resuming each restored connection's
+//! exchange in flight ([`crate::resume`]).
 
 use crate::detector::{Action, Detector, DetectorConfig, FenceResult, Phase, SuspectReason};
 use crate::prompt::{self, Prompt};
