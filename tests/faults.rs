@@ -39,19 +39,21 @@ fn role(s: &Value) -> &str {
     s["role"].as_str().unwrap_or("")
 }
 
+/// Whatever happens, the fault rules go with the bed, and the remembered command lines with `clear`.
+struct Forget(String);
+
+impl Drop for Forget {
+    fn drop(&mut self) {
+        let _ = faults(&["clear", &self.0]);
+    }
+}
+
 #[test]
 fn faults_kill_restart_partition_heal_and_loss_act_on_a_running_pair() -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         anyhow::bail!("the faults test needs root (network namespaces, iptables)");
     }
     let id = unique_id('f');
-    // Whatever happens, the rules go with the bed, and the remembered command lines with `clear`.
-    struct Forget(String);
-    impl Drop for Forget {
-        fn drop(&mut self) {
-            let _ = faults(&["clear", &self.0]);
-        }
-    }
     let mut pair = Pair::up(&id, &PairOptions::default(), |www| Ok(std::fs::write(www.join("small.bin"), b"hello")?))?;
     // Declared after the pair, so dropped before its bed goes down (`clear` needs the bed).
     let _forget = Forget(id.clone());
@@ -156,12 +158,6 @@ fn corrupted_replication_frames_end_the_link_and_the_pair_recovers_unseen_by_cli
         anyhow::bail!("the faults test needs root (network namespaces, iptables)");
     }
     let id = unique_id('c');
-    struct Forget(String);
-    impl Drop for Forget {
-        fn drop(&mut self) {
-            let _ = faults(&["clear", &self.0]);
-        }
-    }
     const SIZES: [u64; 4] = [1_000, 20_000, 5, 150_000];
     let pair = Pair::up(&id, &PairOptions::default(), |www| load::write_files(www, &SIZES))?;
     let _forget = Forget(id.clone());

@@ -17,8 +17,8 @@ use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use understudy_tests::campaign::vip_claims;
 use understudy_tests::harness::{Capture, count_matching, output, unique_id};
 use understudy_tests::load::{self, Load};
 use understudy_tests::pair::{PORT, Pair, PairOptions, VIP};
@@ -46,29 +46,6 @@ fn arping_vip(pair: &Pair) -> Result<Option<String>> {
         let end = l[start..].find(']')? + start;
         Some(l[start..end].to_ascii_lowercase())
     }))
-}
-
-/// Every claim on the VIP in an ARP capture: (time, MAC) of each reply "VIP is-at MAC" and each
-/// gratuitous request "who-has VIP tell VIP" (the sender's MAC).
-fn vip_claims(pcap: &Path) -> Result<Vec<(f64, String)>> {
-    let out = output(std::process::Command::new("tcpdump").args(["-nn", "-e", "-tt", "-r"]).arg(pcap).arg("arp"))?;
-    ensure!(out.status.success(), "tcpdump -r {}: {}", pcap.display(), String::from_utf8_lossy(&out.stderr));
-    let mut claims = Vec::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let mut words = line.split_whitespace();
-        let (Some(at), Some(src)) = (words.next(), words.next()) else { continue };
-        let Ok(at) = at.parse::<f64>() else { continue };
-        let reply = format!("Reply {VIP} is-at ");
-        let mac = if let Some(i) = line.find(&reply) {
-            line[i + reply.len()..].split([',', ' ']).next().unwrap_or("").to_string()
-        } else if line.contains(&format!("tell {VIP},")) {
-            src.to_string()
-        } else {
-            continue;
-        };
-        claims.push((at, mac.to_ascii_lowercase()));
-    }
-    Ok(claims)
 }
 
 /// A keep-alive connection from the client that has made one GET of `f0.bin`.
