@@ -566,8 +566,7 @@ fn in_parallel<T: Sync, R: Send>(what: &str, items: &[T], f: impl Fn(&T) -> R + 
 }
 
 fn restore_one(plan: &tcp_replay::RestorePlan) -> Result<std::net::TcpStream, String> {
-    let stream = repair::restore(plan).map_err(|e| e.to_string())?;
-    stream.set_nonblocking(true).map_err(|e| format!("set_nonblocking: {e}"))?;
+    let stream = repair::restore_nonblocking(plan).map_err(|e| e.to_string())?;
     let _ = stream.set_nodelay(true);
     Ok(stream)
 }

@@ -387,6 +387,49 @@ fn server_synack_fin_and_rst_wait_for_release_but_its_data_does_not() -> Result<
     })
 }
 
+/// A segment the gate held while the output lease lapsed does not leave when it is released: the lease
+/// is checked as segments leave, not as they enter the gate's queue. (A primary frozen just after its
+/// kernel queued a FIN or an orphan's ACK must not send it on `SIGCONT`, after the backup took over.)
+#[test]
+fn a_held_segment_released_after_the_output_lease_lapsed_never_leaves() -> Result<()> {
+    let net = Net::up('l')?;
+    let client_ns = net.client.clone();
+    run_in_ns(&net.server, move || async move {
+        let listener = TcpListener::bind(vip_addr()).await?;
+        let mut cfg = config("tl");
+        cfg.output_lease = Some(Duration::from_millis(100));
+        let (gate, mut rx) = Gate::start(cfg)?;
+        let connect = tokio::spawn(client_socket(&client_ns)?.connect(vip_addr()));
+        let (mut client, mut server, _) = finish_handshake(&gate, &mut rx, &listener, connect).await?;
+
+        server.shutdown().await?;
+        let fin = next(&mut rx).await?;
+        ensure!(fin.hook == Hook::LocalOut && seg(&fin)?.flags.fin(), "expected the FIN: {}", flags(&fin));
+        gate.revoke_output()?;
+        // `nft -i` applies the revocation on its own time: wait until the kernel's set is empty.
+        wait_for("the lease's element to go", PROMPT, || {
+            let set = run(Command::new("nft").args(["list", "set", "inet", "understudy_tl", "lease"]))?;
+            Ok((!set.contains("elements")).then_some(()))
+        })
+        .await?;
+        gate.release_upto(fin.queue, fin.id)?;
+        // The FIN's retransmissions come through the gate too: released as they come, dropped by the lease.
+        let gate = Arc::new(gate);
+        let released = autopilot(gate.clone(), rx, Arc::new(Mutex::new(Vec::new())));
+        let mut b = [0u8; 16];
+        ensure!(
+            timeout(Duration::from_millis(500), client.read(&mut b)).await.is_err(),
+            "the client saw the FIN released after the lease was revoked"
+        );
+        gate.grant_output_now(Instant::now() + PROMPT)?;
+        let n = timeout(PROMPT, client.read(&mut b)).await??;
+        ensure!(n == 0, "expected EOF once the lease was granted again, read {n} bytes");
+        println!("FIN released with the lease revoked: not seen in 500 ms; its retransmission passed once granted");
+        released.abort();
+        Ok(())
+    })
+}
+
 // ---------------------------------------------------------------------------------------------------
 // (b) Fail-closed: with the gate process gone, segments are dropped, never accepted; (e, part) the next
 // start removes the crashed run's rules and traffic resumes.

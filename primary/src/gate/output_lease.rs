@@ -11,10 +11,12 @@
 //! `SIGCONT` the grant is stale until the sender has looked at its link again, and a sender that
 //! learns it was replaced steps down without ever granting again.
 //!
-//! The table is `inet understudy_<instance>`, its chain hooks `output` at priority `raw` (before the
-//! gate's mangle rules). A run that died leaves it behind with the element expired: that host then
-//! sends nothing from VIP:port until the next start of the same node replaces the table, which is the
-//! fail-closed state a dead primary should be in. `nft -i` reads the renewals from a pipe, so a renewal
+//! The table is `inet understudy_<instance>`, its chain hooks `postrouting`, after the gate's `mangle
+//! OUTPUT` queues: the lease is checked as a segment leaves, so one the gate held while the lease lapsed
+//! (a FIN queued just before a freeze, accepted by the resumed process) is dropped, not sent. A run that
+//! died leaves the table behind with the element expired: that host then sends nothing from VIP:port
+//! until the next start of the same node replaces the table, the fail-closed state a dead primary
+//! should be in. `nft -i` reads the renewals from a pipe, so a renewal
 //! costs a write, not a process.
 
 use std::fs::File;
@@ -93,7 +95,7 @@ pub fn install_script(table: &str, vip: Ipv4Addr, port: u16, ttl: Duration, gran
          table inet {table} {{\n\
          \tset lease {{ type ipv4_addr; flags timeout; }}\n\
          \tchain out {{\n\
-         \t\ttype filter hook output priority raw; policy accept;\n\
+         \t\ttype filter hook postrouting priority 300; policy accept;\n\
          \t\tip saddr {vip} tcp sport {port} ip saddr != @lease drop\n\
          \t}}\n\
          }}\n\
@@ -281,7 +283,7 @@ mod tests {
         let s =
             install_script("understudy_a", Ipv4Addr::new(10, 0, 0, 100), 80, Duration::from_millis(100), STARTUP_GRANT);
         assert!(s.starts_with("table inet understudy_a\ndelete table inet understudy_a\n"), "{s}");
-        assert!(s.contains("hook output priority raw"), "{s}");
+        assert!(s.contains("hook postrouting priority 300"), "{s}");
         assert!(s.contains("ip saddr 10.0.0.100 tcp sport 80 ip saddr != @lease drop"), "{s}");
         assert!(s.ends_with("lease { 10.0.0.100 timeout 2000ms expires 2000ms }\n"), "{s}");
         assert_eq!(

@@ -798,16 +798,17 @@ impl ReplicaTable {
                 let Some(incoming) = &mut self.snapshot else {
                     return Err(SnapshotError::NotInSnapshot("SnapshotConn").into());
                 };
+                // A state in one part (most) is decoded where it lies: a join's snapshot is megabytes.
                 let whole = match incoming.parts.take() {
                     Some((cut, _)) if cut != *conn => return Err(SnapshotError::PartsCut { conn: cut }.into()),
                     Some((_, mut bytes)) => {
                         bytes.extend_from_slice(state);
-                        bytes
+                        std::borrow::Cow::Owned(bytes)
                     }
-                    None => state.clone(),
+                    None => std::borrow::Cow::Borrowed(&state[..]),
                 };
                 if *more {
-                    incoming.parts = Some((*conn, whole));
+                    incoming.parts = Some((*conn, whole.into_owned()));
                     return Ok(Applied::Taken);
                 }
                 incoming.received += 1;
@@ -920,12 +921,14 @@ impl ReplicaTable {
         for (key, conn) in &self.conns {
             let state = codec::encode(&conn.state)
                 .expect("replica state has only sized sequences and no custom serialisers: bincode cannot fail on it");
-            let parts = state.len().div_ceil(max_part).max(1);
+            if state.len() <= max_part {
+                // Moved, not copied: the table is locked while this runs.
+                out.push(Message::SnapshotConn { conn: *key, state, more: false });
+                continue;
+            }
+            let parts = state.len().div_ceil(max_part);
             for (i, part) in state.chunks(max_part).enumerate() {
                 out.push(Message::SnapshotConn { conn: *key, state: part.to_vec(), more: i + 1 < parts });
-            }
-            if state.is_empty() {
-                out.push(Message::SnapshotConn { conn: *key, state, more: false });
             }
         }
         out.push(Message::SnapshotEnd);
