@@ -247,8 +247,11 @@ pub struct Answers {
 pub async fn ask_clients(plans: &[ConnResume], feed: &mut GateFeed, wait: Duration) -> Answers {
     let started = Instant::now();
     let mut answers = Answers::default();
-    let asked: Vec<&RestorePlan> =
-        plans.iter().filter_map(|p| p.restore.as_ref()).filter(|r| !r.send_queue.is_empty()).collect();
+    let asked: Vec<&RestorePlan> = plans
+        .iter()
+        .filter(|p| p.unconfirmed_handshake || p.restore.as_ref().is_some_and(|r| !r.send_queue.is_empty()))
+        .filter_map(|p| p.restore.as_ref())
+        .collect();
     if asked.is_empty() {
         return answers;
     }
@@ -314,7 +317,9 @@ fn probe(plan: &RestorePlan) -> Vec<u8> {
 /// of ours unacknowledged or unsent: idle keep-alive connections, requests being read), which may be
 /// restored before the address is announced and the clients are asked, and the rest.
 pub fn split_silent(plans: Vec<ConnResume>) -> (Vec<ConnResume>, Vec<ConnResume>) {
-    plans.into_iter().partition(|p| p.restore.as_ref().is_some_and(repair::restores_silently))
+    plans
+        .into_iter()
+        .partition(|p| !p.unconfirmed_handshake && p.restore.as_ref().is_some_and(repair::restores_silently))
 }
 
 /// Connections to restore, each plan with its table entry; the plans that restore nothing are already
@@ -332,8 +337,21 @@ impl Batch {
         let mut todo = Vec::with_capacity(plans.len());
         let mut adjusted = 0usize;
         for mut plan in plans {
-            if let Some(r) = plan.restore.as_mut()
-                && let Some(&(ack, window, seq)) = answers.by_conn.get(&plan.conn)
+            let answer = answers.by_conn.get(&plan.conn).copied();
+            if plan.unconfirmed_handshake {
+                // Restored only for a client that answers as an established connection. One still in
+                // SYN-SENT ignores the probe, and its next SYN reaches the listener: a new handshake.
+                let confirmed =
+                    plan.restore.as_mut().zip(answer).is_some_and(|(r, (a, w, s))| r.confirm_handshake(a, w, s));
+                if !confirmed {
+                    info!(conn = %plan.conn.client, answered = answer.is_some(),
+                        "handshake not restored: the client did not confirm it received the SYN-ACK");
+                    report.skipped.push((plan.conn, "handshake_unconfirmed"));
+                    continue;
+                }
+                info!(conn = %plan.conn.client, "restoring a handshake whose last ACK was lost: the client confirmed it");
+            } else if let Some(r) = plan.restore.as_mut()
+                && let Some((ack, window, seq)) = answer
                 && r.apply_client_ack(ack, window, seq)
             {
                 adjusted += 1;

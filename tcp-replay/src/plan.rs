@@ -158,6 +158,22 @@ impl RestorePlan {
     }
 }
 
+impl RestorePlan {
+    /// Whether the client's answer to a probe (its `ack`, raw `window` and `seq`) confirms a plan made
+    /// without the handshake's last ACK ([`crate::Tracker::unconfirmed_handshake_plan`]): it
+    /// acknowledges exactly the SYN-ACK, as an established client does. Takes its window when it does.
+    pub fn confirm_handshake(&mut self, ack: Seq, window: u16, seq: Seq) -> bool {
+        if ack != self.snd_una || seq.diff(self.rcv_nxt) < 0 || self.state != TcpState::Established {
+            return false;
+        }
+        let shift = self.options.wscale.map_or(0, |(snd, _)| snd);
+        self.window.snd_wnd = u32::from(window) << shift;
+        self.window.max_window = self.window.max_window.max(self.window.snd_wnd);
+        self.window.snd_wl1 = self.rcv_nxt;
+        true
+    }
+}
+
 /// One difference between a tracker-derived plan and the kernel's own state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mismatch {

@@ -792,9 +792,18 @@ impl Tracker {
             TcpState::SynRecv | TcpState::SynSent | TcpState::Listen => {
                 return Err(PlanError::HandshakeIncomplete(state));
             }
-            TcpState::Close | TcpState::TimeWait => return Err(PlanError::Closed(state)),
+            TcpState::Close => return Err(PlanError::Closed(state)),
             _ => {}
         }
+        // The server acknowledged the client's FIN, but that ACK may have been lost with the primary (its
+        // gate holds it until replicated, and a frozen kernel's lease drops it): the client then resends
+        // its FIN to the new primary, which without a socket would answer with a RST. So TIME_WAIT is
+        // restored one step back, in FIN_WAIT2 without the client's FIN, and the resent FIN is acknowledged.
+        // (A client that did get the ACK answers the restored socket's window probe with a RST, which
+        // ends the socket.)
+        let fin_acked_by_server =
+            matches!(state, TcpState::CloseWait | TcpState::LastAck | TcpState::Closing | TcpState::TimeWait);
+        let state = if state == TcpState::TimeWait { TcpState::FinWait2 } else { state };
         let (c, s) = match (&self.client, &self.server) {
             (Some(c), Some(s)) => (c, s),
             _ => return Err(PlanError::HandshakeIncomplete(state)),
@@ -816,7 +825,7 @@ impl Tracker {
         let fin_received = matches!(state, TcpState::CloseWait | TcpState::LastAck | TcpState::Closing);
         let acked_off = c.offset(server_acked).max(0) as u64;
         let rcv_end = match c.data_end_offset() {
-            Some(end) if fin_received => end,
+            Some(end) if fin_acked_by_server => end,
             _ => acked_off,
         };
         let rcv_start = c.stream.start();
@@ -827,7 +836,7 @@ impl Tracker {
             return Err(PlanError::MissingBytes { dir: Dir::ToServer, from: rcv_start, to: rcv_end });
         }
         let recv_queue = c.stream.copy_range(rcv_start..rcv_end);
-        let rcv_nxt = if fin_received { server_acked - 1 } else { server_acked };
+        let rcv_nxt = if fin_acked_by_server { server_acked - 1 } else { server_acked };
 
         let both_scale = c.wscale.is_some() && s.wscale.is_some();
         let (snd_shift, rcv_shift) =
@@ -866,6 +875,47 @@ impl Tracker {
             tsval,
             ts_recent: if timestamps { c.ts_val() } else { None },
         })
+    }
+
+    /// The plan of a connection whose handshake ended unseen: the server's SYN-ACK was seen, the
+    /// client's ACK of it was not (lost with the primary, whose gate held it). The plan is the
+    /// established connection that ACK would have made, with nothing sent either way; it is right only
+    /// if the client did receive the SYN-ACK, so the caller must confirm that with the client (a
+    /// client still in SYN-SENT would keep resending its SYN to an established socket). `None` unless
+    /// the connection is in exactly that state.
+    pub fn unconfirmed_handshake_plan(&self, now: Duration) -> Option<RestorePlan> {
+        use crate::segment::{SegmentBuilder, TcpFlags, TcpOptions, Timestamps};
+        let (c, s) = (self.client.as_ref()?, self.server.as_ref()?);
+        let (client_isn, server_isn) = (c.isn?, s.isn?);
+        let seen_nothing_after = self.state() == TcpState::SynRecv
+            && self.handshake_seen
+            && !self.rst
+            && s.acked == Some(client_isn + 1)
+            && c.acked.is_none()
+            && c.payload_bytes == 0
+            && s.payload_bytes == 0
+            && !c.fin_seen
+            && !s.fin_seen;
+        if !seen_nothing_after {
+            return None;
+        }
+        let mut ack = SegmentBuilder::new(c.addr, s.addr);
+        ack.flags = TcpFlags::ACK;
+        ack.seq = client_isn + 1;
+        ack.ack = server_isn + 1;
+        let shift = if c.wscale.is_some() && s.wscale.is_some() { c.wscale.unwrap_or(0).min(14) } else { 0 };
+        ack.window = (c.syn_window >> shift).min(u32::from(u16::MAX)) as u16;
+        let mut opts = TcpOptions::default();
+        if c.timestamps && s.timestamps {
+            opts.timestamps = Some(Timestamps { val: c.ts_val().unwrap_or(0), ecr: s.ts_val().unwrap_or(0) });
+        }
+        ack.options = opts;
+        let bytes = ack.build(&[]);
+        let seg = Segment::parse_ipv4(&bytes, crate::segment::Checksums::Skip).ok()?;
+        let mut t = self.clone();
+        let at = c.ts_val.map_or(now, |(_, seen)| seen);
+        t.handle_segment(at, Dir::ToServer, &seg).ok()?;
+        t.restore_plan(now).ok().filter(|p| p.state == TcpState::Established)
     }
 
     /// Addresses of (client, server), once a segment was handled.
@@ -1146,6 +1196,48 @@ mod tests {
         c.fin(Dir::ToServer);
         c.ack(Dir::ToClient, 502);
         assert_eq!(c.t.state(), TcpState::TimeWait);
+        assert_eq!(c.t.unconfirmed_handshake_plan(ms(1)), None);
+        // Restored one step back: FIN_WAIT2 expecting the client's FIN again, to acknowledge its resend.
+        let p = c.t.restore_plan(ms(1)).unwrap();
+        assert_eq!(p.state, TcpState::FinWait2);
+        assert!(p.fin_sent && !p.fin_received);
+        assert_eq!(p.rcv_nxt, c.cseq - 1, "rcv_nxt is the client's FIN");
+        assert!(p.recv_queue.is_empty() && p.send_queue.is_empty());
+    }
+
+    #[test]
+    fn a_handshake_whose_last_ack_was_not_seen_has_an_unconfirmed_established_plan() {
+        for ts in [false, true] {
+            let mut c = Conn { t: Tracker::new(), cseq: Seq(100), sseq: Seq(9000), now: ms(1000), ts };
+            let mut o = TcpOptions::default();
+            o.mss = Some(1460);
+            o.wscale = Some(7);
+            o.sack_permitted = true;
+            o.timestamps = ts.then_some(Timestamps { val: 1_000_000, ecr: 0 });
+            c.seg(Dir::ToServer, TcpFlags::SYN, Seq(100), Seq(0), 64240, o, b"").unwrap();
+            assert_eq!(c.t.unconfirmed_handshake_plan(ms(1)), None, "no SYN-ACK yet");
+            o.wscale = Some(9);
+            o.timestamps = ts.then_some(Timestamps { val: 500, ecr: 1_000_000 });
+            c.seg(Dir::ToClient, TcpFlags::SYN | A, Seq(9000), Seq(101), 65160, o, b"").unwrap();
+            assert_eq!(c.t.state(), TcpState::SynRecv);
+            assert_eq!(c.t.restore_plan(ms(1)), Err(PlanError::HandshakeIncomplete(TcpState::SynRecv)));
+
+            let p = c.t.unconfirmed_handshake_plan(ms(1)).expect("a plan");
+            assert_eq!(p.state, TcpState::Established);
+            assert_eq!((p.rcv_nxt, p.snd_una), (Seq(101), Seq(9001)));
+            assert!(p.send_queue.is_empty() && p.recv_queue.is_empty() && !p.fin_sent && !p.fin_received);
+            assert_eq!(p.options.wscale, Some((7, 9)));
+            assert_eq!((p.options.mss, p.options.sack, p.options.timestamps), (1460, true, ts));
+            assert_eq!(p.tsval.is_some(), ts);
+            assert!(p.window.snd_wnd >= 64240 >> 7 << 7, "the client's window from its SYN: {}", p.window.snd_wnd);
+
+            // Once the client's ACK is seen the ordinary plan applies.
+            c.cseq = Seq(101);
+            c.sseq = Seq(9001);
+            c.ack(Dir::ToServer, 502);
+            assert_eq!(c.t.unconfirmed_handshake_plan(ms(1)), None);
+            assert!(c.t.restore_plan(ms(1)).is_ok());
+        }
     }
 
     #[test]

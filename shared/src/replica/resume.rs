@@ -190,6 +190,9 @@ pub struct ConnResume {
     pub decision: Decision,
     /// Pipelined requests after it, in order.
     pub queued: Vec<Queued>,
+    /// The restore plan assumes the handshake's last ACK, which was not seen: restore only once the
+    /// client confirms it holds an established connection (`RestorePlan::confirm_handshake`).
+    pub unconfirmed_handshake: bool,
 }
 
 /// Plans every connection of the table at time `now` (the replication stream's clock).
@@ -206,6 +209,7 @@ pub fn plan_conn(conn: &Conn, now: Duration, retry: &RetryConfig) -> ConnResume 
         written: Vec::new(),
         decision: Decision::Idle,
         queued: Vec::new(),
+        unconfirmed_handshake: false,
     };
     let Some(t) = conn.tracked() else {
         let reason = conn.unprotected().cloned().unwrap_or(Unprotection::MidStream);
@@ -214,6 +218,19 @@ pub fn plan_conn(conn: &Conn, now: Duration, retry: &RetryConfig) -> ConnResume 
     };
     match t.tracker().restore_plan(now) {
         Ok(plan) => out.restore = Some(plan),
+        // The client's ACK (and any request) waited in the dead primary's gate: the client may be
+        // established and about to resend its request. Nothing was exchanged, so the connection is idle.
+        Err(error @ PlanError::HandshakeIncomplete(_)) => match t.tracker().unconfirmed_handshake_plan(now) {
+            Some(plan) => {
+                out.restore = Some(plan);
+                out.unconfirmed_handshake = true;
+                return out;
+            }
+            None => {
+                out.decision = Decision::NotRestorable { error };
+                return out;
+            }
+        },
         Err(error) => {
             out.decision = Decision::NotRestorable { error };
             return out;
