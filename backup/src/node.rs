@@ -606,6 +606,7 @@ async fn take_over(
         // Prompts are made before the tasks take the restored connections, and sent after they are
         // spawned: thousands of them take a while, and the spawning must not share the CPU with them.
         let prompts = if prompt { takeover_prompts(&restored) } else { Vec::new() };
+        phases.mark("prompts");
         let tasks = resume_all(serving, restored, record_admin.clone());
         phases.mark("tasks");
         record.restored(Instant::now(), restored_count);
@@ -642,33 +643,45 @@ fn resume_all(serving: &Serving, restored: Vec<Restored>, admin_state: AdminStat
     restored
         .into_iter()
         .map(|r| {
-            let key = r.plan.conn;
-            let (log, observer) = serving.hooks.open(SocketAddr::V4(key.client), SocketAddr::V4(key.server));
+            let hooks = serving.hooks.clone();
             let proxy = serving.proxy.clone();
             let signal: ShutdownSignal = serving.shutdown.clone();
-            let span = tracing::info_span!("conn", conn = %key.client, resumed = true);
             let admin_state = admin_state.clone();
-            let fut = async move {
-                let in_flight = r.plan.decision.clone();
-                let queued: Vec<_> = r.plan.queued.iter().map(|q| q.decision.clone()).collect();
-                // Boxed: the executor's state is kilobytes, and unboxed each of thousands of tasks would
-                // reserve it (zeroed pages, copied) while the takeover spawns them; boxed, it is made
-                // by the task's first poll, on a worker thread.
-                let outcome = Box::pin(resume::resume_connection(&proxy, r, log, Arc::new(observer), signal)).await;
-                let resumes = &admin_state.metrics().resumes;
-                resumes.get(resume_path(&in_flight, outcome.source)).inc();
-                for d in &queued {
-                    resumes.get(resume_path(d, None)).inc();
-                }
-                match &outcome.error {
-                    None => info!(path = outcome.path, "resumed connection ended"),
-                    Some(e) => warn!(path = outcome.path, error = %e, "resumed connection ended with an error"),
-                }
-            }
-            .instrument(span);
-            tokio::spawn(fut)
+            // The connection's hooks and span are made by the task's first poll, on a worker thread: with
+            // ten thousand connections they would take tens of milliseconds of the takeover here.
+            tokio::spawn(async move {
+                let key = r.plan.conn;
+                let (log, observer) = hooks.open(SocketAddr::V4(key.client), SocketAddr::V4(key.server));
+                let span = tracing::info_span!("conn", conn = %key.client, resumed = true);
+                resume_one(proxy, r, log, observer, signal, admin_state).instrument(span).await
+            })
         })
         .collect()
+}
+
+/// Serves one restored connection to its end and counts how it resumed.
+async fn resume_one(
+    proxy: primary::proxy::Proxy,
+    r: Restored,
+    log: primary::replicate::ReplicaLog,
+    observer: primary::node::NodeObserver,
+    signal: ShutdownSignal,
+    admin_state: AdminState,
+) {
+    let in_flight = r.plan.decision.clone();
+    let queued: Vec<_> = r.plan.queued.iter().map(|q| q.decision.clone()).collect();
+    // Boxed: the executor's state is kilobytes, and unboxed each of thousands of tasks would reserve it
+    // (zeroed pages, copied) while the takeover spawns them; boxed, it is made by the task's first poll.
+    let outcome = Box::pin(resume::resume_connection(&proxy, r, log, Arc::new(observer), signal)).await;
+    let resumes = &admin_state.metrics().resumes;
+    resumes.get(resume_path(&in_flight, outcome.source)).inc();
+    for d in &queued {
+        resumes.get(resume_path(d, None)).inc();
+    }
+    match &outcome.error {
+        None => info!(path = outcome.path, "resumed connection ended"),
+        Some(e) => warn!(path = outcome.path, error = %e, "resumed connection ended with an error"),
+    }
 }
 
 /// The prompts [`prompt_clients`] sends to the clients of `restored`, the clients heard from last first:

@@ -288,6 +288,9 @@ async fn apply_loop(
                 link.applied(rec.seq);
             }
             if matches!(rec.msg, Message::SnapshotEnd) {
+                // Acknowledged before the rest of the batch (the stream that queued up behind a large
+                // snapshot): the primary counts the pair protected from this ack on.
+                link.applied(rec.seq);
                 update.synced = true;
                 let connections = lock(&table).len();
                 info!(role = "backup", epoch, peer = %peer, seq = rec.seq, connections, "snapshot applied: replica synced");
