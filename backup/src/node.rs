@@ -640,7 +640,19 @@ async fn take_over(
 
 /// Starts the resume executor on every restored connection.
 fn resume_all(serving: &Serving, restored: Vec<Restored>, admin_state: AdminState) -> Vec<JoinHandle<()>> {
-    restored
+    // Busy connections (a request or a reply in flight) are spawned last. A runtime thread that spawns
+    // thousands of tasks keeps the newest in its own queue and moves the oldest to the shared one, which
+    // its threads look at only now and then: spawned first, a busy connection's first poll waited behind
+    // thousands of idle ones (0.6 s at 10 000).
+    let (mut busy, idle): (Vec<Restored>, Vec<Restored>) = restored.into_iter().partition(|r| {
+        let p = &r.plan;
+        p.decision.exchange().is_some()
+            || !p.queued.is_empty()
+            || p.restore.as_ref().is_some_and(|t| !t.send_queue.is_empty() || !t.recv_queue.is_empty())
+    });
+    let mut ordered = idle;
+    ordered.append(&mut busy);
+    ordered
         .into_iter()
         .map(|r| {
             let hooks = serving.hooks.clone();
