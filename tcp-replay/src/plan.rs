@@ -156,9 +156,7 @@ impl RestorePlan {
         self.window.snd_wl1 = if seq.diff(self.rcv_nxt) > 0 { self.rcv_nxt } else { seq };
         true
     }
-}
 
-impl RestorePlan {
     /// Whether the client's answer to a probe (its `ack`, raw `window` and `seq`) confirms a plan made
     /// without the handshake's last ACK ([`crate::Tracker::unconfirmed_handshake_plan`]): it
     /// acknowledges exactly the SYN-ACK, as an established client does. Takes its window when it does.

@@ -16,8 +16,7 @@
 //! (a FIN queued just before a freeze, accepted by the resumed process) is dropped, not sent. A run that
 //! died leaves the table behind with the element expired: that host then sends nothing from VIP:port
 //! until the next start of the same node replaces the table, the fail-closed state a dead primary
-//! should be in. `nft -i` reads the renewals from a pipe, so a renewal
-//! costs a write, not a process.
+//! should be in. `nft -i` reads the renewals from a pipe, so a renewal costs a write, not a process.
 
 use std::fs::File;
 use std::io::{self, Write};
