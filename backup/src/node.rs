@@ -50,7 +50,6 @@ use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-use tcp_replay::Dir;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tracing::{Instrument, error, info, warn};
@@ -704,8 +703,7 @@ fn takeover_prompts(restored: &[Restored]) -> Vec<Prompt> {
         .iter()
         .filter_map(|r| {
             let prompt = r.plan.restore.as_ref().and_then(Prompt::for_plan)?;
-            let heard = r.conn.tracked().and_then(|t| t.tracker().endpoint(Dir::ToServer)?.last_timestamp_at());
-            Some((heard, prompt))
+            Some((r.prepared.heard, prompt))
         })
         .collect();
     prompts.sort_by_key(|p| std::cmp::Reverse(p.0));

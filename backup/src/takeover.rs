@@ -34,7 +34,7 @@
 //! that cannot be restored are logged with the failing step and left to the client's retransmission
 //! (which meets no socket once the hold is gone, and is reset: honest, and counted).
 
-use crate::resume::Restored;
+use crate::resume::{Prepared, Restored};
 use primary::claim::VipClaim;
 use primary::gate::rules::{Iptables, RuleSpec, Rules, RulesError, tag};
 use primary::gate::{Diverted, Gate, Hook};
@@ -223,9 +223,38 @@ pub fn plan_all(table: &ReplicaTable, retry: &RetryConfig) -> Vec<ConnResume> {
     in_parallel("plan", &conns, |c| plan_conn(c, now, retry))
 }
 
-/// How long the takeover waits for the clients' answers to its probes (all of them usually arrive
-/// within a round trip; a missing one leaves its plan as it was).
+/// How long the takeover waits at most for the clients' answers to its probes (all of them usually
+/// arrive within a round trip; a missing one leaves its plan as it was).
 pub const ANSWER_WAIT: Duration = Duration::from_millis(50);
+
+/// When most clients have answered, how long the takeover waits for the rest: [`LATE_ANSWER_FACTOR`]
+/// times as long as most took, and at least this. A client that does not answer at all is common
+/// (Linux answers out-of-window segments at most every `tcp_invalid_ratelimit`, 500 ms), and waiting
+/// the whole [`ANSWER_WAIT`] for it delays every connection's restore.
+pub const LATE_ANSWER_MIN: Duration = Duration::from_millis(5);
+pub const LATE_ANSWER_FACTOR: u32 = 3;
+
+/// Whether the wait for answers is over: all `asked` answered, `wait` is up, or nine in ten answered by
+/// `most_at` and the rest had [`LATE_ANSWER_FACTOR`] times as long (at least [`LATE_ANSWER_MIN`]).
+/// Clients far away answer later than near ones; the rule waits for them as long as they are not the
+/// last tenth.
+pub fn answers_done(
+    asked: usize,
+    answered: usize,
+    elapsed: Duration,
+    wait: Duration,
+    most_at: Option<Duration>,
+) -> bool {
+    if answered >= asked || elapsed >= wait {
+        return true;
+    }
+    most_at.is_some_and(|t| elapsed >= (t * LATE_ANSWER_FACTOR).max(LATE_ANSWER_MIN))
+}
+
+/// How many answers are "most" of `asked`: nine in ten, rounded up.
+fn most_of(asked: usize) -> usize {
+    (asked * 9).div_ceil(10)
+}
 
 /// What the clients said when asked.
 #[derive(Default)]
@@ -271,11 +300,24 @@ pub async fn ask_clients(plans: &[ConnResume], feed: &mut GateFeed, wait: Durati
         }
     }
     let wanted: HashSet<ConnKey> = asked.iter().map(|p| ConnKey { client: p.remote, server: p.local }).collect();
-    let deadline = tokio::time::Instant::now() + wait;
-    while answers.by_conn.len() < wanted.len() {
-        let d = match tokio::time::timeout_at(deadline, feed.diverted.recv()).await {
+    let sent_at = tokio::time::Instant::now();
+    let mut most_at = None;
+    loop {
+        let elapsed = sent_at.elapsed();
+        if answers.by_conn.len() >= most_of(wanted.len()) {
+            most_at.get_or_insert(elapsed);
+        }
+        if answers_done(wanted.len(), answers.by_conn.len(), elapsed, wait, most_at) {
+            break;
+        }
+        let until = match most_at {
+            Some(t) => sent_at + (t * LATE_ANSWER_FACTOR).max(LATE_ANSWER_MIN).min(wait),
+            None => sent_at + wait,
+        };
+        let d = match tokio::time::timeout_at(until, feed.diverted.recv()).await {
             Ok(Some(d)) => d,
-            Ok(None) | Err(_) => break,
+            Ok(None) => break,
+            Err(_) => continue,
         };
         if d.hook == Hook::PreRouting
             && let Ok(seg) = Segment::parse_ipv4(&d.datagram, Checksums::Verify)
@@ -324,15 +366,15 @@ pub fn split_silent(plans: Vec<ConnResume>) -> (Vec<ConnResume>, Vec<ConnResume>
 
 /// Connections to restore, each plan with its table entry; the plans that restore nothing are already
 /// in `report`.
-pub struct Batch {
-    todo: Vec<(ConnResume, Conn)>,
+pub struct Batch<'t> {
+    todo: Vec<(ConnResume, &'t Conn)>,
     report: RestoreReport,
 }
 
-impl Batch {
+impl<'t> Batch<'t> {
     /// The restorable connections of `plans` (from [`plan_all`] on `table`), each adjusted by its
     /// client's answer when there is one.
-    pub fn new(table: &ReplicaTable, plans: Vec<ConnResume>, answers: &Answers) -> Batch {
+    pub fn new(table: &'t ReplicaTable, plans: Vec<ConnResume>, answers: &Answers) -> Batch<'t> {
         let mut report = RestoreReport::default();
         let mut todo = Vec::with_capacity(plans.len());
         let mut adjusted = 0usize;
@@ -369,7 +411,7 @@ impl Batch {
                 continue;
             }
             match table.conn(&key) {
-                Some(entry) => todo.push((plan, entry.clone())),
+                Some(entry) => todo.push((plan, entry)),
                 None => report.failed.push((key, "vanished from the table".into())),
             }
         }
@@ -388,7 +430,7 @@ impl Batch {
         let started = Instant::now();
         let Batch { todo, mut report } = self;
         let results = restore_parallel(&todo);
-        for ((plan, conn), result) in todo.into_iter().zip(results) {
+        for ((plan, _), (result, prepared)) in todo.into_iter().zip(results) {
             let key = plan.conn;
             let restore = plan.restore.as_ref().expect("only plans with a restore are to do");
             match result {
@@ -402,7 +444,7 @@ impl Batch {
                         info!(conn = %key.client, state = ?restore.state, unacked, unread,
                             path = plan.decision.kind(), "connection restored");
                     }
-                    report.restored.push(Restored { stream, plan, conn });
+                    report.restored.push(Restored { stream, plan, prepared });
                 }
                 Err(e) => {
                     error!(conn = %key.client, error = %e, "restoring the connection failed");
@@ -543,10 +585,12 @@ pub const RESTORE_THREADS: usize = 4;
 /// Fewest connections worth a thread of their own.
 const PER_THREAD_MIN: usize = 256;
 
-/// Restores each plan of `todo` (all have a restore plan), in order, split across threads.
-fn restore_parallel(todo: &[(ConnResume, Conn)]) -> Vec<Result<std::net::TcpStream, String>> {
-    in_parallel("restore", todo, |(plan, _)| {
-        restore_one(plan.restore.as_ref().expect("only plans with a restore are to do"))
+/// Restores each plan of `todo` (all have a restore plan), in order, split across threads, and reads
+/// what resuming it takes from its table entry.
+fn restore_parallel(todo: &[(ConnResume, &Conn)]) -> Vec<(Result<std::net::TcpStream, String>, Prepared)> {
+    in_parallel("restore", todo, |(plan, conn)| {
+        let restored = restore_one(plan.restore.as_ref().expect("only plans with a restore are to do"));
+        (restored, Prepared::of(plan, conn))
     })
 }
 
@@ -612,5 +656,26 @@ mod tests {
         // Removing a socket match would flush the gate's queue (see the module's docs).
         assert!(text.iter().all(|t| !t.contains("-m socket")), "{text:?}");
         assert!(text.iter().all(|t| t.starts_with("-p tcp -d 10.0.0.100/32 --dport 80")));
+    }
+
+    #[test]
+    fn the_wait_for_answers_ends_soon_after_most_clients_answered() {
+        let ms = Duration::from_millis;
+        let wait = ANSWER_WAIT;
+        assert!(answers_done(200, 200, ms(1), wait, Some(ms(1))), "all answered");
+        assert!(answers_done(200, 0, wait, wait, None), "nobody answered: the whole wait");
+        assert!(!answers_done(200, 150, ms(40), wait, None), "fewer than nine in ten: waiting on");
+        assert_eq!(most_of(200), 180);
+        assert_eq!(most_of(1), 1);
+        assert_eq!(most_of(11), 10);
+        // Most answered after 2 ms: the last few get three times as long.
+        assert!(!answers_done(200, 195, ms(5), wait, Some(ms(2))));
+        assert!(answers_done(200, 195, ms(6), wait, Some(ms(2))));
+        // Near clients: never less than the floor.
+        assert!(!answers_done(200, 199, ms(4), wait, Some(Duration::from_micros(300))));
+        assert!(answers_done(200, 199, LATE_ANSWER_MIN, wait, Some(Duration::from_micros(300))));
+        // Far clients (most after 30 ms): the whole wait bounds the rest.
+        assert!(!answers_done(200, 190, ms(49), wait, Some(ms(30))));
+        assert!(answers_done(200, 190, wait, wait, Some(ms(30))));
     }
 }

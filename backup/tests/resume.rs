@@ -405,7 +405,7 @@ impl Node {
         client.write_all(&queue).await?;
         let (log, observer) = (RecordingLog::default(), Arc::new(Recorder::default()));
         let (proxy, l, o) = (self.proxy.clone(), log.clone(), observer.clone());
-        let restored = Restored { stream: server.into_std()?, plan, conn };
+        let restored = Restored::new(server.into_std()?, plan, &conn);
         let task =
             tokio::spawn(async move { resume_connection(&proxy, restored, l, o, ShutdownSignal::never()).await });
         Ok(Session { client, got: Vec::new(), task, log, observer })

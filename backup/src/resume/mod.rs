@@ -50,6 +50,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+use tcp_replay::Dir;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -68,8 +69,33 @@ pub struct Restored {
     /// runtime's poller, woken by each new socket (all are writable at once).
     pub stream: std::net::TcpStream,
     pub plan: ConnResume,
-    /// The table's entry for the connection at takeover.
-    pub conn: Conn,
+    /// What resuming takes from the table's entry, read at takeover.
+    pub prepared: Prepared,
+}
+
+/// What resuming a connection takes from its table entry. Read from the entry at takeover, so the
+/// entry itself (the bytes both ways, the upstream logs: megabytes for busy connections) stays in the
+/// table uncopied.
+#[derive(Debug)]
+pub struct Prepared {
+    pub steps: Result<Steps, ResumeError>,
+    /// When the client's last segment was seen (the stream's clock), if it carried a timestamp.
+    pub heard: Option<Duration>,
+}
+
+impl Prepared {
+    /// Reads what resuming `plan` takes from `conn`, the table entry it was planned from.
+    pub fn of(plan: &ConnResume, conn: &Conn) -> Prepared {
+        let heard = conn.tracked().and_then(|t| t.tracker().endpoint(Dir::ToServer)?.last_timestamp_at());
+        Prepared { steps: Steps::plan(plan, conn), heard }
+    }
+}
+
+impl Restored {
+    pub fn new(stream: std::net::TcpStream, plan: ConnResume, conn: &Conn) -> Restored {
+        let prepared = Prepared::of(&plan, conn);
+        Restored { stream, plan, prepared }
+    }
 }
 
 /// What resuming one connection did. Every path is counted by [`ResumeOutcome::path`].
@@ -154,7 +180,6 @@ mod encode;
 mod steps;
 
 use client_io::{Capture, ChannelBody, parse_request_head};
-use steps::logged_key;
 
 pub use client_io::{ClientIo, Graceful};
 pub use encode::{ContinuationEncoder, EncodeError, PrefixCheck, PrefixMismatch};
@@ -189,7 +214,7 @@ async fn resume<L: ReplyLog + Unpin>(
     observer: Arc<dyn ExchangeObserver>,
     shutdown: ShutdownSignal,
 ) -> ResumeOutcome {
-    let Restored { stream, plan, conn } = restored;
+    let Restored { stream, plan, prepared } = restored;
     let peer = SocketAddr::V4(plan.conn.client);
     let limits = proxy.limits().clone();
     // A restored connection is never refused, but takes its place among `max_connections`.
@@ -214,7 +239,7 @@ async fn resume<L: ReplyLog + Unpin>(
             return outcome;
         }
     };
-    let steps = match Steps::plan(&plan, &conn) {
+    let steps = match prepared.steps {
         Ok(steps) => steps,
         Err(e) => {
             warn!(error = %e, "connection cannot be resumed; closing");
@@ -249,10 +274,8 @@ async fn resume<L: ReplyLog + Unpin>(
         InFlight::Hyper => {}
         InFlight::Close { exchange, why } => {
             info!(exchange = ?exchange, why, "closing without re-executing or inventing a reply");
-            if let Some(n) = *exchange
-                && let Some(ex) = conn.tracked().and_then(|t| t.exchange(n))
-            {
-                proxy.record_resumed(&closed_record(peer, ex, outcome.path, why.clone()));
+            if let Some(record) = &steps.closed_record {
+                proxy.record_resumed(record);
             }
             outcome.error = Some(why.clone());
             outcome.closed = Some(outcome.path);
@@ -340,35 +363,13 @@ async fn resume<L: ReplyLog + Unpin>(
             why = stop.why,
             "pipelined request not re-sent; connection closed before it"
         );
-        if let Some(ex) = conn.tracked().and_then(|t| t.exchange(stop.exchange)) {
-            proxy.record_resumed(&closed_record(peer, ex, stop.path, stop.why.clone()));
+        if let Some(record) = &stop.record {
+            proxy.record_resumed(record);
         }
         outcome.closed = Some(stop.path);
     }
     outcome.served = Some(summary);
     outcome
-}
-
-/// The request log record of an exchange closed without a reply byte from this node.
-fn closed_record(peer: SocketAddr, ex: &Exchange, path: &'static str, why: String) -> ResumedExchange {
-    let key = logged_key(ex);
-    ResumedExchange {
-        peer,
-        exchange: ex.index,
-        method: ex.request.method.clone(),
-        target: ex.request.target.clone(),
-        status: ex.reply.head.as_ref().map(|h| h.status),
-        sent: ex.reply.head.is_some(),
-        bytes_in: 0,
-        bytes_out: 0,
-        complete: false,
-        duration: Duration::ZERO,
-        upstream: ex.meta.as_ref().and_then(|m| m.upstream.clone()),
-        idempotency_key: key.as_ref().map(|k| k.key.clone()),
-        key_generated: key.is_some_and(|k| k.generated),
-        error: Some(why),
-        resume: path,
-    }
 }
 
 /// Finishes a partly sent response. Returns where the bytes came from, and whether its request

@@ -43,13 +43,15 @@ pub enum InFlight {
 
 /// A pipelined request at which hyper must stop reading: it is not re-sent and the connection
 /// closes before it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StopAt {
     pub exchange: u64,
     /// Client-stream offset where its request starts.
     pub offset: u64,
     pub path: &'static str,
     pub why: String,
+    /// Its request log record, when the replica knows the exchange.
+    pub record: Option<ResumedExchange>,
 }
 
 /// What resuming one connection takes, worked out from its plan and table entry.
@@ -67,6 +69,8 @@ pub struct Steps {
     pub stop_at: Option<StopAt>,
     /// Pipelined exchanges behind the one in flight, with their paths.
     pub queued: Vec<(u64, &'static str)>,
+    /// The request log record of the exchange in flight when it is closed ([`InFlight::Close`]).
+    pub closed_record: Option<ResumedExchange>,
 }
 
 impl Steps {
@@ -80,6 +84,7 @@ impl Steps {
             (_, None, _) => return Err(ResumeError::NotResumable("unprotected")),
             (_, Some(t), Some(_)) => t,
         };
+        let peer = SocketAddr::V4(plan.conn.client);
         let requests = t.framer().requests();
         let base = t
             .exchanges()
@@ -130,6 +135,7 @@ impl Steps {
                 exchange: q.exchange,
                 offset: ex.map_or(requests.pos(), |ex| ex.request.start),
                 path: q.decision.kind(),
+                record: ex.map(|ex| closed_record(peer, ex, q.decision.kind(), why.clone())),
                 why,
             };
             match &q.decision {
@@ -143,6 +149,12 @@ impl Steps {
                 },
             }
         }
+        let closed_record = match &in_flight {
+            InFlight::Close { exchange: Some(n), why } => {
+                t.exchange(*n).map(|ex| closed_record(peer, ex, plan.decision.kind(), why.clone()))
+            }
+            _ => None,
+        };
         let owned = match &in_flight {
             InFlight::Continue(c) => Some(c.exchange),
             _ => None,
@@ -157,7 +169,30 @@ impl Steps {
             resume: ResumeFrom { first_exchange, exchanges: overrides },
             stop_at,
             queued,
+            closed_record,
         })
+    }
+}
+
+/// The request log record of an exchange closed without a reply byte from this node.
+fn closed_record(peer: SocketAddr, ex: &Exchange, path: &'static str, why: String) -> ResumedExchange {
+    let key = logged_key(ex);
+    ResumedExchange {
+        peer,
+        exchange: ex.index,
+        method: ex.request.method.clone(),
+        target: ex.request.target.clone(),
+        status: ex.reply.head.as_ref().map(|h| h.status),
+        sent: ex.reply.head.is_some(),
+        bytes_in: 0,
+        bytes_out: 0,
+        complete: false,
+        duration: Duration::ZERO,
+        upstream: ex.meta.as_ref().and_then(|m| m.upstream.clone()),
+        idempotency_key: key.as_ref().map(|k| k.key.clone()),
+        key_generated: key.is_some_and(|k| k.generated),
+        error: Some(why),
+        resume: path,
     }
 }
 
@@ -175,7 +210,7 @@ fn continuation(ex: &Exchange, at: &ContinueAt, source: Source) -> Continue {
     }
 }
 
-pub(super) fn logged_key(ex: &Exchange) -> Option<LoggedKey> {
+fn logged_key(ex: &Exchange) -> Option<LoggedKey> {
     let meta = ex.meta.as_ref()?;
     Some(LoggedKey { key: meta.idempotency_key.clone()?, generated: meta.key_generated })
 }
