@@ -218,9 +218,13 @@ pub fn stream_now() -> Duration {
 /// Planning copies what the replica holds of each connection (the bytes queued both ways), so it is
 /// split across threads like the restore.
 pub fn plan_all(table: &ReplicaTable, retry: &RetryConfig) -> Vec<ConnResume> {
-    let now = stream_now();
     let conns: Vec<&Conn> = table.conns().collect();
-    in_parallel("plan", &conns, |c| plan_conn(c, now, retry))
+    plan_conns(&conns, stream_now(), retry)
+}
+
+/// Plans `conns` at the stream's clock `now`, split across threads.
+fn plan_conns(conns: &[&Conn], now: Duration, retry: &RetryConfig) -> Vec<ConnResume> {
+    in_parallel("plan", conns, |c| plan_conn(c, now, retry))
 }
 
 /// How long the takeover waits at most for the clients' answers to its probes (all of them usually
@@ -461,7 +465,8 @@ impl<'t> Batch<'t> {
 /// address: plan every connection (copying what the replica holds, which takes a while when clients have
 /// megabytes in flight), then, once the address is on the interface ([`Early::address_ready`]), restore
 /// the connections [`split_silent`] finds silent. The others' plans come back for the main thread
-/// ([`Early::loud_plans`]), which asks their clients first. Should the thread not start, the same work is
+/// ([`Early::loud_plans`]), which asks their clients first; they are planned before the connections at rest
+/// ([`Tracker::at_rest`](tcp_replay::Tracker::at_rest)), so the asking overlaps the rest of the work here. Should the thread not start, the same work is
 /// done on the caller's thread, in [`Early::loud_plans`] and [`Early::finish`].
 pub struct Early {
     address: std::sync::mpsc::Sender<bool>,
@@ -480,8 +485,21 @@ impl Early {
         let (restored_tx, restored) = tokio::sync::oneshot::channel();
         let (t, r) = (table.clone(), retry.clone());
         let spawned = std::thread::Builder::new().name("restore".into()).spawn(move || {
-            let (silent, loud) = split_silent(plan_all(&t, &r));
+            let started = Instant::now();
+            let now = stream_now();
+            // Most of a large table is at rest (idle keep-alive connections): planning it copies nothing, and
+            // it all restores silently. The others are planned first, so that the main thread can ask their
+            // clients while the rest is planned and restored here.
+            let (at_rest, others): (Vec<&Conn>, Vec<&Conn>) =
+                t.conns().partition(|c| c.tracked().is_some_and(|c| c.tracker().at_rest()));
+            let (mut silent, loud) = split_silent(plan_conns(&others, now, &r));
+            let loud_planned = started.elapsed();
             let _ = loud_tx.send(loud);
+            // `at_rest` predicts `split_silent`; were it wrong, the connection is restored without asking
+            // its client, which costs at worst a retransmission timer's wait.
+            silent.extend(plan_conns(&at_rest, now, &r));
+            debug!(at_rest = at_rest.len(), others = others.len(), ?loud_planned, planned = ?started.elapsed(),
+                "takeover planned");
             let batch = Batch::new(&t, silent, &Answers::default());
             // Without the address a restore cannot bind; `false` or the sender gone: the takeover gave up.
             if address_rx.recv() == Ok(true) {
