@@ -268,6 +268,8 @@ pub struct Answers {
     /// Everything read from the gate meanwhile, in order, for the replicator ([`GateFeed::early`]).
     pub read: Vec<Diverted>,
     pub probed: usize,
+    /// Clients asked whose last window was closed, and how many of them answered.
+    pub closed_windows: (usize, usize),
     pub took: Duration,
 }
 
@@ -340,6 +342,9 @@ pub async fn ask_clients(plans: &[ConnResume], feed: &mut GateFeed, wait: Durati
         answers.read.push(d);
     }
     answers.took = started.elapsed();
+    let closed: Vec<ConnKey> =
+        asked.iter().filter(|p| p.window.snd_wnd == 0).map(|p| ConnKey { client: p.remote, server: p.local }).collect();
+    answers.closed_windows = (closed.len(), closed.iter().filter(|k| answers.by_conn.contains_key(k)).count());
     answers
 }
 
@@ -421,6 +426,7 @@ impl<'t> Batch<'t> {
         }
         if answers.probed > 0 {
             info!(probed = answers.probed, answered = answers.by_conn.len(), adjusted, waited = ?answers.took,
+                closed_windows = answers.closed_windows.0, closed_windows_answered = answers.closed_windows.1,
                 "asked the clients what they received");
         }
         Batch { todo, report }
@@ -488,23 +494,59 @@ impl Early {
             let started = Instant::now();
             let now = stream_now();
             // Most of a large table is at rest (idle keep-alive connections): planning it copies nothing, and
-            // it all restores silently. The others are planned first, so that the main thread can ask their
-            // clients while the rest is planned and restored here.
+            // it all restores silently, here, as soon as the address is up. The others (bytes in flight,
+            // closing, opening) are planned meanwhile on a thread of their own, for the main thread to ask
+            // their clients; copying their bytes takes a while.
             let (at_rest, others): (Vec<&Conn>, Vec<&Conn>) =
                 t.conns().partition(|c| c.tracked().is_some_and(|c| c.tracker().at_rest()));
-            let (mut silent, loud) = split_silent(plan_conns(&others, now, &r));
-            let loud_planned = started.elapsed();
-            let _ = loud_tx.send(loud);
-            // `at_rest` predicts `split_silent`; were it wrong, the connection is restored without asking
-            // its client, which costs at worst a retransmission timer's wait.
-            silent.extend(plan_conns(&at_rest, now, &r));
-            debug!(at_rest = at_rest.len(), others = others.len(), ?loud_planned, planned = ?started.elapsed(),
-                "takeover planned");
-            let batch = Batch::new(&t, silent, &Answers::default());
-            // Without the address a restore cannot bind; `false` or the sender gone: the takeover gave up.
-            if address_rx.recv() == Ok(true) {
-                let _ = restored_tx.send(batch.restore());
-            }
+            let loud_tx = std::sync::Mutex::new(Some(loud_tx));
+            let plan_others = || {
+                let (silent, loud) = split_silent(plan_conns(&others, now, &r));
+                let bytes: usize = loud
+                    .iter()
+                    .filter_map(|p| p.restore.as_ref())
+                    .map(|p| p.send_queue.len() + p.recv_queue.len())
+                    .sum();
+                info!(others = others.len(), loud = loud.len(), bytes, took = ?started.elapsed(),
+                    "planned the connections not at rest");
+                if let Some(tx) = loud_tx.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                    let _ = tx.send(loud);
+                }
+                silent
+            };
+            std::thread::scope(|s| {
+                let worker = std::thread::Builder::new().name("plan".into()).spawn_scoped(s, &plan_others);
+                // `at_rest` predicts `split_silent`; were it wrong, the connection is restored without asking
+                // its client, which costs at worst a retransmission timer's wait.
+                let mut silent = plan_conns(&at_rest, now, &r);
+                info!(at_rest = at_rest.len(), took = ?started.elapsed(), "planned the connections at rest");
+                let worker = match worker {
+                    Ok(worker) => Some(worker),
+                    Err(e) => {
+                        warn!(error = %e, "cannot start a planning thread; planning every connection on this one");
+                        silent.extend(plan_others());
+                        None
+                    }
+                };
+                let batch = Batch::new(&t, silent, &Answers::default());
+                // Without the address a restore cannot bind; `false` or the sender gone: the takeover gave up.
+                if address_rx.recv() != Ok(true) {
+                    return;
+                }
+                let mut report = batch.restore();
+                match worker.map(|w| w.join()) {
+                    Some(Ok(more)) => {
+                        // Restored after the others, not beside them: the times add up.
+                        let more = Batch::new(&t, more, &Answers::default()).restore();
+                        let took = report.took + more.took;
+                        report.merge(more);
+                        report.took = took;
+                    }
+                    Some(Err(_)) => error!("planning the connections not at rest panicked; they are not restored"),
+                    None => {}
+                }
+                let _ = restored_tx.send(report);
+            });
         });
         let mut early = Early { address, loud: Some(loud), restored, thread: None, inline: None };
         match spawned {
