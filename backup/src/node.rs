@@ -2,7 +2,9 @@
 //! over (ARCHITECTURE.md "Takeover (backup)", "Who owns the VIP"). The binary's `main` parses flags and
 //! loads the [`NodeConfig`]; [`run`] does the rest, and tests call the same `run`.
 //!
-//! At start, what an earlier run on this host left for the VIP is cleared ([`primary::leftovers`]).
+//! At start, on a blocking thread while the first join goes on ([`Arming`]), what an earlier run on this
+//! host left for the VIP is cleared ([`primary::leftovers`]), then the takeover is armed (below). The
+//! joined replica is watched only once both are done; until then a failure is noticed late.
 //!
 //! Standby, in a loop until shutdown or takeover:
 //! 1. Join the primary at `--join` (retried every [`JOIN_RETRY`] while it is unreachable or refuses).
@@ -16,7 +18,7 @@
 //!    silence; a primary gone before that is taken over from without its connections, and so is one
 //!    that a fence found alive after the link was lost (it served on without this replica).
 //!
-//! At start, after the leftovers, the takeover is armed ([`Armed::arm`]): the hold for VIP:port segments,
+//! Armed, after the leftovers ([`Armed::arm`]): the hold for VIP:port segments,
 //! the gate above it (it will queue every client segment; the replicator applies them to the table and
 //! releases them once serving), its output lease (revoked until a takeover), and the arptables rule that
 //! keeps the kernel from answering ARP for the VIP. None of it acts while the VIP is elsewhere.
@@ -89,6 +91,8 @@ pub enum BackupError {
     /// What a takeover needs could not be prepared at start (the gate, the ARP silence).
     #[error("{0}")]
     Arm(#[from] takeover::ArmError),
+    #[error("preparing the takeover panicked: {0}")]
+    ArmingPanicked(String),
     /// Serving as primary after the takeover failed.
     #[error("serving after the takeover: {0}")]
     Serving(NodeError),
@@ -119,14 +123,15 @@ async fn run_in_span(
             admin::serve(listener, admin_state.clone(), config.admin_token.as_deref(), wait(late_signal.clone()))?;
         admin_task = Some(tokio::spawn(serving.in_current_span()));
     }
-    // A primary that died on this host (this node before a restart as the spare) left its orphaned
-    // sockets on VIP:port: they hold the four-tuples a takeover here must restore.
-    primary::leftovers::clear(&config.iface, config.vip.addr, config.vip.prefix, config.port, &config.node)?;
     // Bound now so a wrong address fails at start; a spare joins here once this node serves.
     let repl_listener = bind("replication listener", SocketAddr::V4(config.repl_listen)).await?;
     info!(addr = %config.repl_listen, "replication listener bound (joins are accepted after a takeover)");
-    // After the leftovers are cleared: what the takeover needs is installed now, inert until the VIP is here.
-    let armed = Armed::arm(&config)?;
+    // While the first join goes on (its snapshot takes a while at scale), on a thread of its own: a primary
+    // that died on this host (this node before a restart as the spare) left its orphaned sockets on VIP:port,
+    // which hold the four-tuples a takeover here must restore; after they are cleared, what the takeover
+    // needs is installed, inert until the VIP is here. Both run commands (ss, iptables, arptables): a few
+    // hundred milliseconds under load, which the join no longer waits for.
+    let mut arming = Arming::start(&config);
 
     let mut shutdown: Shutdown = Box::pin(shutdown);
     let identity = LocalIdentity::new(&config.cluster, &config.node, Role::Backup, 0);
@@ -139,7 +144,13 @@ async fn run_in_span(
         let replica =
             match join_primary(join, &identity, &replica_config, &admin_state, &mut shutdown, fencing, &config).await {
                 Joined::Shutdown => break None,
-                Joined::Replica(replica) => replica,
+                Joined::Replica(replica) => {
+                    if !arming.wait().await {
+                        replica.stop().await;
+                        break None;
+                    }
+                    replica
+                }
                 Joined::TakeOver(record) => {
                     let (old, _) = lost.take().expect("only a carried detector takes over while joining");
                     error!("the primary is gone while this node was rejoining: taking over without its connections");
@@ -166,6 +177,8 @@ async fn run_in_span(
             Watched::TakeOver(record, synced) => break Some((replica, record, synced)),
         }
     };
+    // Armed by now, unless the node stops before its first join (or the arming failed: that error).
+    let armed = arming.finish().await?;
     let result = match outcome {
         None => {
             armed.disarm();
@@ -183,6 +196,40 @@ async fn run_in_span(
         error!(error = %e, "admin endpoint task failed");
     }
     result
+}
+
+/// The takeover's arming ([`Armed::arm`], after the leftovers of an earlier run are cleared), on a
+/// blocking thread while the node joins.
+struct Arming {
+    task: Option<JoinHandle<Result<Armed, BackupError>>>,
+    done: Option<Result<Armed, BackupError>>,
+}
+
+impl Arming {
+    fn start(config: &NodeConfig) -> Arming {
+        let config = config.clone();
+        let span = tracing::Span::current();
+        let task = tokio::task::spawn_blocking(move || {
+            let _span = span.enter();
+            primary::leftovers::clear(&config.iface, config.vip.addr, config.vip.prefix, config.port, &config.node)?;
+            Ok(Armed::arm(&config)?)
+        });
+        Arming { task: Some(task), done: None }
+    }
+
+    /// Waits until the arming is over; whether the takeover is armed.
+    async fn wait(&mut self) -> bool {
+        if let Some(task) = self.task.take() {
+            self.done = Some(task.await.unwrap_or_else(|e| Err(BackupError::ArmingPanicked(e.to_string()))));
+        }
+        matches!(self.done, Some(Ok(_)))
+    }
+
+    /// What the arming made, or why it failed.
+    async fn finish(mut self) -> Result<Armed, BackupError> {
+        self.wait().await;
+        self.done.take().expect("waited for")
+    }
 }
 
 enum Watched {
