@@ -471,9 +471,10 @@ impl<'t> Batch<'t> {
 /// address: plan every connection (copying what the replica holds, which takes a while when clients have
 /// megabytes in flight), then, once the address is on the interface ([`Early::address_ready`]), restore
 /// the connections [`split_silent`] finds silent. The others' plans come back for the main thread
-/// ([`Early::loud_plans`]), which asks their clients first; they are planned before the connections at rest
-/// ([`Tracker::at_rest`](tcp_replay::Tracker::at_rest)), so the asking overlaps the rest of the work here. Should the thread not start, the same work is
-/// done on the caller's thread, in [`Early::loud_plans`] and [`Early::finish`].
+/// ([`Early::loud_plans`]), which asks their clients first. The connections at rest
+/// ([`Tracker::at_rest`](tcp_replay::Tracker::at_rest)) are planned and restored here while a worker plans the
+/// others, so the asking overlaps the idle connections' restore. Should the thread not start, the same work
+/// is done on the caller's thread, in [`Early::loud_plans`] and [`Early::finish`].
 pub struct Early {
     address: std::sync::mpsc::Sender<bool>,
     loud: Option<tokio::sync::oneshot::Receiver<Vec<ConnResume>>>,
