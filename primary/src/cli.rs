@@ -227,18 +227,17 @@ fn post_switchover(admin: SocketAddr, token: Option<&str>) -> std::io::Result<(u
 /// Resolves on the first SIGINT or SIGTERM.
 pub type Shutdown = std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
-/// Has glibc's allocator keep freed memory mapped for reuse, by every thread: one arena, large blocks
-/// from the heap rather than mappings of their own, and no trimming of the heap's top. A takeover copies
-/// what the replica holds of every busy connection (up to `replica_bytes_per_connection` each: a
-/// hundred megabytes for a hundred slow downloads), and a join's snapshot as much. With the defaults
-/// each such buffer is a fresh mapping, or lands in another thread's arena, and every page of it faults
-/// on first touch: that was five sixths of the copy's time (28 ms instead of 75–230 ms for 99 MB in
-/// `us-scale`). The price: the process keeps its peak heap. A setting given by the environment
-/// (`MALLOC_ARENA_MAX`, `MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`) is left as it is.
+/// Has glibc's allocator keep freed memory mapped for reuse: large blocks from the heap rather than mappings
+/// of their own, and no trimming of the heap's top. A takeover copies what the replica holds of every busy
+/// connection (up to `replica_bytes_per_connection` each: a hundred megabytes for a hundred slow downloads),
+/// and a join's snapshot as much. With the defaults each such buffer is a fresh mapping whose every page
+/// faults on first touch, most of the copy's time. (One arena for all threads made the copy faster still,
+/// but cost the replicated pair 7-9 % of its requests per second.) The price: the process keeps its peak
+/// heap. A setting given by the environment (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`) is left
+/// as it is.
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     for (name, param, value) in [
-        ("MALLOC_ARENA_MAX", libc::M_ARENA_MAX, 1),
         // glibc's largest: larger blocks are still mappings of their own.
         ("MALLOC_MMAP_THRESHOLD_", libc::M_MMAP_THRESHOLD, 32 << 20),
         ("MALLOC_TRIM_THRESHOLD_", libc::M_TRIM_THRESHOLD, 1 << 30),
