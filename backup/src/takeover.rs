@@ -643,8 +643,11 @@ pub fn restore_all(table: &ReplicaTable, plans: Vec<ConnResume>, answers: &Answe
 /// Threads [`restore_all`] rebuilds sockets on at most (the machine's parallelism bounds it too).
 pub const RESTORE_THREADS: usize = 4;
 
-/// Fewest connections worth a thread of their own.
-const PER_THREAD_MIN: usize = 256;
+/// Fewest connections worth a thread of their own. A busy connection's plan copies up to a megabyte (its
+/// `replica_bytes_per_connection`) and its restore writes as much, so even a few dozen are worth splitting:
+/// with 256, the hundred busy connections of `us-scale` were planned on one thread (A/B, three runs each:
+/// restore 297, 298 and 305 ms with 32, against 292, 363 and 430 ms).
+const PER_THREAD_MIN: usize = 32;
 
 /// Restores each plan of `todo` (all have a restore plan), in order, split across threads, and reads
 /// what resuming it takes from its table entry.
