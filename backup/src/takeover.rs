@@ -249,10 +249,12 @@ pub fn answers_done(
     wait: Duration,
     most_at: Option<Duration>,
 ) -> bool {
-    if answered >= asked || elapsed >= wait {
-        return true;
-    }
-    most_at.is_some_and(|t| elapsed >= (t * LATE_ANSWER_FACTOR).max(LATE_ANSWER_MIN))
+    answered >= asked || elapsed >= answers_deadline(wait, most_at)
+}
+
+/// How long after the probes the wait for answers ends at the latest (see [`answers_done`]).
+fn answers_deadline(wait: Duration, most_at: Option<Duration>) -> Duration {
+    most_at.map_or(wait, |t| (t * LATE_ANSWER_FACTOR).max(LATE_ANSWER_MIN).min(wait))
 }
 
 /// How many answers are "most" of `asked`: nine in ten, rounded up.
@@ -316,10 +318,7 @@ pub async fn ask_clients(plans: &[ConnResume], feed: &mut GateFeed, wait: Durati
         if answers_done(wanted.len(), answers.by_conn.len(), elapsed, wait, most_at) {
             break;
         }
-        let until = match most_at {
-            Some(t) => sent_at + (t * LATE_ANSWER_FACTOR).max(LATE_ANSWER_MIN).min(wait),
-            None => sent_at + wait,
-        };
+        let until = sent_at + answers_deadline(wait, most_at);
         let d = match tokio::time::timeout_at(until, feed.diverted.recv()).await {
             Ok(Some(d)) => d,
             Ok(None) => break,
@@ -440,11 +439,11 @@ impl<'t> Batch<'t> {
         let started = Instant::now();
         let Batch { todo, mut report } = self;
         let results = restore_parallel(&todo);
-        for ((plan, _), (result, prepared)) in todo.into_iter().zip(results) {
+        for ((plan, _), result) in todo.into_iter().zip(results) {
             let key = plan.conn;
             let restore = plan.restore.as_ref().expect("only plans with a restore are to do");
             match result {
-                Ok(stream) => {
+                Ok((stream, prepared)) => {
                     let (unacked, unread) = (restore.send_queue.len(), restore.recv_queue.len());
                     // Thousands of idle keep-alive connections would flood the log at takeover time.
                     if unacked == 0 && unread == 0 {
@@ -651,10 +650,10 @@ const PER_THREAD_MIN: usize = 32;
 
 /// Restores each plan of `todo` (all have a restore plan), in order, split across threads, and reads
 /// what resuming it takes from its table entry.
-fn restore_parallel(todo: &[(ConnResume, &Conn)]) -> Vec<(Result<std::net::TcpStream, String>, Prepared)> {
+fn restore_parallel(todo: &[(ConnResume, &Conn)]) -> Vec<Result<(std::net::TcpStream, Prepared), String>> {
     in_parallel("restore", todo, |(plan, conn)| {
         let restored = restore_one(plan.restore.as_ref().expect("only plans with a restore are to do"));
-        (restored, Prepared::of(plan, conn))
+        restored.map(|stream| (stream, Prepared::of(plan, conn)))
     })
 }
 
