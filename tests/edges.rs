@@ -1,7 +1,7 @@
 //! A takeover at the edges of a connection's life: a client whose handshake, or whose close, the primary
-//! had not finished answering when it died. The old primary's part is forced with an iptables rule in
-//! its own host (a lost ACK), then it is killed; the client must go on with the new primary as if nothing
-//! happened, and never see a reset.
+//! had not finished answering when it died or handed over. The old primary's part is forced with an
+//! iptables rule in its own host (a lost ACK) before it is killed, or by a switchover held open by a slow
+//! answer; the client must go on with the new primary as if nothing happened, and never see a reset.
 //!
 //! Needs root, nginx, curl (installed by `scripts/test`) and the workspace's binaries built.
 
@@ -12,7 +12,7 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 use understudy_tests::harness::{unique_id, wait_until};
-use understudy_tests::pair::{PORT, Pair, PairOptions, VIP};
+use understudy_tests::pair::{Origin, PORT, Pair, PairOptions, VIP};
 use understudy_tests::pattern;
 use understudy_tests::takeover::CLIENT_IP;
 
@@ -179,5 +179,65 @@ fn a_handshake_whose_last_ack_died_with_the_primary_is_served_by_the_new_one() -
     check_response(&raw)?;
     ensure!(client.take_error()?.is_none(), "the connection ended with an error");
     println!("the request sent after an unseen handshake ACK was served by the new primary");
+    Ok(())
+}
+
+/// A client's FIN that reaches a primary handing over (a planned switchover, held open here while a slow
+/// answer is awaited) is replicated but never released into that node's kernel, so nothing acknowledges
+/// it there. The connection is over in the replica (TIME_WAIT), but it must not be dropped from it before
+/// the FIN is committed: the new primary acknowledges the client's resent FIN, and the slow exchange
+/// finishes too.
+#[test]
+fn a_client_fin_that_reaches_a_primary_handing_over_is_acknowledged_by_the_new_one() -> Result<()> {
+    let opts = PairOptions { origin: Origin::UsOrigin, ..PairOptions::default() };
+    let mut pair = Pair::up(&unique_id('s'), &opts, |_| Ok(()))?;
+    let port = 43_000 + (std::process::id() % 1000) as u16;
+    let mut closing = connect(&pair, port)?;
+    closing.write_all(
+        format!("GET /file?len={BODY}&key={KEY} HTTP/1.1\r\nHost: {VIP}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )?;
+    closing.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut raw = Vec::new();
+    closing.read_to_end(&mut raw).context("reading the response to the server's FIN")?;
+    check_response(&raw)?;
+
+    // The switchover waits for the slow request's answer (about 1.5 s) between freezing and handing over.
+    let mut slow = connect(&pair, port + 1)?;
+    slow.write_all(
+        format!("GET /slow?ms=1500&len={BODY}&key={KEY} HTTP/1.1\r\nHost: {VIP}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )?;
+    wait_until("the slow request to reach the origin", Duration::from_secs(10), || {
+        Ok(pair
+            .origin_executions()?
+            .iter()
+            .any(|e| e["target"].as_str().is_some_and(|t| t.starts_with("/slow")))
+            .then_some(()))
+    })?;
+    let log = pair.dir.0.join(format!("{}.log", pair.node_log_stems()[0]));
+    std::thread::scope(|s| -> Result<()> {
+        let fin = s.spawn(|| -> Result<()> {
+            wait_until("the primary to freeze for the handover", Duration::from_secs(10), || {
+                Ok(fs::read_to_string(&log)?.contains("handing over: nothing more reaches a client").then_some(()))
+            })?;
+            closing.shutdown(Shutdown::Write).context("sending the client's FIN")
+        });
+        let answer = pair.switchover();
+        fin.join().unwrap_or_else(|_| bail!("the closing thread panicked"))?;
+        answer.map(drop)
+    })?;
+
+    const TCP_CLOSE: u8 = 7;
+    wait_until("the client's FIN to be answered", Duration::from_secs(20), || {
+        Ok((tcp_state(&closing)? == TCP_CLOSE).then_some(()))
+    })
+    .with_context(|| pair.logs_tail())?;
+    let error = closing.take_error()?;
+    ensure!(error.is_none(), "the client's close ended with {error:?}, not an ACK\n{}", pair.logs_tail());
+    slow.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let mut raw = Vec::new();
+    slow.read_to_end(&mut raw).with_context(|| format!("reading the slow response\n{}", pair.logs_tail()))?;
+    check_response(&raw)?;
+    println!("the FIN sent during the handover was acknowledged by the new primary");
     Ok(())
 }

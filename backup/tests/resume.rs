@@ -1227,6 +1227,39 @@ async fn early_answer_to_an_upload_still_arriving_is_not_answered_twice() -> Res
     Ok(())
 }
 
+/// The primary wrote a response that ends the connection but never closed (frozen for a switchover, or
+/// dead first): the resumed connection closes after it instead of waiting for a request that will not
+/// come. The same response on a keep-alive exchange leaves the connection to hyper.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn written_response_that_ends_the_connection_is_followed_by_the_close() -> Result<()> {
+    let node = Node::new(nowhere());
+    for (request, closes) in [("Connection: close\r\n", true), ("", false)] {
+        let mut s = Script::open();
+        s.send(format!("GET /a HTTP/1.1\r\nHost: o\r\n{request}\r\n").as_bytes());
+        s.start(0, "GET", "/a", None, false);
+        let resp = length_response("", b"alpha");
+        s.upstream(0, 0, &resp);
+        s.reply(&resp);
+        s.end(0, 200);
+        let (plan, conn) = s.plan(&with_key());
+        ensure!(plan.decision == Decision::Written { exchange: 0 }, "{:?}", plan.decision);
+        let steps = Steps::plan(&plan, &conn)?;
+        let mut session = node.resume(plan, conn).await?;
+        if closes {
+            ensure!(steps.in_flight == InFlight::Closes { exchange: 0 }, "{:?}", steps.in_flight);
+            session.read_to_end().await?;
+            let outcome = session.outcome().await?;
+            assert_eq!((outcome.closed, outcome.error), (Some("response_closes"), None));
+        } else {
+            ensure!(steps.in_flight == InFlight::Hyper, "{:?}", steps.in_flight);
+            let open = tokio::time::timeout(Duration::from_millis(300), session.read_until(|_| false)).await;
+            ensure!(open.is_err(), "a keep-alive connection was closed after its written response: {open:?}");
+            assert!(session.outcome().await?.closed.is_none());
+        }
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn response_head_cut_in_the_middle_is_truncated_honestly() -> Result<()> {
     let node = Node::new(nowhere());

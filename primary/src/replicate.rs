@@ -56,7 +56,9 @@
 //!   complete). Decoded body offsets are the upstream's.
 //! * `ExchangeEnd` only for an exchange whose response reached its end.
 //! * `ConnClosed` when the proxy has closed the connection and the table shows it over (RST, or both
-//!   FINs acknowledged), it was never followed (unprotected), or no segment has been seen for
+//!   FINs acknowledged) and the records that showed it so are committed (this node's kernel then
+//!   acknowledged the client's last FIN; frozen for a switchover, it never does, and the backup takes
+//!   the connection over to acknowledge it), it was never followed (unprotected), or no segment has been seen for
 //!   `conn_linger`; and for connections the proxy never opened once they are over or older than
 //!   `conn_linger`. The check and the record are one step, so a reused port never loses its new
 //!   connection.
@@ -860,6 +862,7 @@ impl Replicator {
             status_tx,
             open: HashMap::new(),
             closing: HashMap::new(),
+            settling: HashMap::new(),
             unopened: HashMap::new(),
             clock: WallClock::new(now),
             slot,
@@ -1344,6 +1347,8 @@ struct Driver {
     open: HashMap<ConnKey, OpenConn>,
     closing: HashMap<ConnKey, Closing>,
     unopened: HashMap<ConnKey, Instant>,
+    /// Connections seen over, with the last record numbered then: closed once that is committed.
+    settling: HashMap<ConnKey, u64>,
     clock: WallClock,
     slot: Arc<AtomicBool>,
     retry_at: Option<Instant>,
@@ -1492,6 +1497,7 @@ impl Driver {
             }
             Item::Opened(conn) => {
                 self.closing.remove(&conn);
+                self.settling.remove(&conn);
                 self.unopened.remove(&conn);
                 let own = lock(&self.table).conn(&conn).and_then(|c| c.unprotected()).map(reason_label);
                 let guard = self.admin.connection_opened(self.protection(own));
@@ -1946,17 +1952,43 @@ impl Driver {
     }
 
     /// Sends `ConnClosed` for connections that are over (module documentation).
+    ///
+    /// One that is over waits in `settling` until every record numbered when it was seen over is
+    /// committed, and at least one sweep: a client's last FIN reaches this node's kernel, which
+    /// acknowledges it, only once committed. Dropped earlier (during a switchover nothing is committed),
+    /// the backup would take over without the connection and reset the client's retransmitted FIN.
     fn sweep(&mut self, now: Instant) {
         let linger = self.cfg.conn_linger;
+        let committed = self.core.committed();
         let mut close = Vec::new();
         {
             let table = lock(&self.table);
+            let over = |key: &ConnKey| {
+                table.conn(key).map(|c| {
+                    c.tracked().is_none_or(|t| matches!(t.tracker().state(), TcpState::Close | TcpState::TimeWait))
+                })
+            };
+            // Settled ones first, so a connection seen over in this sweep waits for the next.
+            self.settling.retain(|key, seq| {
+                if *seq > committed {
+                    return true;
+                }
+                // Gone or reused by a new connection (tracked again by the proxy's events): not ours now.
+                if over(key) == Some(true) {
+                    close.push((*key, true));
+                }
+                false
+            });
+            let sent = self.core.sent();
+            let settling = &mut self.settling;
             self.closing.retain(|key, c| {
-                let Some(conn) = table.conn(key) else { return false };
-                let over =
-                    conn.tracked().is_none_or(|t| matches!(t.tracker().state(), TcpState::Close | TcpState::TimeWait));
-                if over || now.saturating_duration_since(c.last_segment) >= linger {
-                    close.push((*key, over));
+                let Some(over) = over(key) else { return false };
+                if over {
+                    settling.insert(*key, sent);
+                    return false;
+                }
+                if now.saturating_duration_since(c.last_segment) >= linger {
+                    close.push((*key, false));
                     return false;
                 }
                 true
@@ -1966,14 +1998,20 @@ impl Driver {
             let closed: HashSet<ConnKey> = close.iter().map(|(k, _)| *k).collect();
             for conn in table.conns() {
                 let key = conn.key();
-                if self.open.contains_key(&key) || self.closing.contains_key(&key) || closed.contains(&key) {
+                if self.open.contains_key(&key)
+                    || self.closing.contains_key(&key)
+                    || self.settling.contains_key(&key)
+                    || closed.contains(&key)
+                {
                     continue;
                 }
                 let first = self.unopened.get(&key).copied().unwrap_or(now);
                 let over =
                     conn.tracked().is_some_and(|t| matches!(t.tracker().state(), TcpState::Close | TcpState::TimeWait));
-                if over || now.saturating_duration_since(first) >= linger {
-                    close.push((key, over));
+                if over {
+                    self.settling.insert(key, sent);
+                } else if now.saturating_duration_since(first) >= linger {
+                    close.push((key, false));
                 } else {
                     seen.insert(key, first);
                 }

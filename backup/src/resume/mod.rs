@@ -274,6 +274,13 @@ async fn resume<L: ReplyLog + Unpin>(
     let mut consumed = false;
     match &steps.in_flight {
         InFlight::Hyper => {}
+        InFlight::Closes { exchange } => {
+            // What the client sends after a closing response is never read.
+            info!(exchange, "the response written ends the connection: closing after it");
+            outcome.closed = Some("response_closes");
+            client.close(limits.send_timeout).await;
+            return outcome;
+        }
         InFlight::Close { exchange, why } => {
             info!(exchange = ?exchange, why, "closing without re-executing or inventing a reply");
             if let Some(record) = &steps.closed_record {

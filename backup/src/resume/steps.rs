@@ -39,6 +39,9 @@ pub enum InFlight {
     Continue(Box<Continue>),
     /// Close without another byte.
     Close { exchange: Option<u64>, why: String },
+    /// The response written last ends the connection (its head or its request said so): close once the
+    /// restored send queue is out. (The primary never got to close: it was frozen or died first.)
+    Closes { exchange: u64 },
 }
 
 /// A pipelined request at which hyper must stop reading: it is not re-sent and the connection
@@ -95,6 +98,7 @@ impl Steps {
         let mut overrides = HashMap::new();
         let mut stop_at = None;
         let in_flight = match &plan.decision {
+            Decision::Written { exchange: n } if exchange(*n)?.closes() => InFlight::Closes { exchange: *n },
             Decision::Idle | Decision::Written { .. } => InFlight::Hyper,
             Decision::Refuse { exchange, why } => {
                 InFlight::Close { exchange: Some(*exchange), why: format!("not re-sent: {why:?}") }
@@ -197,7 +201,6 @@ fn closed_record(peer: SocketAddr, ex: &Exchange, path: &'static str, why: Strin
 }
 
 fn continuation(ex: &Exchange, at: &ContinueAt, source: Source) -> Continue {
-    let head_closes = ex.reply.head.as_ref().is_some_and(|h| h.close);
     Continue {
         exchange: ex.index,
         at: at.clone(),
@@ -206,7 +209,7 @@ fn continuation(ex: &Exchange, at: &ContinueAt, source: Source) -> Continue {
         request_complete: ex.request_end.is_some(),
         key: logged_key(ex),
         upstream: ex.meta.as_ref().and_then(|m| m.upstream.clone()),
-        closes: head_closes || ex.request.close || at.framing == Continuation::UntilClose,
+        closes: ex.closes() || at.framing == Continuation::UntilClose,
     }
 }
 

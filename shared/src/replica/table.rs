@@ -290,6 +290,11 @@ impl Exchange {
             && self.upstream.as_ref().is_none_or(|u| u.head.is_none() && u.broken.is_none())
     }
 
+    /// Whether the connection ends with this exchange's response: its head or its request said so.
+    pub fn closes(&self) -> bool {
+        self.request.close || self.reply.head.as_ref().is_some_and(|h| h.close)
+    }
+
     fn retained_bytes(&self) -> usize {
         self.upstream.as_ref().map_or(0, |u| u.payload.len() + u.head_raw.len() + u.framer.retained_bytes())
     }
