@@ -171,10 +171,10 @@ mod tests {
             state: TcpState::Established,
             options: PlanOptions { mss: 1460, wscale: Some((7, 7)), sack: true, timestamps: true },
             snd_una: Seq(1),
-            send_queue: Vec::new(),
-            unsent: Vec::new(),
+            send_queue: Default::default(),
+            unsent: Default::default(),
             rcv_nxt: Seq(7),
-            recv_queue: Vec::new(),
+            recv_queue: Default::default(),
             fin_sent: false,
             fin_received: false,
             window: RepairWindow {

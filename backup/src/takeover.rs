@@ -41,7 +41,7 @@ use primary::gate::{Diverted, Gate, Hook};
 use primary::replicate::GateFeed;
 use shared::config::{NodeConfig, RetryConfig};
 use shared::protocol::ConnKey;
-use shared::replica::resume::plan_conn;
+use shared::replica::resume::plan_conn_in_place;
 use shared::replica::table::Conn;
 use shared::replica::{ConnResume, Decision, ReplicaTable};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -50,6 +50,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tcp_replay::plan::{NoSource, QueueSource};
 use tcp_replay::repair::{self, INJECT_MARK};
 use tcp_replay::segment::{Checksums, Segment, SegmentBuilder, TcpFlags, TcpOptions, Timestamps};
 use tcp_replay::{RestorePlan, Seq};
@@ -214,9 +215,8 @@ pub fn stream_now() -> Duration {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
 }
 
-/// Plans every connection of `table` at the stream's clock, now.
-/// Planning copies what the replica holds of each connection (the bytes queued both ways), so it is
-/// split across threads like the restore.
+/// Plans every connection of `table` at the stream's clock, now, split across threads like the restore.
+/// The plans leave the bytes queued both ways in the table, which the restore writes them from.
 pub fn plan_all(table: &ReplicaTable, retry: &RetryConfig) -> Vec<ConnResume> {
     let conns: Vec<&Conn> = table.conns().collect();
     plan_conns(&conns, stream_now(), retry)
@@ -224,7 +224,7 @@ pub fn plan_all(table: &ReplicaTable, retry: &RetryConfig) -> Vec<ConnResume> {
 
 /// Plans `conns` at the stream's clock `now`, split across threads.
 fn plan_conns(conns: &[&Conn], now: Duration, retry: &RetryConfig) -> Vec<ConnResume> {
-    in_parallel("plan", conns, |c| plan_conn(c, now, retry))
+    in_parallel("plan", conns, |c| plan_conn_in_place(c, now, retry))
 }
 
 /// How long the takeover waits at most for the clients' answers to its probes (all of them usually
@@ -467,8 +467,8 @@ impl<'t> Batch<'t> {
 }
 
 /// The first part of a restore, on a thread of its own while the takeover claims, gates and announces the
-/// address: plan every connection (copying what the replica holds, which takes a while when clients have
-/// megabytes in flight), then, once the address is on the interface ([`Early::address_ready`]), restore
+/// address: plan every connection (its queued bytes stay in the table, and the restore writes them into
+/// the sockets from there), then, once the address is on the interface ([`Early::address_ready`]), restore
 /// the connections [`split_silent`] finds silent. The others' plans come back for the main thread
 /// ([`Early::loud_plans`]), which asks their clients first. The connections at rest
 /// ([`Tracker::at_rest`](tcp_replay::Tracker::at_rest)) are planned and restored here while a worker plans the
@@ -493,10 +493,9 @@ impl Early {
         let spawned = std::thread::Builder::new().name("restore".into()).spawn(move || {
             let started = Instant::now();
             let now = stream_now();
-            // Most of a large table is at rest (idle keep-alive connections): planning it copies nothing, and
-            // it all restores silently, here, as soon as the address is up. The others (bytes in flight,
-            // closing, opening) are planned meanwhile on a thread of their own, for the main thread to ask
-            // their clients; copying their bytes takes a while.
+            // Most of a large table is at rest (idle keep-alive connections): it all restores silently, here,
+            // as soon as the address is up. The others (bytes in flight, closing, opening) are planned
+            // meanwhile on a thread of their own, for the main thread to ask their clients.
             let (at_rest, others): (Vec<&Conn>, Vec<&Conn>) =
                 t.conns().partition(|c| c.tracked().is_some_and(|c| c.tracker().at_rest()));
             let loud_tx = std::sync::Mutex::new(Some(loud_tx));
@@ -515,7 +514,7 @@ impl Early {
                 silent
             };
             std::thread::scope(|s| {
-                let worker = std::thread::Builder::new().name("plan".into()).spawn_scoped(s, &plan_others);
+                let worker = std::thread::Builder::new().name("plan".into()).spawn_scoped(s, plan_others);
                 // `at_rest` predicts `split_silent`; were it wrong, the connection is restored without asking
                 // its client, which costs at worst a retransmission timer's wait.
                 let mut silent = plan_conns(&at_rest, now, &r);
@@ -652,7 +651,7 @@ const PER_THREAD_MIN: usize = 32;
 /// what resuming it takes from its table entry.
 fn restore_parallel(todo: &[(ConnResume, &Conn)]) -> Vec<Result<(std::net::TcpStream, Prepared), String>> {
     in_parallel("restore", todo, |(plan, conn)| {
-        let restored = restore_one(plan.restore.as_ref().expect("only plans with a restore are to do"));
+        let restored = restore_one(plan.restore.as_ref().expect("only plans with a restore are to do"), conn);
         restored.map(|stream| (stream, Prepared::of(plan, conn)))
     })
 }
@@ -690,8 +689,13 @@ fn in_parallel<T: Sync, R: Send>(what: &str, items: &[T], f: impl Fn(&T) -> R + 
     })
 }
 
-fn restore_one(plan: &tcp_replay::RestorePlan) -> Result<std::net::TcpStream, String> {
-    let stream = repair::restore_nonblocking(plan).map_err(|e| e.to_string())?;
+/// Rebuilds the socket of `plan`, made in place from `conn`: its queues are written from the entry's tracker.
+fn restore_one(plan: &RestorePlan, conn: &Conn) -> Result<std::net::TcpStream, String> {
+    let source: &dyn QueueSource = match conn.tracked() {
+        Some(t) => t.tracker(),
+        None => &NoSource,
+    };
+    let stream = repair::restore_nonblocking_from(plan, source).map_err(|e| e.to_string())?;
     let _ = stream.set_nodelay(true);
     Ok(stream)
 }

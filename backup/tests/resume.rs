@@ -401,8 +401,8 @@ impl Node {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let mut client = TcpStream::connect(listener.local_addr()?).await?;
         let (server, _) = listener.accept().await?;
-        let queue = plan.restore.as_ref().context("a restorable plan")?.recv_queue.clone();
-        client.write_all(&queue).await?;
+        let queue = plan.restore.as_ref().context("a restorable plan")?.recv_queue.bytes().map(<[u8]>::to_vec);
+        client.write_all(&queue.context("a plan holding its bytes (plan_conn)")?).await?;
         let (log, observer) = (RecordingLog::default(), Arc::new(Recorder::default()));
         let (proxy, l, o) = (self.proxy.clone(), log.clone(), observer.clone());
         let restored = Restored::new(server.into_std()?, plan, &conn);

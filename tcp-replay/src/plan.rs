@@ -6,8 +6,10 @@
 //! names follow the kernel's (`struct tcp_sock`, `struct tcp_repair_window`).
 
 use crate::seq::Seq;
+use crate::tracker::Dir;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddrV4;
+use std::ops::Range;
 
 /// Linux TCP states, as `TCP_INFO` reports them (include/net/tcp_states.h).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -89,17 +91,17 @@ pub struct RestorePlan {
     pub snd_una: Seq,
     /// Server bytes from `snd_una` on, already sent (or logged) and not acknowledged.
     /// They go into the send queue in repair mode and count as in flight.
-    #[serde(with = "hex_bytes")]
-    pub send_queue: Vec<u8>,
+    #[serde(with = "queue_hex")]
+    pub send_queue: Queue,
     /// Bytes the server application wrote that were never transmitted. They are
     /// written normally after repair mode ends. Always empty in a tracker's plan.
-    #[serde(default, with = "hex_bytes")]
-    pub unsent: Vec<u8>,
+    #[serde(default, with = "queue_hex")]
+    pub unsent: Queue,
     /// Next client sequence number the server expects (after `recv_queue`, before a FIN).
     pub rcv_nxt: Seq,
     /// Client bytes the server acknowledged but its application has not consumed.
-    #[serde(with = "hex_bytes")]
-    pub recv_queue: Vec<u8>,
+    #[serde(with = "queue_hex")]
+    pub recv_queue: Queue,
     /// The server's FIN was transmitted after `send_queue` (acknowledged or not:
     /// see `state`). In FIN_WAIT1, CLOSING or LAST_ACK without it, the application
     /// has shut down but the FIN still waits behind `unsent` (kernel plans only).
@@ -141,13 +143,17 @@ impl RestorePlan {
     pub fn apply_client_ack(&mut self, ack: Seq, window: u16, seq: Seq) -> bool {
         let open = matches!(self.state, TcpState::Established | TcpState::CloseWait);
         let acked = ack.diff(self.snd_una);
-        if !open || self.fin_sent || self.send_queue.is_empty() || acked < 0 || acked as usize > self.send_queue.len() {
+        if !open
+            || self.fin_sent
+            || self.send_queue.is_empty()
+            || acked < 0
+            || acked as usize > self.send_queue.len()
+            || !self.send_queue.joins(&self.unsent)
+        {
             return false;
         }
-        let mut unsent = self.send_queue.split_off(acked as usize);
-        unsent.append(&mut self.unsent);
-        self.unsent = unsent;
-        self.send_queue.clear();
+        self.unsent = self.send_queue.split_off(acked as usize).joined(&self.unsent);
+        self.send_queue = Queue::default();
         self.snd_una = ack;
         let shift = self.options.wscale.map_or(0, |(snd, _)| snd);
         self.window.snd_wnd = u32::from(window) << shift;
@@ -169,6 +175,154 @@ impl RestorePlan {
         self.window.max_window = self.window.max_window.max(self.window.snd_wnd);
         self.window.snd_wl1 = self.rcv_nxt;
         true
+    }
+}
+
+/// The bytes of one of a plan's queues: held by the plan, or left in the stream of the tracker the plan was
+/// made from ([`Tracker::restore_plan_in_place`](crate::Tracker::restore_plan_in_place)), as the stream
+/// offsets they occupy there. A takeover writes those straight from the tracker into the rebuilt socket
+/// ([`QueueSource`]): copying a busy connection's megabyte into the plan first took most of its time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Queue {
+    Bytes(Vec<u8>),
+    /// Offsets in the tracker's stream of the queue's direction: the server's for the send queue and the
+    /// unsent bytes, the client's for the receive queue.
+    InStream(Range<u64>),
+}
+
+impl Default for Queue {
+    fn default() -> Queue {
+        Queue::Bytes(Vec::new())
+    }
+}
+
+impl From<Vec<u8>> for Queue {
+    fn from(bytes: Vec<u8>) -> Queue {
+        Queue::Bytes(bytes)
+    }
+}
+
+impl From<&[u8]> for Queue {
+    fn from(bytes: &[u8]) -> Queue {
+        Queue::Bytes(bytes.to_vec())
+    }
+}
+
+impl Queue {
+    pub fn len(&self) -> usize {
+        match self {
+            Queue::Bytes(b) => b.len(),
+            Queue::InStream(r) => (r.end - r.start) as usize,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes to change, when the plan holds them.
+    pub fn bytes_mut(&mut self) -> Option<&mut Vec<u8>> {
+        match self {
+            Queue::Bytes(b) => Some(b),
+            Queue::InStream(_) => None,
+        }
+    }
+
+    /// The bytes, when the plan holds them (none for [`Queue::InStream`]).
+    pub fn bytes(&self) -> Option<&[u8]> {
+        match self {
+            Queue::Bytes(b) => Some(b),
+            Queue::InStream(_) => None,
+        }
+    }
+
+    /// The bytes the plan holds: all of them, or none for [`Queue::InStream`].
+    fn held(&self) -> &[u8] {
+        self.bytes().unwrap_or_default()
+    }
+
+    /// The bytes, from `source` when they are left in a tracker's stream (`dir`: the queue's direction).
+    /// `None` when the source no longer holds all of them.
+    pub fn pieces<'a>(&'a self, dir: Dir, source: &'a dyn QueueSource) -> Option<[&'a [u8]; 2]> {
+        match self {
+            Queue::Bytes(b) => Some([b, &[]]),
+            Queue::InStream(r) if r.is_empty() => Some([&[], &[]]),
+            Queue::InStream(r) => source.queue_bytes(dir, r.clone()),
+        }
+    }
+
+    /// Splits the queue at byte `at` (at most its length): this keeps the bytes before, the rest is
+    /// returned.
+    pub fn split_off(&mut self, at: usize) -> Queue {
+        match self {
+            Queue::Bytes(b) => Queue::Bytes(b.split_off(at)),
+            Queue::InStream(r) => {
+                let cut = r.start + at as u64;
+                let rest = cut..r.end;
+                r.end = cut;
+                Queue::InStream(rest)
+            }
+        }
+    }
+
+    /// Whether `next` can follow this queue's bytes in one queue: both held, or both in the stream with
+    /// `next` starting where this ends (or either empty).
+    pub fn joins(&self, next: &Queue) -> bool {
+        match (self, next) {
+            _ if self.is_empty() || next.is_empty() => true,
+            (Queue::Bytes(_), Queue::Bytes(_)) => true,
+            (Queue::InStream(a), Queue::InStream(b)) => a.end == b.start,
+            _ => false,
+        }
+    }
+
+    /// This queue followed by `next`, which must [`join`](Self::joins) it (else `next` is left out).
+    pub fn joined(self, next: &Queue) -> Queue {
+        debug_assert!(self.joins(next), "{self:?} then {next:?}");
+        match (self, next) {
+            (this, next) if next.is_empty() => this,
+            (this, next) if this.is_empty() => next.clone(),
+            (Queue::Bytes(mut a), Queue::Bytes(b)) => {
+                a.extend_from_slice(b);
+                Queue::Bytes(a)
+            }
+            (Queue::InStream(a), Queue::InStream(b)) => Queue::InStream(a.start..b.end.max(a.end)),
+            (this, _) => this,
+        }
+    }
+}
+
+impl PartialEq<[u8]> for Queue {
+    fn eq(&self, other: &[u8]) -> bool {
+        self.bytes() == Some(other)
+    }
+}
+
+impl PartialEq<Vec<u8>> for Queue {
+    fn eq(&self, other: &Vec<u8>) -> bool {
+        self.bytes() == Some(other.as_slice())
+    }
+}
+
+impl<const N: usize> PartialEq<&[u8; N]> for Queue {
+    fn eq(&self, other: &&[u8; N]) -> bool {
+        self.bytes() == Some(other.as_slice())
+    }
+}
+
+/// Where the bytes of a plan's [`Queue::InStream`] queues are: the tracker it was made from.
+pub trait QueueSource {
+    /// The bytes at stream offsets `range` of direction `dir`, in at most two pieces; `None` unless all
+    /// of them are held.
+    fn queue_bytes(&self, dir: Dir, range: Range<u64>) -> Option<[&[u8]; 2]>;
+}
+
+/// No source: a plan that holds its bytes (from a checkpoint, a file, [`Tracker::restore_plan`](crate::Tracker::restore_plan)).
+pub struct NoSource;
+
+impl QueueSource for NoSource {
+    fn queue_bytes(&self, _: Dir, _: Range<u64>) -> Option<[&[u8]; 2]> {
+        None
     }
 }
 
@@ -257,11 +411,12 @@ pub fn compare(tracker: &RestorePlan, kernel: &RestorePlan, client_ahead: u32, t
         tracker.snd_nxt().to_string(),
         kernel.snd_nxt().to_string(),
     );
+    let (t_send, k_send) = (tracker.send_queue.held(), kernel.send_queue.held());
     check(
         "send_queue",
-        kernel.send_queue.starts_with(&tracker.send_queue),
+        k_send.starts_with(t_send),
         format!("{} bytes", tracker.send_queue.len()),
-        format!("{} bytes{}", kernel.send_queue.len(), first_difference(&tracker.send_queue, &kernel.send_queue)),
+        format!("{} bytes{}", kernel.send_queue.len(), first_difference(t_send, k_send)),
     );
     let ahead = kernel.rcv_nxt.diff(tracker.rcv_nxt);
     check(
@@ -278,8 +433,9 @@ pub fn compare(tracker: &RestorePlan, kernel: &RestorePlan, client_ahead: u32, t
     let t_start = tracker.recv_queue_seq();
     let recv_ok = k_start.diff(t_start) >= 0 && {
         let skip = k_start.diff(t_start) as usize;
-        let common = tracker.recv_queue.len().saturating_sub(skip).min(kernel.recv_queue.len());
-        common == 0 || tracker.recv_queue[skip..skip + common] == kernel.recv_queue[..common]
+        let (t, k) = (tracker.recv_queue.held(), kernel.recv_queue.held());
+        let common = t.len().saturating_sub(skip).min(k.len());
+        common == 0 || t[skip..skip + common] == k[..common]
     };
     check(
         "recv_queue",
@@ -340,6 +496,26 @@ pub mod hex_bytes {
     }
 }
 
+/// Serde helper: a [`Queue`] as a hex string (as [`hex_bytes`]). A queue left in a tracker's stream has
+/// no bytes to write out and is refused.
+pub mod queue_hex {
+    use super::Queue;
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(q: &Queue, s: S) -> Result<S::Ok, S::Error> {
+        match q {
+            Queue::Bytes(b) => super::hex_bytes::serialize(b, s),
+            Queue::InStream(r) => Err(serde::ser::Error::custom(format!(
+                "the queue's bytes are left in the tracker's stream ({r:?}): a plan made in place cannot be written out"
+            ))),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Queue, D::Error> {
+        super::hex_bytes::deserialize(d).map(Queue::Bytes)
+    }
+}
+
 /// An established plan across the 2^32 wrap with bytes in both queues, for unit tests.
 #[cfg(test)]
 pub(crate) fn sample_plan() -> RestorePlan {
@@ -349,10 +525,10 @@ pub(crate) fn sample_plan() -> RestorePlan {
         state: TcpState::Established,
         options: PlanOptions { mss: 1460, wscale: Some((7, 7)), sack: true, timestamps: true },
         snd_una: Seq(u32::MAX - 2),
-        send_queue: b"hello".to_vec(),
-        unsent: Vec::new(),
+        send_queue: b"hello".to_vec().into(),
+        unsent: Queue::default(),
         rcv_nxt: Seq(1000),
-        recv_queue: b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+        recv_queue: b"GET / HTTP/1.1\r\n\r\n".to_vec().into(),
         fin_sent: false,
         fin_received: false,
         window: RepairWindow {
@@ -394,7 +570,7 @@ mod tests {
     #[test]
     fn kernel_having_read_part_of_the_request_is_not_a_mismatch() {
         let mut k = plan();
-        k.recv_queue.drain(..4);
+        k.recv_queue = k.recv_queue.split_off(4);
         assert!(compare(&plan(), &k, 0, 0).is_empty());
     }
 
@@ -402,7 +578,7 @@ mod tests {
     fn differing_sequence_numbers_and_bytes_are_reported() {
         let mut k = plan();
         k.snd_una = k.snd_una + 1;
-        k.send_queue = b"ello".to_vec();
+        k.send_queue = b"ello".to_vec().into();
         k.rcv_nxt = Seq(1010);
         let fields: Vec<_> = compare(&plan(), &k, 5, 0).into_iter().map(|m| m.field).collect();
         assert!(fields.contains(&"snd_una"));
@@ -427,13 +603,13 @@ mod tests {
     #[test]
     fn kernel_sent_bytes_the_wire_never_carried_extend_the_send_queue() {
         let mut k = plan();
-        k.send_queue.extend_from_slice(b" world");
+        k.send_queue.bytes_mut().unwrap().extend_from_slice(b" world");
         assert!(compare(&plan(), &k, 0, 0).is_empty());
         // But they must extend it: different bytes, or a shorter kernel queue, are mismatches.
-        k.send_queue[0] = b'j';
+        k.send_queue.bytes_mut().unwrap()[0] = b'j';
         assert!(compare(&plan(), &k, 0, 0).iter().any(|m| m.field == "send_queue"));
         let mut k = plan();
-        k.send_queue.truncate(2);
+        k.send_queue.bytes_mut().unwrap().truncate(2);
         let fields: Vec<_> = compare(&plan(), &k, 0, 0).into_iter().map(|m| m.field).collect();
         assert!(fields.contains(&"send_queue") && fields.contains(&"snd_nxt"));
     }
@@ -442,11 +618,11 @@ mod tests {
     fn kernel_reading_past_the_acknowledged_bytes_is_not_a_mismatch() {
         let mut k = plan();
         k.rcv_nxt = Seq(1040);
-        k.recv_queue = b"later bytes".to_vec(); // starts at 1029, after the tracker's queue ends
+        k.recv_queue = b"later bytes".to_vec().into(); // starts at 1029, after the tracker's queue ends
         assert!(compare(&plan(), &k, 40, 0).is_empty());
         // Unread kernel bytes before the tracker's queue: the tracker lost them.
         let mut k = plan();
-        k.recv_queue.insert(0, b'x');
+        k.recv_queue.bytes_mut().unwrap().insert(0, b'x');
         assert_eq!(compare(&plan(), &k, 0, 0)[0].field, "recv_queue");
     }
 
@@ -473,7 +649,7 @@ mod tests {
     fn a_client_ack_moves_what_it_never_received_to_unsent_across_the_wrap() {
         // snd_una is 3 before the wrap; the client holds 2 of the 5 bytes in flight.
         let mut p = plan();
-        p.unsent = b"!".to_vec();
+        p.unsent = b"!".to_vec().into();
         let ack = p.snd_una + 2;
         assert!(p.apply_client_ack(ack, 100, Seq(1000)));
         assert_eq!(p.snd_una, ack);
@@ -487,7 +663,7 @@ mod tests {
         // Nothing received: every byte in flight becomes unsent. A later seq is capped at rcv_nxt.
         let mut p = plan();
         assert!(p.apply_client_ack(p.snd_una, 1000, Seq(1200)));
-        assert_eq!((p.send_queue.len(), &p.unsent[..]), (0, &b"hello"[..]));
+        assert_eq!((p.send_queue.len(), p.unsent.bytes()), (0, Some(&b"hello"[..])));
         assert_eq!(p.window.snd_wnd, 1000 << 7);
         assert_eq!(p.window.max_window, 1000 << 7);
         assert_eq!(p.window.snd_wl1, Seq(1000));
@@ -509,7 +685,7 @@ mod tests {
                 p.snd_una
             }),
             ("nothing in flight", |p| {
-                p.send_queue.clear();
+                p.send_queue = Queue::default();
                 p.snd_una
             }),
             ("closing", |p| {
@@ -524,5 +700,49 @@ mod tests {
             assert!(!p.apply_client_ack(ack, 10, Seq(1000)), "{what}");
             assert_eq!(p, before, "{what}");
         }
+    }
+
+    #[test]
+    fn queues_left_in_the_stream_split_and_join_as_ranges() {
+        // The tracker's plan of 5 bytes in flight at stream offsets 100..105; the client holds 2.
+        let mut p = plan();
+        p.send_queue = Queue::InStream(100..105);
+        let ack = p.snd_una + 2;
+        assert!(p.apply_client_ack(ack, 100, Seq(1000)));
+        assert_eq!((p.send_queue.len(), &p.unsent), (0, &Queue::InStream(102..105)));
+        assert_eq!(p.snd_nxt(), ack);
+
+        // Bytes held and bytes in the stream are never joined: the answer changes nothing.
+        let mut p = plan();
+        p.send_queue = Queue::InStream(100..105);
+        p.unsent = b"!".to_vec().into();
+        let before = p.clone();
+        assert!(!p.apply_client_ack(p.snd_una + 2, 100, Seq(1000)));
+        assert_eq!(p, before);
+
+        let mut q = Queue::InStream(10..20);
+        assert_eq!((q.split_off(4), q), (Queue::InStream(14..20), Queue::InStream(10..14)));
+        assert!(Queue::InStream(0..3).joins(&Queue::InStream(3..9)));
+        assert!(!Queue::InStream(0..3).joins(&Queue::InStream(4..9)));
+        assert_eq!(Queue::InStream(0..3).joined(&Queue::InStream(3..9)), Queue::InStream(0..9));
+        assert_eq!(Queue::InStream(5..5).joined(&Queue::from(&b"x"[..])), b"x");
+    }
+
+    #[test]
+    fn a_queue_left_in_the_stream_is_read_from_its_source_and_never_written_out() {
+        struct Ring;
+        impl QueueSource for Ring {
+            fn queue_bytes(&self, dir: Dir, range: Range<u64>) -> Option<[&[u8]; 2]> {
+                (dir == Dir::ToClient && range == (3..8)).then_some([&b"abc"[..], &b"de"[..]])
+            }
+        }
+        let q = Queue::InStream(3..8);
+        assert_eq!(q.pieces(Dir::ToClient, &Ring), Some([&b"abc"[..], &b"de"[..]]));
+        assert_eq!(q.pieces(Dir::ToServer, &Ring), None);
+        assert_eq!(q.pieces(Dir::ToClient, &NoSource), None);
+        assert_eq!(Queue::InStream(3..3).pieces(Dir::ToClient, &NoSource), Some([&[][..], &[][..]]));
+        let mut p = plan();
+        p.send_queue = q;
+        assert!(serde_json::to_string(&p).is_err(), "a plan made in place has no bytes to write out");
     }
 }

@@ -60,9 +60,10 @@
 //! state (the restored socket starts with a fresh RTO and window), and
 //! microsecond timestamps.
 
-use crate::plan::{PlanOptions, RepairWindow, RestorePlan, TcpState};
+use crate::plan::{NoSource, PlanOptions, Queue, QueueSource, RepairWindow, RestorePlan, TcpState};
 use crate::segment::{SegmentBuilder, TcpFlags, TcpOptions, Timestamps};
 use crate::seq::Seq;
+use crate::tracker::Dir;
 use libc::{c_int, c_void, socklen_t};
 use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
 use std::io;
@@ -332,6 +333,23 @@ fn peek_queue(fd: BorrowedFd<'_>, len: usize) -> Result<Option<Vec<u8>>, RepairE
 }
 
 /// Writes all of `data` with `send(2)`; `step` names the queue for errors.
+/// The bytes of queue `q` (in direction `dir`), from `source` when the plan left them there.
+fn queue_bytes<'a>(
+    what: &str,
+    q: &'a Queue,
+    dir: Dir,
+    source: &'a dyn QueueSource,
+) -> Result<[&'a [u8]; 2], RepairError> {
+    q.pieces(dir, source).ok_or_else(|| match q {
+        Queue::InStream(r) => invalid(format!("the {what}'s bytes ({r:?} of the stream) are not in the source given")),
+        Queue::Bytes(_) => invalid(format!("the {what} has no bytes")),
+    })
+}
+
+fn send_pieces(fd: BorrowedFd<'_>, pieces: [&[u8]; 2], step: &'static str) -> Result<(), RepairError> {
+    pieces.into_iter().try_for_each(|p| send_all(fd, p, step))
+}
+
 fn send_all(fd: BorrowedFd<'_>, mut data: &[u8], step: &'static str) -> Result<(), RepairError> {
     while !data.is_empty() {
         // SAFETY: `data` is a live slice.
@@ -582,10 +600,10 @@ fn read_once(
             timestamps,
         },
         snd_una,
-        send_queue,
-        unsent,
+        send_queue: send_queue.into(),
+        unsent: unsent.into(),
         rcv_nxt,
-        recv_queue,
+        recv_queue: recv_queue.into(),
         fin_sent: fin_queued && !fin_unsent,
         fin_received,
         window,
@@ -706,18 +724,29 @@ const INJECT_DEADLINE: Duration = Duration::from_secs(2);
 /// (or its ACK of ours) was received. On error the half-built socket is closed
 /// in repair mode, which sends nothing.
 pub fn restore(plan: &RestorePlan) -> Result<TcpStream, RepairError> {
-    rebuild(plan, Type::STREAM)
+    rebuild(plan, Type::STREAM, &NoSource)
 }
 
 /// [`restore`], returning a non-blocking stream (for an event loop). The socket is created
 /// non-blocking: a takeover of thousands of connections saves a system call on each.
 pub fn restore_nonblocking(plan: &RestorePlan) -> Result<TcpStream, RepairError> {
-    // In repair mode connect() completes at once, so it does not return EINPROGRESS here.
-    rebuild(plan, Type::STREAM.nonblocking())
+    restore_nonblocking_from(plan, &NoSource)
 }
 
-fn rebuild(plan: &RestorePlan, ty: Type) -> Result<TcpStream, RepairError> {
+/// [`restore_nonblocking`] of a plan whose queues may be left in a tracker's streams
+/// ([`Tracker::restore_plan_in_place`](crate::Tracker::restore_plan_in_place)): they are written from
+/// `source`, the tracker the plan was made from.
+pub fn restore_nonblocking_from(plan: &RestorePlan, source: &dyn QueueSource) -> Result<TcpStream, RepairError> {
+    // In repair mode connect() completes at once, so it does not return EINPROGRESS here.
+    rebuild(plan, Type::STREAM.nonblocking(), source)
+}
+
+fn rebuild(plan: &RestorePlan, ty: Type, source: &dyn QueueSource) -> Result<TcpStream, RepairError> {
     let shape = shape(plan)?;
+    // Found before the socket is made: a plan whose bytes are not all there restores nothing.
+    let recv_queue = queue_bytes("receive queue", &plan.recv_queue, Dir::ToServer, source)?;
+    let send_queue = queue_bytes("send queue", &plan.send_queue, Dir::ToClient, source)?;
+    let unsent = queue_bytes("unsent bytes", &plan.unsent, Dir::ToClient, source)?;
     let sock = Socket::new(Domain::IPV4, ty, Some(Protocol::TCP)).map_err(sys("socket"))?;
     let fd = sock.as_fd();
     // Repair mode forces address reuse (SK_FORCE_REUSE: even next to a listener
@@ -750,11 +779,11 @@ fn rebuild(plan: &RestorePlan, ty: Type) -> Result<TcpStream, RepairError> {
 
     if !plan.recv_queue.is_empty() {
         repair_queue(fd, TCP_RECV_QUEUE)?;
-        send_all(fd, &plan.recv_queue, "send(receive queue)")?;
+        send_pieces(fd, recv_queue, "send(receive queue)")?;
     }
     if !plan.send_queue.is_empty() {
         repair_queue(fd, TCP_SEND_QUEUE)?;
-        send_all(fd, &plan.send_queue, "send(send queue)")?;
+        send_pieces(fd, send_queue, "send(send queue)")?;
     }
     let window = repair_window(plan);
     setsockopt(fd, libc::SOL_TCP, libc::TCP_REPAIR_WINDOW, &window, "TCP_REPAIR_WINDOW")?;
@@ -820,7 +849,7 @@ fn rebuild(plan: &RestorePlan, ty: Type) -> Result<TcpStream, RepairError> {
     // Out of repair mode the socket has no address reuse at all (SK_NO_REUSE), so a listener could no
     // longer bind its port. With SO_REUSEADDR it is like a socket accepted from such a listener.
     sock.set_reuse_address(true).map_err(sys("SO_REUSEADDR"))?;
-    send_all(fd, &plan.unsent, "send(unsent)")?;
+    send_pieces(fd, unsent, "send(unsent)")?;
     if shape.our_fin == OurFin::AfterUnsent {
         sock.shutdown(std::net::Shutdown::Write).map_err(sys("shutdown(SHUT_WR)"))?;
     }
@@ -1011,7 +1040,7 @@ mod tests {
     fn half_closed_states_map_to_fin_replays() {
         let mut p = plan(TcpState::FinWait2);
         p.fin_sent = true;
-        p.send_queue.clear();
+        p.send_queue = Queue::default();
         assert_eq!(shape(&p).unwrap(), Shape { our_fin: OurFin::Acked, peer_fin: false, peer_fin_first: false });
 
         let mut p = plan(TcpState::CloseWait);
@@ -1032,12 +1061,12 @@ mod tests {
         p.fin_sent = false;
         assert_eq!(shape(&p).unwrap().our_fin, OurFin::Now);
         // ... which cannot be done with bytes to write before it.
-        p.unsent = b"tail".to_vec();
+        p.unsent = b"tail".to_vec().into();
         assert!(matches!(shape(&p), Err(RepairError::UnsupportedState { state: TcpState::Closing, .. })));
 
         // The application shut down while bytes were unsent: the FIN follows them.
         let mut p = plan(TcpState::FinWait1);
-        p.unsent = b"tail".to_vec();
+        p.unsent = b"tail".to_vec().into();
         assert_eq!(shape(&p).unwrap().our_fin, OurFin::AfterUnsent);
     }
 
@@ -1061,7 +1090,7 @@ mod tests {
 
         let mut p = plan(TcpState::FinWait1);
         p.fin_sent = true;
-        p.unsent = b"x".to_vec();
+        p.unsent = b"x".to_vec().into();
         assert!(matches!(shape(&p), Err(RepairError::InvalidPlan(_))));
 
         let mut p = plan(TcpState::Established);

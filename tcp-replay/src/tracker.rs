@@ -20,11 +20,12 @@
 //! sequence number, an ACK of bytes never sent) is refused with a [`TrackError`]
 //! and changes nothing.
 
-use crate::plan::{PlanOptions, RepairWindow, RestorePlan, TcpState};
+use crate::plan::{PlanOptions, Queue, QueueSource, RepairWindow, RestorePlan, TcpState};
 use crate::segment::Segment;
 use crate::seq::Seq;
 use crate::stream::Stream;
 use std::net::SocketAddrV4;
+use std::ops::Range;
 use std::time::Duration;
 
 /// How strictly segments are checked against the windows seen.
@@ -795,6 +796,17 @@ impl Tracker {
     /// acknowledged. `tsval` is the server's last timestamp advanced by the time
     /// elapsed since it was seen (Linux's timestamp clock ticks in milliseconds).
     pub fn restore_plan(&self, now: Duration) -> Result<RestorePlan, PlanError> {
+        self.plan(now, true)
+    }
+
+    /// [`restore_plan`](Self::restore_plan) with its queues left in this tracker's streams
+    /// ([`Queue::InStream`]): nothing is copied, and the restore reads them from this tracker
+    /// ([`QueueSource`]), which must not change meanwhile.
+    pub fn restore_plan_in_place(&self, now: Duration) -> Result<RestorePlan, PlanError> {
+        self.plan(now, false)
+    }
+
+    fn plan(&self, now: Duration, copy: bool) -> Result<RestorePlan, PlanError> {
         let state = self.state();
         if !self.handshake_seen {
             return Err(PlanError::MidStream);
@@ -830,7 +842,10 @@ impl Tracker {
             let from = una_off.max(s.stream.start().min(una_off));
             return Err(PlanError::MissingBytes { dir: Dir::ToClient, from, to: data_end });
         }
-        let send_queue = s.stream.copy_range(una_off..data_end);
+        let queue = |stream: &Stream, range: Range<u64>| {
+            if copy { Queue::Bytes(stream.copy_range(range)) } else { Queue::InStream(range) }
+        };
+        let send_queue = queue(&s.stream, una_off..data_end);
 
         // Receive queue: retained client bytes up to the server's ACK (before a FIN).
         let fin_received = matches!(state, TcpState::CloseWait | TcpState::LastAck | TcpState::Closing);
@@ -846,7 +861,7 @@ impl Tracker {
         if c.stream.contiguous_end() < rcv_end || c.stream.has_gap_in(0..rcv_end) {
             return Err(PlanError::MissingBytes { dir: Dir::ToServer, from: rcv_start, to: rcv_end });
         }
-        let recv_queue = c.stream.copy_range(rcv_start..rcv_end);
+        let recv_queue = queue(&c.stream, rcv_start..rcv_end);
         let rcv_nxt = if fin_acked_by_server { server_acked - 1 } else { server_acked };
 
         let both_scale = c.wscale.is_some() && s.wscale.is_some();
@@ -877,7 +892,7 @@ impl Tracker {
             },
             snd_una,
             send_queue,
-            unsent: Vec::new(),
+            unsent: Queue::default(),
             rcv_nxt,
             recv_queue,
             fin_sent: s.fin_seq.is_some(),
@@ -932,6 +947,15 @@ impl Tracker {
     /// Addresses of (client, server), once a segment was handled.
     pub fn addresses(&self) -> Option<(SocketAddrV4, SocketAddrV4)> {
         Some((self.client.as_ref()?.addr, self.server.as_ref()?.addr))
+    }
+}
+
+/// The queues of a plan made in place ([`Tracker::restore_plan_in_place`]) are read from here.
+impl QueueSource for Tracker {
+    fn queue_bytes(&self, dir: Dir, range: Range<u64>) -> Option<[&[u8]; 2]> {
+        let s = self.stream(dir);
+        let held = s.start() <= range.start && range.start <= range.end && range.end <= s.contiguous_end();
+        held.then(|| s.slices(range).into())
     }
 }
 
@@ -1224,6 +1248,43 @@ mod tests {
         assert_eq!(p.snd_nxt(), c.sseq);
         c.ack(Dir::ToServer, 502);
         assert_eq!(c.t.state(), TcpState::Close);
+    }
+
+    #[test]
+    fn a_plan_made_in_place_reads_the_bytes_the_copied_plan_holds() {
+        let mut c = Conn::open(10, 20, false);
+        c.data(Dir::ToServer, b"GET /next HTTP/1.1\r\n\r\n");
+        c.ack(Dir::ToClient, 502);
+        // Sent, acknowledged and trimmed in turns, so the stream's ring buffer wraps; the last pieces
+        // stay unacknowledged.
+        for i in 0..40u8 {
+            c.data(Dir::ToClient, &vec![i; 1000]);
+            if i % 4 == 3 && i < 36 {
+                c.ack(Dir::ToServer, 502);
+                let acked = c.t.acked_offset(Dir::ToClient).unwrap();
+                c.t.trim(Dir::ToClient, acked);
+            }
+        }
+        let copied = c.t.restore_plan(ms(1)).unwrap();
+        let in_place = c.t.restore_plan_in_place(ms(1)).unwrap();
+        assert_eq!(copied.send_queue.len(), 4000);
+        assert!(matches!(in_place.send_queue, Queue::InStream(_)), "{:?}", in_place.send_queue);
+        let read = |q: &Queue, dir| q.pieces(dir, &c.t).map(|[a, b]| [a, b].concat());
+        assert_eq!(
+            read(&in_place.send_queue, Dir::ToClient).as_ref(),
+            copied.send_queue.bytes().map(|b| b.to_vec()).as_ref()
+        );
+        assert_eq!(read(&in_place.recv_queue, Dir::ToServer).as_deref(), Some(&b"GET /next HTTP/1.1\r\n\r\n"[..]));
+        assert_eq!((in_place.snd_nxt(), in_place.recv_queue_seq()), (copied.snd_nxt(), copied.recv_queue_seq()));
+
+        // The client holds 1500 of the 4000 bytes: the rest is unsent, still read from the stream.
+        let mut adjusted = in_place.clone();
+        assert!(adjusted.apply_client_ack(in_place.snd_una + 1500, 502, in_place.rcv_nxt));
+        let unsent = read(&adjusted.unsent, Dir::ToClient).unwrap();
+        assert_eq!(unsent, copied.send_queue.bytes().unwrap()[1500..]);
+        // Bytes trimmed since are no longer there: the restore refuses the plan rather than send others.
+        c.t.trim(Dir::ToClient, c.t.stream(Dir::ToClient).contiguous_end());
+        assert_eq!(in_place.send_queue.pieces(Dir::ToClient, &c.t), None);
     }
 
     #[test]

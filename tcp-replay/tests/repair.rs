@@ -393,7 +393,7 @@ fn established_checkpoint_matches_both_applications_and_connection_keeps_working
     // The server application has read nothing and the client acknowledged nothing of the server's.
     assert_eq!(s.recv_queue, from_client);
     assert!(!s.send_queue.is_empty() && !s.unsent.is_empty(), "bytes both in flight and unsent");
-    assert_eq!([&s.send_queue[..], &s.unsent[..]].concat(), from_server);
+    assert_eq!([s.send_queue.bytes().unwrap(), s.unsent.bytes().unwrap()].concat(), from_server);
     // The client kernel holds exactly the bytes in flight.
     assert_eq!(c.recv_queue, s.send_queue);
     assert!(c.send_queue.is_empty() && c.unsent.is_empty());
@@ -487,10 +487,10 @@ fn queues_larger_than_default_buffers_are_restored_next_to_a_listener() -> Resul
     // product binds on the same port must not get in the way.
     let lost = pattern(51, 3 << 20);
     let unread = pattern(52, 2 << 20);
-    plan.send_queue.extend_from_slice(&lost);
+    plan.send_queue.bytes_mut().unwrap().extend_from_slice(&lost);
     plan.window.snd_wnd = plan.window.snd_wnd.max(4 << 20);
     plan.window.max_window = plan.window.max_window.max(plan.window.snd_wnd);
-    plan.recv_queue = unread.clone();
+    plan.recv_queue = unread.clone().into();
     let _listener = net.within(&net.server, || TcpListener::bind((SERVER_IP, PORT)))??;
     let (restored, took) = net.restore(&plan)?;
     println!("restore with {} B in flight and {} B unread: {} us", lost.len(), unread.len(), took.as_micros());
@@ -736,7 +736,7 @@ fn fin_behind_unsent_bytes_is_sent_after_them() -> Result<()> {
     assert_eq!(plan.state, TcpState::FinWait1);
     assert!(!plan.fin_sent, "the FIN waits behind unsent bytes");
     assert!(!plan.unsent.is_empty());
-    assert_eq!([&plan.send_queue[..], &plan.unsent[..]].concat(), from_server);
+    assert_eq!([plan.send_queue.bytes().unwrap(), plan.unsent.bytes().unwrap()].concat(), from_server);
     net.drop_client_output(false)?;
 
     let (restored, took) = net.restore(&plan)?;

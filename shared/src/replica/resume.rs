@@ -200,8 +200,20 @@ pub fn plan_takeover(table: &ReplicaTable, now: Duration, retry: &RetryConfig) -
     table.conns().map(|c| plan_conn(c, now, retry)).collect()
 }
 
-/// Plans one connection.
+/// Plans one connection; the restore plan holds its queues' bytes.
 pub fn plan_conn(conn: &Conn, now: Duration, retry: &RetryConfig) -> ConnResume {
+    plan(conn, now, retry, true)
+}
+
+/// [`plan_conn`] with the restore plan's queues left in the connection's tracker
+/// ([`Tracker::restore_plan_in_place`](tcp_replay::Tracker::restore_plan_in_place)): a takeover writes
+/// them from there (`conn.tracked()`'s tracker is their source) instead of copying every connection's
+/// bytes in flight first. The table must not change until then.
+pub fn plan_conn_in_place(conn: &Conn, now: Duration, retry: &RetryConfig) -> ConnResume {
+    plan(conn, now, retry, false)
+}
+
+fn plan(conn: &Conn, now: Duration, retry: &RetryConfig, copy: bool) -> ConnResume {
     let mut out = ConnResume {
         conn: conn.key(),
         restore: None,
@@ -216,7 +228,8 @@ pub fn plan_conn(conn: &Conn, now: Duration, retry: &RetryConfig) -> ConnResume 
         out.decision = Decision::Unprotected { reason };
         return out;
     };
-    match t.tracker().restore_plan(now) {
+    let restore = if copy { t.tracker().restore_plan(now) } else { t.tracker().restore_plan_in_place(now) };
+    match restore {
         Ok(plan) => out.restore = Some(plan),
         // The client's ACK (and any request) waited in the dead primary's gate: the client may be
         // established and about to resend its request. Nothing was exchanged, so the connection is idle.
