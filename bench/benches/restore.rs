@@ -161,7 +161,7 @@ fn capture(n: usize, active: bool) -> Captured {
             repair::vanish(&server).expect("vanish");
             assert_eq!((plan.recv_queue.len(), plan.send_queue.len()), (unread as usize, 0));
             if active {
-                plan.send_queue = bench::http::body(IN_FLIGHT);
+                plan.send_queue = bench::http::body(IN_FLIGHT).into();
                 plan.window.snd_wnd = plan.window.snd_wnd.max(IN_FLIGHT as u32);
                 plan.window.max_window = plan.window.max_window.max(plan.window.snd_wnd);
             }
