@@ -232,9 +232,8 @@ fn plan_conns(conns: &[&Conn], now: Duration, retry: &RetryConfig) -> Vec<ConnRe
 pub const ANSWER_WAIT: Duration = Duration::from_millis(50);
 
 /// When most clients have answered, how long the takeover waits for the rest: [`LATE_ANSWER_FACTOR`]
-/// times as long as most took, and at least this. A client that does not answer at all is common
-/// (Linux answers out-of-window segments at most every `tcp_invalid_ratelimit`, 500 ms), and waiting
-/// the whole [`ANSWER_WAIT`] for it delays every connection's restore.
+/// times as long as most took, and at least this. A client may not answer at all (gone, or its answer
+/// lost), and waiting the whole [`ANSWER_WAIT`] for it delays every connection's restore.
 pub const LATE_ANSWER_MIN: Duration = Duration::from_millis(5);
 pub const LATE_ANSWER_FACTOR: u32 = 3;
 
@@ -275,12 +274,16 @@ pub struct Answers {
     pub took: Duration,
 }
 
-/// Asks every client with reply bytes the replica holds as unacknowledged what it really received: an
-/// out-of-window ACK from the server end (seq `snd_una - 1`), which a live TCP answers at once with its
-/// `rcv_nxt` and window (RFC 9293 3.10.7.4). The answers are read from the gate, which must hold the
-/// clients' segments already (the VIP announced). Without them, bytes the old primary wrote but its
-/// kernel never transmitted would be restored as in flight and resent only on the restored socket's
-/// retransmission timer, which has no RTT sample; see [`RestorePlan::apply_client_ack`].
+/// Asks every client with reply bytes the replica holds as unacknowledged what it really received: a
+/// segment from the server end repeating one byte the client already acknowledged (seq `snd_una - 1`),
+/// which a live TCP answers at once with its `rcv_nxt` and window (RFC 9293 3.10.7.4: an unacceptable
+/// segment is acknowledged at once). A pure ACK out of the window would do, but Linux answers those at
+/// most once per `tcp_invalid_ratelimit` (500 ms) per socket, and a client whose window was closed had
+/// just answered the old primary's zero-window probes, which are exactly that: most such clients never
+/// answered, and the takeover waited the whole [`ANSWER_WAIT`] for them. The answers are read from the
+/// gate, which must hold the clients' segments already (the VIP announced). Without them, bytes the old
+/// primary wrote but its kernel never transmitted would be restored as in flight and resent only on the
+/// restored socket's retransmission timer, which has no RTT sample; see [`RestorePlan::apply_client_ack`].
 pub async fn ask_clients(plans: &[ConnResume], feed: &mut GateFeed, wait: Duration) -> Answers {
     let started = Instant::now();
     let mut answers = Answers::default();
@@ -347,7 +350,8 @@ pub async fn ask_clients(plans: &[ConnResume], feed: &mut GateFeed, wait: Durati
     answers
 }
 
-/// The probe [`ask_clients`] sends for `plan`: an IPv4 datagram from the server end.
+/// The probe [`ask_clients`] sends for `plan`: an IPv4 datagram from the server end, one byte at
+/// `snd_una - 1` (its value does not matter: the client has that byte and drops the copy).
 fn probe(plan: &RestorePlan) -> Vec<u8> {
     let mut seg = SegmentBuilder::new(plan.local, plan.remote);
     seg.flags = TcpFlags::ACK;
@@ -360,7 +364,7 @@ fn probe(plan: &RestorePlan) -> Vec<u8> {
         opts.timestamps = Some(Timestamps { val: plan.tsval.unwrap_or(0), ecr: plan.ts_recent.unwrap_or(0) });
     }
     seg.options = opts;
-    seg.build(&[])
+    seg.build(&[0])
 }
 
 /// Splits `plans` into the connections [`repair::restores_silently`] restores (open both ways, nothing
@@ -723,6 +727,70 @@ mod tests {
         // Removing a socket match would flush the gate's queue (see the module's docs).
         assert!(text.iter().all(|t| !t.contains("-m socket")), "{text:?}");
         assert!(text.iter().all(|t| t.starts_with("-p tcp -d 10.0.0.100/32 --dport 80")));
+    }
+
+    /// Waits up to `wait` for a pure ACK from `from` to `to`, read off `watch` (a raw TCP socket, which
+    /// gets a copy of every TCP segment this host receives); its ack.
+    fn answer(watch: &Socket, from: SocketAddrV4, to: SocketAddrV4, wait: Duration) -> Option<Seq> {
+        let deadline = Instant::now() + wait;
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            watch.set_read_timeout(Some(left.max(Duration::from_millis(1)))).ok()?;
+            let Ok(n) = watch.recv(&mut buf) else { continue };
+            // SAFETY: recv initialised the first n bytes.
+            let bytes: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
+            if let Ok(seg) = Segment::parse_ipv4(&bytes, Checksums::Skip)
+                && seg.src == from
+                && seg.dst == to
+                && seg.flags.ack()
+                && seg.payload.is_empty()
+            {
+                return Some(seg.ack);
+            }
+        }
+        None
+    }
+
+    /// The probe against a real client (loopback): answered at once, even right after the client answered
+    /// a pure out-of-window ACK, which Linux answers at most once per `tcp_invalid_ratelimit`. Clients
+    /// with a closed window answer the old primary's zero-window probes (such ACKs) all the time.
+    #[test]
+    fn a_client_answers_the_probe_even_right_after_answering_an_out_of_window_ack() {
+        use std::io::{Read, Write};
+        assert!(unsafe { libc::geteuid() } == 0, "needs root (TCP_REPAIR to read the server's state, raw sockets)");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        server.write_all(b"hello").unwrap();
+        let mut got = [0u8; 5];
+        client.read_exact(&mut got).unwrap();
+        std::thread::sleep(Duration::from_millis(50)); // the client's ACK of it reaches the server
+        let plan = repair::checkpoint(&server).unwrap();
+        let raw = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(libc::IPPROTO_RAW))).unwrap();
+        let watch = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::TCP)).unwrap();
+        let to_client = SockAddr::from(SocketAddrV4::new(*plan.remote.ip(), 0));
+        let wait = Duration::from_millis(300);
+
+        // A pure ACK out of the window, as a zero-window probe: the client answers it...
+        let mut oow = SegmentBuilder::new(plan.local, plan.remote);
+        oow.flags = TcpFlags::ACK;
+        oow.seq = plan.snd_una - 1;
+        oow.ack = plan.rcv_nxt;
+        oow.window = 1000;
+        if plan.options.timestamps {
+            let val = plan.tsval.unwrap_or(0);
+            oow.options.timestamps = Some(Timestamps { val, ecr: 0 });
+        }
+        raw.send_to(&oow.build(&[]), &to_client).unwrap();
+        assert_eq!(answer(&watch, plan.remote, plan.local, wait), Some(plan.snd_una), "a first out-of-window ACK");
+        // ...and then the probe, at once.
+        raw.send_to(&probe(&plan), &to_client).unwrap();
+        assert_eq!(
+            answer(&watch, plan.remote, plan.local, wait),
+            Some(plan.snd_una),
+            "the probe went unanswered after an out-of-window ACK"
+        );
+        drop((client, server));
     }
 
     #[test]
