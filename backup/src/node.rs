@@ -611,6 +611,7 @@ async fn take_over(
     let answers = takeover::ask_clients(&loud, &mut gate, takeover::ANSWER_WAIT).await;
     phases.mark("ask");
     let mut report: RestoreReport = takeover::restore_all(&table, loud, &answers);
+    info!(restored = report.restored.len(), took = ?report.took, "restored the connections asked about");
     report.merge(early.finish().await);
     phases.mark("restore");
     gate.early = answers.read;

@@ -548,6 +548,7 @@ impl Early {
                     Some(Err(_)) => error!("planning the connections not at rest panicked; they are not restored"),
                     None => {}
                 }
+                info!(restored = report.restored.len(), took = ?report.took, "restored the silent connections");
                 let _ = restored_tx.send(report);
             });
         });

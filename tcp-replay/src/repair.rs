@@ -844,8 +844,12 @@ fn rebuild(plan: &RestorePlan, ty: Type, source: &dyn QueueSource) -> Result<Tcp
     // seconds old (its data stopped with the failure, or with several in a row), and Linux takes it as
     // the first RTT sample of a socket that has none: the retransmission timeout would grow to that many
     // seconds and a connection missing bytes would crawl. Capping it (Linux 6.15+; older kernels refuse
-    // the option, and go without) bounds the wait until real samples bring the estimate down.
-    let _ = tcp_opt(fd, TCP_RTO_MAX_MS, RESTORED_RTO_MAX_MS, "TCP_RTO_MAX_MS");
+    // the option, and go without) bounds the wait until real samples bring the estimate down. A quiet
+    // socket sends no probe, and its first sample is the ACK of data it sends later, which echoes a fresh
+    // timestamp: it goes without the call (one in 16 of an idle connection's restore).
+    if !quiet {
+        let _ = tcp_opt(fd, TCP_RTO_MAX_MS, RESTORED_RTO_MAX_MS, "TCP_RTO_MAX_MS");
+    }
     // Out of repair mode the socket has no address reuse at all (SK_NO_REUSE), so a listener could no
     // longer bind its port. With SO_REUSEADDR it is like a socket accepted from such a listener.
     sock.set_reuse_address(true).map_err(sys("SO_REUSEADDR"))?;
