@@ -646,10 +646,10 @@ pub fn restore_all(table: &ReplicaTable, plans: Vec<ConnResume>, answers: &Answe
 /// Threads [`restore_all`] rebuilds sockets on at most (the machine's parallelism bounds it too).
 pub const RESTORE_THREADS: usize = 4;
 
-/// Fewest connections worth a thread of their own. A busy connection's plan copies up to a megabyte (its
-/// `replica_bytes_per_connection`) and its restore writes as much, so even a few dozen are worth splitting:
-/// with 256, the hundred busy connections of `us-scale` were planned on one thread (A/B, three runs each:
-/// restore 297, 298 and 305 ms with 32, against 292, 363 and 430 ms).
+/// Fewest connections worth a thread of their own. A busy connection's restore writes up to a megabyte (its
+/// `replica_bytes_per_connection`) into its socket, so even a few dozen are worth splitting: with 256, the
+/// hundred busy connections of `us-scale` were restored on one thread (A/B, three runs each, when their plans
+/// still copied those bytes too: restore 297, 298 and 305 ms with 32, against 292, 363 and 430 ms).
 const PER_THREAD_MIN: usize = 32;
 
 /// Restores each plan of `todo` (all have a restore plan), in order, split across threads, and reads
@@ -758,6 +758,7 @@ mod tests {
     #[test]
     fn a_client_answers_the_probe_even_right_after_answering_an_out_of_window_ack() {
         use std::io::{Read, Write};
+        // SAFETY: geteuid has no preconditions.
         assert!(unsafe { libc::geteuid() } == 0, "needs root (TCP_REPAIR to read the server's state, raw sockets)");
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();

@@ -332,7 +332,6 @@ fn peek_queue(fd: BorrowedFd<'_>, len: usize) -> Result<Option<Vec<u8>>, RepairE
     Ok(Some(buf))
 }
 
-/// Writes all of `data` with `send(2)`; `step` names the queue for errors.
 /// The bytes of queue `q` (in direction `dir`), from `source` when the plan left them there.
 fn queue_bytes<'a>(
     what: &str,
@@ -346,10 +345,12 @@ fn queue_bytes<'a>(
     })
 }
 
+/// Writes both pieces with [`send_all`].
 fn send_pieces(fd: BorrowedFd<'_>, pieces: [&[u8]; 2], step: &'static str) -> Result<(), RepairError> {
     pieces.into_iter().try_for_each(|p| send_all(fd, p, step))
 }
 
+/// Writes all of `data` with `send(2)`; `step` names the queue for errors.
 fn send_all(fd: BorrowedFd<'_>, mut data: &[u8], step: &'static str) -> Result<(), RepairError> {
     while !data.is_empty() {
         // SAFETY: `data` is a live slice.

@@ -98,7 +98,9 @@ impl Steps {
         let mut overrides = HashMap::new();
         let mut stop_at = None;
         let in_flight = match &plan.decision {
-            Decision::Written { exchange: n } if exchange(*n)?.closes() => InFlight::Closes { exchange: *n },
+            Decision::Written { exchange: n } if t.exchange(*n).is_some_and(|ex| ex.closes()) => {
+                InFlight::Closes { exchange: *n }
+            }
             Decision::Idle | Decision::Written { .. } => InFlight::Hyper,
             Decision::Refuse { exchange, why } => {
                 InFlight::Close { exchange: Some(*exchange), why: format!("not re-sent: {why:?}") }
