@@ -314,6 +314,8 @@ async fn concurrent_senders_share_one_numbering_in_queue_order() -> Result<()> {
     const TASKS: u64 = 4;
     const EACH: u64 = 5_000;
     let (primary, mut backup) = linked(cfg(), 1).await?;
+    // The backup's end comes back with the records: dropped as soon as the last one arrived, it could take
+    // its last acknowledgements with it, and the primary would see the link down before they were counted.
     let receiver = tokio::spawn(async move {
         let mut got = Vec::new();
         while (got.len() as u64) < TASKS * EACH {
@@ -322,7 +324,7 @@ async fn concurrent_senders_share_one_numbering_in_queue_order() -> Result<()> {
             backup.applied(rec.seq);
             got.push((rec.seq, offset));
         }
-        Ok(got)
+        Ok((got, backup))
     });
     let mut senders = Vec::new();
     for task in 0..TASKS {
@@ -340,12 +342,13 @@ async fn concurrent_senders_share_one_numbering_in_queue_order() -> Result<()> {
     for s in senders {
         sent.extend(within("sender", s).await???);
     }
-    let got = within("receiver", receiver).await???;
+    let (got, backup) = within("receiver", receiver).await???;
     // The backup saw 1, 2, 3, ... (a gap would have ended the link), each carrying
     // the message whose `send` returned that number.
     sent.sort_unstable();
     assert_eq!(got, sent);
     within("all acknowledged", primary.wait_acked(TASKS * EACH)).await??;
+    drop(backup);
     Ok(())
 }
 
