@@ -766,8 +766,16 @@ mod tests {
         server.write_all(b"hello").unwrap();
         let mut got = [0u8; 5];
         client.read_exact(&mut got).unwrap();
-        std::thread::sleep(Duration::from_millis(50)); // the client's ACK of it reaches the server
-        let plan = repair::checkpoint(&server).unwrap();
+        // Once the client's ACK of those bytes reached the server, its plan has nothing in flight.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let plan = loop {
+            let plan = repair::checkpoint(&server).unwrap();
+            if plan.send_queue.is_empty() {
+                break plan;
+            }
+            assert!(Instant::now() < deadline, "the client never acknowledged the server's bytes");
+            std::thread::sleep(Duration::from_millis(1));
+        };
         let raw = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(libc::IPPROTO_RAW))).unwrap();
         let watch = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::TCP)).unwrap();
         let to_client = SockAddr::from(SocketAddrV4::new(*plan.remote.ip(), 0));
