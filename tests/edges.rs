@@ -63,6 +63,18 @@ fn tcp_state(s: &TcpStream) -> Result<u8> {
     Ok(info.tcpi_state)
 }
 
+/// Waits until the client's socket, which sent its FIN, is closed by an ACK of it, not by a reset.
+fn wait_fin_acknowledged(pair: &Pair, client: &TcpStream) -> Result<()> {
+    const TCP_CLOSE: u8 = 7;
+    wait_until("the client's FIN to be answered", Duration::from_secs(20), || {
+        Ok((tcp_state(client)? == TCP_CLOSE).then_some(()))
+    })
+    .with_context(|| pair.logs_tail())?;
+    let error = client.take_error()?;
+    ensure!(error.is_none(), "the client's close ended with {error:?}, not an ACK\n{}", pair.logs_tail());
+    Ok(())
+}
+
 /// Waits until every record the primary sent was acknowledged by the backup.
 fn wait_replicated(pair: &Pair, sent_before: u64) -> Result<()> {
     let host = pair.primary_host;
@@ -122,13 +134,7 @@ fn a_client_fin_whose_ack_died_with_the_primary_is_acknowledged_by_the_new_one()
 
     pair.kill_primary()?;
     pair.wait_taken_over(Duration::from_secs(20))?;
-    const TCP_CLOSE: u8 = 7;
-    wait_until("the client's FIN to be answered", Duration::from_secs(20), || {
-        Ok((tcp_state(&client)? == TCP_CLOSE).then_some(()))
-    })
-    .with_context(|| pair.logs_tail())?;
-    let error = client.take_error()?;
-    ensure!(error.is_none(), "the client's close ended with {error:?}, not an ACK\n{}", pair.logs_tail());
+    wait_fin_acknowledged(&pair, &client)?;
     println!("the client's resent FIN was acknowledged by the new primary");
     Ok(())
 }
@@ -227,13 +233,7 @@ fn a_client_fin_that_reaches_a_primary_handing_over_is_acknowledged_by_the_new_o
         answer.map(drop)
     })?;
 
-    const TCP_CLOSE: u8 = 7;
-    wait_until("the client's FIN to be answered", Duration::from_secs(20), || {
-        Ok((tcp_state(&closing)? == TCP_CLOSE).then_some(()))
-    })
-    .with_context(|| pair.logs_tail())?;
-    let error = closing.take_error()?;
-    ensure!(error.is_none(), "the client's close ended with {error:?}, not an ACK\n{}", pair.logs_tail());
+    wait_fin_acknowledged(&pair, &closing)?;
     slow.set_read_timeout(Some(Duration::from_secs(20)))?;
     let mut raw = Vec::new();
     slow.read_to_end(&mut raw).with_context(|| format!("reading the slow response\n{}", pair.logs_tail()))?;

@@ -228,13 +228,13 @@ fn post_switchover(admin: SocketAddr, token: Option<&str>) -> std::io::Result<(u
 pub type Shutdown = std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
 /// Has glibc's allocator keep freed memory mapped for reuse: large blocks from the heap rather than mappings
-/// of their own, and no trimming of the heap's top. A takeover copies what the replica holds of every busy
-/// connection (up to `replica_bytes_per_connection` each: a hundred megabytes for a hundred slow downloads),
-/// and a join's snapshot as much. With the defaults each such buffer is a fresh mapping whose every page
-/// faults on first touch, most of the copy's time. (One arena for all threads made the copy faster still,
-/// but cost the replicated pair 7-9 % of its requests per second.) The price: the process keeps its peak
-/// heap. A setting given by the environment (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`) is left
-/// as it is.
+/// of their own, and no trimming of the heap's top. A join's snapshot copies what the replica holds of every
+/// busy connection (up to `replica_bytes_per_connection` each: a hundred megabytes for a hundred slow
+/// downloads), on both nodes. With the defaults each such buffer is a fresh mapping whose every page faults
+/// on first touch. (Measured on the takeover's plans, which copied as much until they left the bytes in
+/// the table: most of the copy's time. One arena for all threads made it faster still, but cost the
+/// replicated pair 7-9 % of its requests per second.) The price: the process keeps its peak heap. A
+/// setting given by the environment (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`) is left as it is.
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     for (name, param, value) in [

@@ -58,8 +58,8 @@
 //! * `ConnClosed` when the proxy has closed the connection and the table shows it over (RST, or both
 //!   FINs acknowledged) and the records that showed it so are committed (this node's kernel then
 //!   acknowledged the client's last FIN; frozen for a switchover, it never does, and the backup takes
-//!   the connection over to acknowledge it), it was never followed (unprotected), or no segment has been seen for
-//!   `conn_linger`; and for connections the proxy never opened once they are over or older than
+//!   the connection over to acknowledge it), it was never followed (unprotected), or no segment has
+//!   been seen for `conn_linger`; and for connections the proxy never opened once they are over or older than
 //!   `conn_linger`. The check and the record are one step, so a reused port never loses its new
 //!   connection.
 //!

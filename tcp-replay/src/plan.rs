@@ -317,7 +317,8 @@ pub trait QueueSource {
     fn queue_bytes(&self, dir: Dir, range: Range<u64>) -> Option<[&[u8]; 2]>;
 }
 
-/// No source: a plan that holds its bytes (from a checkpoint, a file, [`Tracker::restore_plan`](crate::Tracker::restore_plan)).
+/// No source: for a plan that holds its bytes (from a checkpoint, a file,
+/// [`Tracker::restore_plan`](crate::Tracker::restore_plan)).
 pub struct NoSource;
 
 impl QueueSource for NoSource {
