@@ -291,6 +291,16 @@ fn repair_mode(fd: BorrowedFd<'_>, val: c_int) -> Result<(), RepairError> {
     })
 }
 
+/// `IP_TRANSPARENT`: the socket may bind, and route from, an address this host does not have.
+fn set_transparent(fd: BorrowedFd<'_>, on: bool) -> Result<(), RepairError> {
+    setsockopt(fd, libc::SOL_IP, libc::IP_TRANSPARENT, &(on as c_int), "IP_TRANSPARENT").map_err(|e| match e {
+        RepairError::Syscall { step, source } if source.raw_os_error() == Some(libc::EPERM) => {
+            RepairError::NotPermitted { step, needs: "CAP_NET_ADMIN", source }
+        }
+        e => e,
+    })
+}
+
 fn repair_queue(fd: BorrowedFd<'_>, queue: c_int) -> Result<(), RepairError> {
     tcp_opt(fd, libc::TCP_REPAIR_QUEUE, queue, "TCP_REPAIR_QUEUE")
 }
@@ -743,16 +753,43 @@ pub fn restore_nonblocking_from(plan: &RestorePlan, source: &dyn QueueSource) ->
 }
 
 fn rebuild(plan: &RestorePlan, ty: Type, source: &dyn QueueSource) -> Result<TcpStream, RepairError> {
-    let shape = shape(plan)?;
     // Found before the socket is made: a plan whose bytes are not all there restores nothing.
+    let unsent = queue_bytes("unsent bytes", &plan.unsent, Dir::ToClient, source)?;
+    let built = build_in_repair(plan, ty, source, Bind::Local)?;
+    leave_repair(built, plan, unsent)
+}
+
+/// Where [`build_in_repair`] may bind.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Bind {
+    /// `plan.local` is an address of this host.
+    Local,
+    /// `plan.local` need not be on this host yet (`IP_TRANSPARENT`, which also lets `connect` route from it).
+    Anywhere,
+}
+
+/// A socket [`build_in_repair`] made: still in repair mode, so it sends nothing.
+struct InRepair {
+    sock: Socket,
+    shape: Shape,
+    /// The buffer sizes were forced (and must be handed back to autotuning).
+    unlock: bool,
+}
+
+/// The part of a restore done in repair mode: the socket bound, connected, with its options, queues,
+/// window and FINs, in the plan's state, sending nothing yet.
+fn build_in_repair(plan: &RestorePlan, ty: Type, source: &dyn QueueSource, bind: Bind) -> Result<InRepair, RepairError> {
+    let shape = shape(plan)?;
     let recv_queue = queue_bytes("receive queue", &plan.recv_queue, Dir::ToServer, source)?;
     let send_queue = queue_bytes("send queue", &plan.send_queue, Dir::ToClient, source)?;
-    let unsent = queue_bytes("unsent bytes", &plan.unsent, Dir::ToClient, source)?;
     let sock = Socket::new(Domain::IPV4, ty, Some(Protocol::TCP)).map_err(sys("socket"))?;
     let fd = sock.as_fd();
     // Repair mode forces address reuse (SK_FORCE_REUSE: even next to a listener
     // on the same port). SO_REUSEADDR would downgrade that, so it is not set.
     repair_mode(fd, TCP_REPAIR_ON)?;
+    if bind == Bind::Anywhere {
+        set_transparent(fd, true)?;
+    }
     let unlock = size_buffers(&sock, plan)?;
     if plan.options.wscale.is_none() {
         // Keeps the receive scale the kernel picks at connect() at 0.
@@ -834,6 +871,14 @@ fn rebuild(plan: &RestorePlan, ty: Type, source: &dyn QueueSource) -> Result<Tcp
     if shape.peer_fin || !matches!(shape.our_fin, OurFin::None | OurFin::AfterUnsent) {
         expect_state(fd, before_unsent)?;
     }
+    Ok(InRepair { sock, shape, unlock })
+}
+
+/// The rest of a restore: out of repair mode (with a window probe unless the connection is quiet), then
+/// the unsent bytes and a FIN that follows them.
+fn leave_repair(built: InRepair, plan: &RestorePlan, unsent: [&[u8]; 2]) -> Result<TcpStream, RepairError> {
+    let InRepair { sock, shape, unlock } = built;
+    let fd = sock.as_fd();
     // Ends repair mode with a window probe: the peer answers with an ACK, which
     // resynchronises its window and prompts retransmission of anything lost. A connection
     // with nothing to send and no FIN to finish learns nothing from it (the client's window
@@ -877,6 +922,97 @@ fn rebuild(plan: &RestorePlan, ty: Type, source: &dyn QueueSource) -> Result<Tcp
 pub fn restores_silently(plan: &RestorePlan) -> bool {
     let open = shape(plan).map_or(true, |s| s.our_fin == OurFin::None && !s.peer_fin);
     open && plan.send_queue.is_empty() && plan.unsent.is_empty()
+}
+
+/// The socket of an idle connection rebuilt ahead of need by [`stage`], still in repair mode: it holds
+/// the connection's four-tuple and sends nothing, whatever arrives (a connection's segments reach it
+/// only once its address is on this host). [`Staged::finish`] makes it the socket [`restore`] would
+/// have made; dropping it closes it silently (a socket in repair mode closes without FIN or RST).
+#[derive(Debug)]
+pub struct Staged {
+    sock: Socket,
+    plan: RestorePlan,
+    at: Instant,
+}
+
+/// Rebuilds, in repair mode, the socket of an idle connection (open both ways, nothing queued either
+/// way, see [`restores_silently`]) before the connection is needed here, and leaves it there, where
+/// it sends nothing. `plan.local` need not be an address of this host yet (`IP_TRANSPARENT`: binds
+/// and routes from it anyway). Taking it over later is three system calls ([`Staged::finish`]) instead
+/// of the score a [`restore`] makes, and the socket's timestamp clock runs on meanwhile as the plan's
+/// does. Needs `CAP_NET_ADMIN`.
+pub fn stage(plan: &RestorePlan) -> Result<Staged, RepairError> {
+    if plan.state != TcpState::Established || !restores_silently(plan) || !plan.recv_queue.is_empty() {
+        return Err(invalid(format!(
+            "only an idle connection can be staged (ESTABLISHED with nothing queued); this one is {:?} with \
+             {} bytes in flight, {} unsent and {} unread",
+            plan.state,
+            plan.send_queue.len(),
+            plan.unsent.len(),
+            plan.recv_queue.len()
+        )));
+    }
+    let built = build_in_repair(plan, Type::STREAM.nonblocking(), &NoSource, Bind::Anywhere)?;
+    Ok(Staged { sock: built.sock, plan: plan.clone(), at: Instant::now() })
+}
+
+impl Staged {
+    /// The plan the socket was built from.
+    pub fn plan(&self) -> &RestorePlan {
+        &self.plan
+    }
+
+    /// Whether this socket is the one `plan` (of the same connection, made now) would restore: the
+    /// connection has not moved since it was staged.
+    pub fn fits(&self, plan: &RestorePlan) -> bool {
+        staged_fits(&self.plan, plan, self.at.elapsed())
+    }
+
+    /// `TCP_NODELAY`, set ahead like the rest.
+    pub fn set_nodelay(&self, on: bool) -> Result<(), RepairError> {
+        self.sock.set_tcp_nodelay(on).map_err(sys("TCP_NODELAY"))
+    }
+
+    /// Takes the socket out of repair mode, without a window probe, as [`restore`] would have left it.
+    /// Its address must be on this host by now: it no longer routes from elsewhere. On error the socket
+    /// is closed, silently unless the error came after it left repair mode.
+    pub fn finish(self) -> Result<TcpStream, RepairError> {
+        let fd = self.sock.as_fd();
+        set_transparent(fd, false)?;
+        let shape = shape(&self.plan)?;
+        leave_repair(InRepair { sock: self.sock, shape, unlock: false }, &self.plan, [&[], &[]])
+    }
+}
+
+/// Whether a socket staged from `staged`, `elapsed` ago, is what `now` would restore: the same
+/// connection in every field but the timestamps, and, with timestamps, its clock (set from
+/// `staged.tsval` and running since) not behind `now.tsval` by more than a tick. A client drops
+/// segments whose timestamp is older than the last it saw (PAWS); being ahead is harmless.
+/// `ts_recent` is not restored, so it does not count.
+fn staged_fits(staged: &RestorePlan, now: &RestorePlan, elapsed: Duration) -> bool {
+    let same = staged.local == now.local
+        && staged.remote == now.remote
+        && staged.state == now.state
+        && staged.options == now.options
+        && staged.snd_una == now.snd_una
+        && staged.rcv_nxt == now.rcv_nxt
+        && staged.send_queue.is_empty()
+        && now.send_queue.is_empty()
+        && staged.recv_queue.is_empty()
+        && now.recv_queue.is_empty()
+        && staged.unsent.is_empty()
+        && now.unsent.is_empty()
+        && staged.fin_sent == now.fin_sent
+        && staged.fin_received == now.fin_received
+        && staged.window == now.window;
+    let clock = match (staged.tsval, now.tsval) {
+        (Some(then), Some(want)) => {
+            let runs_at = then.wrapping_add(elapsed.as_millis() as u32);
+            want.wrapping_sub(runs_at) as i32 <= 1
+        }
+        (a, b) => a.is_none() && b.is_none(),
+    };
+    same && clock
 }
 
 /// The initial send and receive buffer sizes of a TCP socket (`tcp_wmem[1]`, `tcp_rmem[1]`, as
@@ -1135,5 +1271,58 @@ mod tests {
         let text = e.to_string();
         assert!(text.contains("TCP_REPAIR") && text.contains("CAP_NET_ADMIN"), "{text}");
         assert_eq!(e.step(), Some("TCP_REPAIR"));
+    }
+
+    fn idle() -> RestorePlan {
+        RestorePlan { send_queue: Queue::default(), recv_queue: Queue::default(), ..plan(TcpState::Established) }
+    }
+
+    #[test]
+    fn a_staged_socket_fits_only_the_connection_it_was_built_from() {
+        let ms = Duration::from_millis;
+        let staged = idle();
+        // Unchanged, its clock run on as long as the plan's.
+        let later = RestorePlan { tsval: Some(5250), ts_recent: Some(99), ..idle() };
+        assert!(staged_fits(&staged, &later, ms(250)));
+        assert!(staged_fits(&staged, &later, ms(249)), "one tick behind passes PAWS");
+        assert!(staged_fits(&staged, &later, ms(400)), "ahead is harmless");
+        assert!(!staged_fits(&staged, &later, ms(200)), "50 ms behind: the client would drop its segments");
+        // Across the timestamp's wrap.
+        let near_wrap = RestorePlan { tsval: Some(u32::MAX - 10), ..idle() };
+        assert!(staged_fits(&near_wrap, &RestorePlan { tsval: Some(19), ..idle() }, ms(30)));
+        // The connection moved on: a request and its answer, a window update, a FIN.
+        let moved: [fn(&mut RestorePlan); 7] = [
+            |p| p.rcv_nxt = p.rcv_nxt + 18,
+            |p| p.snd_una = p.snd_una + 100,
+            |p| p.window.snd_wnd = 1024,
+            |p| p.window.rcv_wnd = 1024,
+            |p| p.options.mss = 1400,
+            |p| p.send_queue = b"x".to_vec().into(),
+            |p| p.recv_queue = b"GET".to_vec().into(),
+        ];
+        for (i, change) in moved.iter().enumerate() {
+            let mut p = RestorePlan { tsval: Some(5000), ..idle() };
+            change(&mut p);
+            assert!(!staged_fits(&staged, &p, ms(0)), "change {i} went unnoticed");
+        }
+        let closing = RestorePlan { state: TcpState::CloseWait, fin_received: true, ..idle() };
+        assert!(!staged_fits(&staged, &closing, ms(0)));
+        let other = RestorePlan { remote: "10.0.0.1:40001".parse().unwrap(), ..idle() };
+        assert!(!staged_fits(&staged, &other, ms(0)));
+        // Timestamps on one side only.
+        assert!(!staged_fits(&staged, &RestorePlan { tsval: None, ..idle() }, ms(0)));
+    }
+
+    #[test]
+    fn only_idle_connections_are_staged() {
+        // Refused before any socket is made (so without privilege too).
+        for p in [plan(TcpState::Established), RestorePlan { recv_queue: Queue::default(), ..plan(TcpState::Established) }]
+        {
+            let e = stage(&p).expect_err("bytes queued");
+            assert!(matches!(e, RepairError::InvalidPlan(_)), "{e:?}");
+            assert!(e.to_string().contains("only an idle connection"), "{e}");
+        }
+        let e = stage(&RestorePlan { state: TcpState::CloseWait, fin_received: true, ..idle() }).expect_err("not ESTABLISHED");
+        assert!(matches!(e, RepairError::InvalidPlan(_)), "{e:?}");
     }
 }

@@ -1005,3 +1005,62 @@ fn an_idle_connection_is_restored_without_a_window_probe_and_keeps_working() -> 
     exchange(&restored, &client, 42, 50_000)?;
     Ok(())
 }
+
+/// Packets the server sent from the port since `-A OUTPUT ... usrep-out` was added.
+fn server_output(net: &Net) -> Result<u64> {
+    let out = run(&["ip", "netns", "exec", &net.server, "iptables", "-w", "-L", "OUTPUT", "-v", "-x", "-n"])?;
+    let line = out.lines().find(|l| l.contains("usrep-out")).context("counter rule")?;
+    Ok(line.split_whitespace().next().unwrap_or("x").parse()?)
+}
+
+#[test]
+fn an_idle_connection_staged_before_its_address_is_here_is_taken_over_without_a_segment() -> Result<()> {
+    // A standby stages the sockets of idle connections while the address they belong to is on another
+    // host: nothing leaves while staged, a staged socket dropped sends nothing, and once the address is
+    // here the staged socket is the connection.
+    let net = Net::new()?;
+    let (client, server) = net.pair()?;
+    exchange(&client, &server, 50, 10_000)?;
+    let plan = repair::checkpoint_and_hold(&server)?;
+    drop(server);
+    net.wait_server_socket_gone()?;
+    // The server's host keeps an address of its own on the subnet (its route to the client) and loses
+    // the connection's, as a standby without the VIP.
+    net.sysctl(&net.server, &format!("net.ipv4.conf.{}.promote_secondaries", net.server_if), 1)?;
+    run(&["ip", "-n", &net.server, "addr", "add", "10.77.0.3/24", "dev", &net.server_if])?;
+    run(&["ip", "-n", &net.server, "addr", "del", &format!("{SERVER_IP}/24"), "dev", &net.server_if])?;
+    let err = net.restore(&plan).expect_err("a restore needs the address");
+    assert_eq!(err.step(), Some("bind"), "{err}");
+    net.iptables(&net.server, &format!("-A OUTPUT -p tcp --sport {PORT} -m comment --comment usrep-out"))?;
+
+    let stage = |plan: &RestorePlan| {
+        let plan = plan.clone();
+        net.within(&net.server, move || repair::stage(&plan))
+    };
+    // Dropped while staged: silent, and the four-tuple is free again.
+    drop(stage(&plan)??);
+    net.wait_server_socket_gone()?;
+    let staged = stage(&plan)??;
+    staged.set_nodelay(true)?;
+    assert!(staged.fits(&plan));
+    let mut moved = plan.clone();
+    moved.rcv_nxt = moved.rcv_nxt + 18;
+    assert!(!staged.fits(&moved), "a staged socket fits only the connection as it was");
+    thread::sleep(Duration::from_millis(30));
+    assert_eq!(state(&client)?, TcpState::Established);
+
+    // The takeover: the address arrives, the socket leaves repair mode.
+    run(&["ip", "-n", &net.server, "addr", "add", &format!("{SERVER_IP}/32"), "dev", &net.server_if])?;
+    let restored = staged.finish()?;
+    restored.set_nonblocking(false)?; // staged for an event loop
+    assert_eq!(server_output(&net)?, 0, "a staged socket sent something");
+    // A listener can bind the port beside it (SO_REUSEADDR, as after a restore; a checkpoint drops it).
+    let _listener = net.within(&net.server, || TcpListener::bind((SERVER_IP, PORT)))??;
+    assert_same_connection(&repair::checkpoint(&restored)?, &plan);
+    for s in [&client, &restored] {
+        s.set_read_timeout(Some(DEADLINE))?;
+    }
+    exchange(&client, &restored, 51, 50_000)?;
+    exchange(&restored, &client, 52, 50_000)?;
+    Ok(())
+}
