@@ -6,4 +6,5 @@ pub mod node;
 pub mod prompt;
 pub mod replica;
 pub mod resume;
+pub mod staging;
 pub mod takeover;

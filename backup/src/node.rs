@@ -37,6 +37,7 @@ use crate::detector::{Action, Detector, DetectorConfig, FenceResult, Phase, Susp
 use crate::prompt::{self, Prompt};
 use crate::replica::{self, Replica, ReplicaConfig};
 use crate::resume::{self, Restored};
+use crate::staging::Stager;
 use crate::takeover::{self, Armed, RestoreReport};
 use primary::cli::Shutdown;
 use primary::leftovers::LeftoverError;
@@ -155,18 +156,22 @@ async fn run_in_span(
                     let (old, _) = lost.take().expect("only a carried detector takes over while joining");
                     error!("the primary is gone while this node was rejoining: taking over without its connections");
                     admin_state.clear_alarm();
-                    break Some((old, record, false));
+                    break Some((old, record, false, None));
                 }
             };
         // Joined: the new replica replaces the lost one.
         drop(lost.take());
+        // Idle connections' sockets, rebuilt ahead of a takeover (dropped, silently, with the replica).
+        let stager = Stager::start(replica.table(), replica.progress());
         match watch_primary(&config, &detector_config, &replica, &admin_state, &mut shutdown).await {
             Watched::Shutdown => {
+                drop(stager);
                 replica.stop().await;
                 break None;
             }
             Watched::Rejoin(why, detector) => {
                 warn!(reason = %why, "rejoining the primary");
+                drop(stager);
                 admin_state.set_peer(PeerState::None, None);
                 lost = detector.map(|d| (replica, d));
                 tokio::select! {
@@ -174,7 +179,7 @@ async fn run_in_span(
                     () = tokio::time::sleep(JOIN_RETRY) => {}
                 }
             }
-            Watched::TakeOver(record, synced) => break Some((replica, record, synced)),
+            Watched::TakeOver(record, synced) => break Some((replica, record, synced, stager)),
         }
     };
     // Armed by now, unless the node stops before its first join (or the arming failed: that error).
@@ -185,8 +190,9 @@ async fn run_in_span(
             info!("stopped cleanly");
             Ok(())
         }
-        Some((replica, record, synced)) => {
-            take_over(&config, armed, replica, record, synced, admin_state.clone(), repl_listener, shutdown).await
+        Some((replica, record, synced, stager)) => {
+            let taking = Taking { armed, replica, stager, record, synced };
+            take_over(&config, taking, admin_state.clone(), repl_listener, shutdown).await
         }
     };
     late_trigger.trigger();
@@ -537,18 +543,25 @@ impl primary::cli::NodeEnd for BackupError {
     }
 }
 
-/// Takeover steps 3 to 7, then serving as primary until `shutdown`.
-#[allow(clippy::too_many_arguments)]
-async fn take_over(
-    config: &NodeConfig,
+/// What a takeover starts from.
+struct Taking {
     armed: Armed,
     replica: Replica,
-    mut record: crate::detector::FailoverRecord,
+    stager: Option<Stager>,
+    record: crate::detector::FailoverRecord,
+    /// Whether the replica's table is usable (see [`Watched::TakeOver`]).
     synced: bool,
+}
+
+/// Takeover steps 3 to 7, then serving as primary until `shutdown`.
+async fn take_over(
+    config: &NodeConfig,
+    taking: Taking,
     admin_state: AdminState,
     repl_listener: TcpListener,
     shutdown: Shutdown,
 ) -> Result<(), BackupError> {
+    let Taking { armed, replica, stager, mut record, synced } = taking;
     let vip = config.vip.addr;
     info!(reason = %record.reason, detection = ?record.detection, fencing = ?record.fencing, "taking over");
     let mut phases = takeover::Phases::start(record.fenced_at());
@@ -564,11 +577,13 @@ async fn take_over(
     // Above every epoch this node has heard of: the primary's at the handshake, and any in its stream.
     let primary_epoch = replica.peer().epoch;
     let mut table = replica.stop().await;
+    let staged = Arc::new(stager.map(Stager::stop).unwrap_or_default());
     phases.mark("replica_stop");
     let epoch = table.epoch().max(primary_epoch) + 1;
     if !synced {
         // A partial snapshot, or a table the primary went on without, does not match the clients.
         table = shared::replica::ReplicaTable::new();
+        staged.discard();
         warn!("the replica is not usable (not synced, or stale after a partition): no connection is restored");
     }
 
@@ -576,7 +591,7 @@ async fn take_over(
     // most of a large table), on another thread while this one claims, gates and announces the address.
     // The hold drops their clients' segments until the gate takes them.
     let table = Arc::new(table);
-    let mut early = takeover::Early::start(table.clone(), config.retry.clone());
+    let mut early = takeover::Early::start(table.clone(), config.retry.clone(), staged.clone());
 
     // 4b. Claim the address (the kernel stays silent on ARP for it until this process answers). From here
     // every client segment lands in the gate's queue, and only the replicator (started with the table
@@ -610,13 +625,15 @@ async fn take_over(
     phases.mark("plan");
     let answers = takeover::ask_clients(&loud, &mut gate, takeover::ANSWER_WAIT).await;
     phases.mark("ask");
-    let mut report: RestoreReport = takeover::restore_all(&table, loud, &answers);
+    let mut report: RestoreReport = takeover::restore_all(&table, loud, &answers, &staged);
     info!(restored = report.restored.len(), took = ?report.took, "restored the connections asked about");
     report.merge(early.finish().await);
+    // Connections not restored (failed or skipped) may still hold a staged socket: closed silently.
+    let unused = staged.discard();
     phases.mark("restore");
     gate.early = answers.read;
-    info!(restored = report.restored.len(), failed = report.failed.len(), skipped = report.skipped.len(),
-        took = ?report.took, "connections restored");
+    info!(restored = report.restored.len(), staged = report.staged, staged_unused = unused,
+        failed = report.failed.len(), skipped = report.skipped.len(), took = ?report.took, "connections restored");
     let table = Arc::try_unwrap(table).unwrap_or_else(|shared| (*shared).clone());
     // The listener after the restore, as a restored socket may not bind beside a listener on the port
     // (short of SO_REUSEPORT on both). Restored sockets carry SO_REUSEADDR (`repair::restore` sets it)

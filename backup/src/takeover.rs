@@ -35,6 +35,7 @@
 //! (which meets no socket once the hold is gone, and is reset: honest, and counted).
 
 use crate::resume::{Prepared, Restored};
+use crate::staging::StagedSockets;
 use primary::claim::VipClaim;
 use primary::gate::rules::{Iptables, RuleSpec, Rules, RulesError, tag};
 use primary::gate::{Diverted, Gate, Hook};
@@ -51,7 +52,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tcp_replay::plan::{NoSource, QueueSource};
-use tcp_replay::repair::{self, INJECT_MARK};
+use tcp_replay::repair::{self, INJECT_MARK, Staged};
 use tcp_replay::segment::{Checksums, Segment, SegmentBuilder, TcpFlags, TcpOptions, Timestamps};
 use tcp_replay::{RestorePlan, Seq};
 use tracing::{debug, error, info, warn};
@@ -172,6 +173,8 @@ pub struct RestoreReport {
     pub failed: Vec<(ConnKey, String)>,
     /// Connections not restored by decision (unprotected, not restorable), with the decision's kind.
     pub skipped: Vec<(ConnKey, &'static str)>,
+    /// Of the restored, how many were staged sockets that only left repair mode (`crate::staging`).
+    pub staged: usize,
     /// Time the restore took.
     pub took: Duration,
 }
@@ -439,15 +442,16 @@ impl<'t> Batch<'t> {
     /// with the VIP on an interface and the hold in place. The sockets are rebuilt on up to
     /// [`RESTORE_THREADS`] threads at once: each costs a score of system calls, and a takeover of ten
     /// thousand connections waits on them.
-    pub fn restore(self) -> RestoreReport {
+    pub fn restore(self, staged: &StagedSockets) -> RestoreReport {
         let started = Instant::now();
         let Batch { todo, mut report } = self;
-        let results = restore_parallel(&todo);
+        let results = restore_parallel(&todo, staged);
         for ((plan, _), result) in todo.into_iter().zip(results) {
             let key = plan.conn;
             let restore = plan.restore.as_ref().expect("only plans with a restore are to do");
             match result {
-                Ok((stream, prepared)) => {
+                Ok((stream, prepared, was_staged)) => {
+                    report.staged += was_staged as usize;
                     let (unacked, unread) = (restore.send_queue.len(), restore.recv_queue.len());
                     // Thousands of idle keep-alive connections would flood the log at takeover time.
                     if unacked == 0 && unread == 0 {
@@ -485,15 +489,16 @@ pub struct Early {
     thread: Option<std::thread::JoinHandle<()>>,
     /// Without a thread: the table and the silent plans, restored by `finish`.
     inline: Option<(Arc<ReplicaTable>, RetryConfig, Vec<ConnResume>)>,
+    staged: Arc<StagedSockets>,
 }
 
 impl Early {
     /// Starts the thread (in this thread's network namespace).
-    pub fn start(table: Arc<ReplicaTable>, retry: RetryConfig) -> Early {
+    pub fn start(table: Arc<ReplicaTable>, retry: RetryConfig, staged: Arc<StagedSockets>) -> Early {
         let (address, address_rx) = std::sync::mpsc::channel();
         let (loud_tx, loud) = tokio::sync::oneshot::channel();
         let (restored_tx, restored) = tokio::sync::oneshot::channel();
-        let (t, r) = (table.clone(), retry.clone());
+        let (t, r, st) = (table.clone(), retry.clone(), staged.clone());
         let spawned = std::thread::Builder::new().name("restore".into()).spawn(move || {
             let started = Instant::now();
             let now = stream_now();
@@ -536,11 +541,11 @@ impl Early {
                 if address_rx.recv() != Ok(true) {
                     return;
                 }
-                let mut report = batch.restore();
+                let mut report = batch.restore(&st);
                 match worker.map(|w| w.join()) {
                     Some(Ok(more)) => {
                         // Restored after the others, not beside them: the times add up.
-                        let more = Batch::new(&t, more, &Answers::default()).restore();
+                        let more = Batch::new(&t, more, &Answers::default()).restore(&st);
                         let took = report.took + more.took;
                         report.merge(more);
                         report.took = took;
@@ -548,11 +553,12 @@ impl Early {
                     Some(Err(_)) => error!("planning the connections not at rest panicked; they are not restored"),
                     None => {}
                 }
-                info!(restored = report.restored.len(), took = ?report.took, "restored the silent connections");
+                info!(restored = report.restored.len(), staged = report.staged, took = ?report.took,
+                    "restored the silent connections");
                 let _ = restored_tx.send(report);
             });
         });
-        let mut early = Early { address, loud: Some(loud), restored, thread: None, inline: None };
+        let mut early = Early { address, loud: Some(loud), restored, thread: None, inline: None, staged };
         match spawned {
             Ok(thread) => early.thread = Some(thread),
             Err(e) => {
@@ -588,7 +594,7 @@ impl Early {
     /// The silent connections' restore, once done.
     pub async fn finish(mut self) -> RestoreReport {
         if let Some((table, _, silent)) = self.inline.take() {
-            return Batch::new(&table, silent, &Answers::default()).restore();
+            return Batch::new(&table, silent, &Answers::default()).restore(&self.staged);
         }
         let report = (&mut self.restored).await.unwrap_or_else(|_| {
             error!("the restore of the idle connections did not finish (its thread ended); they are lost");
@@ -624,6 +630,7 @@ impl RestoreReport {
         self.restored.extend(other.restored);
         self.failed.extend(other.failed);
         self.skipped.extend(other.skipped);
+        self.staged += other.staged;
         self.took = self.took.max(other.took);
     }
 
@@ -638,9 +645,15 @@ impl RestoreReport {
     }
 }
 
-/// Rebuilds the restorable connections of `plans` (see [`Batch`]).
-pub fn restore_all(table: &ReplicaTable, plans: Vec<ConnResume>, answers: &Answers) -> RestoreReport {
-    Batch::new(table, plans, answers).restore()
+/// Rebuilds the restorable connections of `plans` (see [`Batch`]), with the sockets `staged` for them
+/// where they fit.
+pub fn restore_all(
+    table: &ReplicaTable,
+    plans: Vec<ConnResume>,
+    answers: &Answers,
+    staged: &StagedSockets,
+) -> RestoreReport {
+    Batch::new(table, plans, answers).restore(staged)
 }
 
 /// Threads [`restore_all`] rebuilds sockets on at most (the machine's parallelism bounds it too).
@@ -653,11 +666,15 @@ pub const RESTORE_THREADS: usize = 4;
 const PER_THREAD_MIN: usize = 32;
 
 /// Restores each plan of `todo` (all have a restore plan), in order, split across threads, and reads
-/// what resuming it takes from its table entry.
-fn restore_parallel(todo: &[(ConnResume, &Conn)]) -> Vec<Result<(std::net::TcpStream, Prepared), String>> {
+/// what resuming it takes from its table entry; whether the socket was a staged one.
+fn restore_parallel(
+    todo: &[(ConnResume, &Conn)],
+    staged: &StagedSockets,
+) -> Vec<Result<(std::net::TcpStream, Prepared, bool), String>> {
     in_parallel("restore", todo, |(plan, conn)| {
-        let restored = restore_one(plan.restore.as_ref().expect("only plans with a restore are to do"), conn);
-        restored.map(|stream| (stream, Prepared::of(plan, conn)))
+        let restore = plan.restore.as_ref().expect("only plans with a restore are to do");
+        let restored = restore_one(restore, conn, staged.take(&plan.conn));
+        restored.map(|(stream, was_staged)| (stream, Prepared::of(plan, conn), was_staged))
     })
 }
 
@@ -694,15 +711,28 @@ fn in_parallel<T: Sync, R: Send>(what: &str, items: &[T], f: impl Fn(&T) -> R + 
     })
 }
 
-/// Rebuilds the socket of `plan`, made in place from `conn`: its queues are written from the entry's tracker.
-fn restore_one(plan: &RestorePlan, conn: &Conn) -> Result<std::net::TcpStream, String> {
+/// The socket of `plan`, made in place from `conn`: `staged` out of repair mode if it fits the plan, else
+/// rebuilt, its queues written from the entry's tracker. Whether it was the staged one.
+fn restore_one(plan: &RestorePlan, conn: &Conn, staged: Option<Staged>) -> Result<(std::net::TcpStream, bool), String> {
+    if let Some(staged) = staged {
+        if staged.fits(plan) {
+            match staged.finish() {
+                Ok(stream) => return Ok((stream, true)),
+                Err(e) => warn!(conn = %plan.remote, error = %e, "a staged socket failed to leave repair mode; rebuilding it"),
+            }
+        } else {
+            // It holds the four-tuple the rebuild needs: closed first, silently (repair mode).
+            debug!(conn = %plan.remote, "the staged socket no longer fits the connection; rebuilding it");
+            drop(staged);
+        }
+    }
     let source: &dyn QueueSource = match conn.tracked() {
         Some(t) => t.tracker(),
         None => &NoSource,
     };
     let stream = repair::restore_nonblocking_from(plan, source).map_err(|e| e.to_string())?;
     let _ = stream.set_nodelay(true);
-    Ok(stream)
+    Ok((stream, false))
 }
 
 #[cfg(test)]
