@@ -246,10 +246,14 @@ impl Staging {
         let surveyed = started.elapsed();
 
         let (mut made, mut failed) = (0usize, 0usize);
-        for plan in to_stage {
+        for mut plan in to_stage {
             if self.stopped() {
                 break;
             }
+            // The plan's timestamp clock is the primary's at `now`; the socket's runs on from the value it
+            // is given, so it gets the primary's clock at this moment (or it would fit no later plan).
+            let since = crate::takeover::stream_now().saturating_sub(now).as_millis() as u32;
+            plan.tsval = plan.tsval.map(|v| v.wrapping_add(since));
             match repair::stage(&plan) {
                 Ok(staged) => {
                     let _ = staged.set_nodelay(true);
