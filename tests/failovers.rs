@@ -187,6 +187,58 @@ fn a_spare_joining_under_2000_connections_protects_all_of_them() -> Result<()> {
     Ok(())
 }
 
+/// Idle keep-alive connections get their sockets staged on the standby ahead of a takeover (its `/status`
+/// counts them); the takeover only takes those sockets out of repair mode, and every connection carries
+/// its next request.
+#[test]
+fn idle_connections_staged_on_the_standby_carry_on_after_a_takeover() -> Result<()> {
+    const CONNS: usize = 100;
+    let id = unique_id('g');
+    let sizes = [1_000, 20_000];
+    let mut pair = Pair::up(&id, &PairOptions::default(), |www| load::write_files(www, &sizes))?;
+    let vip = format!("{VIP}:{}", understudy_tests::pair::PORT).parse()?;
+    let mut conns = Vec::with_capacity(CONNS);
+    for c in 0..CONNS {
+        let mut s = pair.connect_from("client", vip, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(load::STALL_LIMIT))?;
+        let mut buf = Vec::new();
+        load::get(&mut s, &mut buf, c % 2, sizes[c % 2]).with_context(|| format!("conn {c}'s first request"))?;
+        conns.push((s, buf));
+    }
+    let staged_all = |s: &Value| s["replica"]["staged_sockets"].as_u64() >= Some(CONNS as u64);
+    let standby = pair.wait_status(
+        pair.backup_host(),
+        "the standby to stage every idle connection",
+        Duration::from_secs(30),
+        staged_all,
+    )?;
+
+    pair.kill_primary()?;
+    let taken = pair.wait_taken_over(Duration::from_secs(30))?;
+    let f = last_failover(&taken);
+    let (restored, staged) =
+        (f["connections_restored"].as_u64().unwrap_or(0), f["connections_staged"].as_u64().unwrap_or(0));
+    ensure!(
+        restored >= CONNS as u64 && f["connections_lost"] == 0,
+        "restored {restored} of {CONNS}: {f}\n{}",
+        pair.logs_tail()
+    );
+    ensure!(
+        staged >= CONNS as u64,
+        "only {staged} of {CONNS} idle connections took over staged sockets: {f}\n{}",
+        pair.logs_tail()
+    );
+    for (c, (s, buf)) in conns.iter_mut().enumerate() {
+        let i = (c + 1) % 2;
+        load::get(s, buf, i, sizes[i]).with_context(|| format!("conn {c}'s request after the takeover"))?;
+    }
+    println!(
+        "{CONNS} idle connections: the standby had staged {}; the takeover restored {restored} ({staged} staged) in {} ms",
+        standby["replica"]["staged_sockets"], f["restore_ms"]
+    );
+    Ok(())
+}
+
 /// A primary frozen (SIGSTOP) until its backup took over, then resumed: from the takeover on, its host
 /// sends nothing for a VIP connection (its kernel's output lease lapsed while it was frozen, and the
 /// resumed process steps down without renewing it), and it gives the VIP up. A capture at the client

@@ -163,6 +163,7 @@ async fn run_in_span(
         drop(lost.take());
         // Idle connections' sockets, rebuilt ahead of a takeover (dropped, silently, with the replica).
         let stager = Stager::start(replica.table(), replica.progress());
+        admin_state.set_staged(stager.as_ref().map(Stager::counter));
         match watch_primary(&config, &detector_config, &replica, &admin_state, &mut shutdown).await {
             Watched::Shutdown => {
                 drop(stager);
@@ -172,6 +173,7 @@ async fn run_in_span(
             Watched::Rejoin(why, detector) => {
                 warn!(reason = %why, "rejoining the primary");
                 drop(stager);
+                admin_state.set_staged(None);
                 admin_state.set_peer(PeerState::None, None);
                 lost = detector.map(|d| (replica, d));
                 tokio::select! {
@@ -578,6 +580,7 @@ async fn take_over(
     let primary_epoch = replica.peer().epoch;
     let mut table = replica.stop().await;
     let staged = Arc::new(stager.map(Stager::stop).unwrap_or_default());
+    admin_state.set_staged(None);
     phases.mark("replica_stop");
     let epoch = table.epoch().max(primary_epoch) + 1;
     if !synced {
@@ -662,6 +665,7 @@ async fn take_over(
     let record_admin = admin_state.clone();
     let taken = TakenOver { epoch, table, admin: admin_state, claim, listener, gate, repl_listener };
     let lost = report.failed.len() as u64;
+    let staged_count = report.staged as u64;
     let restored = report.restored;
     // The takeover is done once every restored connection has its task: the restore time runs to here.
     let prompt = config.retry.prompt_retransmit;
@@ -684,6 +688,7 @@ async fn take_over(
             total: record.total.unwrap_or_default(),
             connections_restored: restored_count,
             connections_lost: lost,
+            connections_staged: staged_count,
         });
         info!(
             epoch,

@@ -91,7 +91,8 @@ impl Stager {
                 let tid = libc::gettid() as libc::id_t;
                 libc::setpriority(libc::PRIO_PROCESS, tid, NICE);
             }
-            let mut stager = Staging { table, progress, stop: s, staged: n, sockets: HashMap::new(), marks: HashMap::new() };
+            let mut stager =
+                Staging { table, progress, stop: s, staged: n, sockets: HashMap::new(), marks: HashMap::new() };
             while !stager.stopped() {
                 stager.round();
                 match woken.recv_timeout(SURVEY_EVERY) {
@@ -113,6 +114,11 @@ impl Stager {
     /// Sockets staged now.
     pub fn staged(&self) -> usize {
         self.staged.load(Ordering::Relaxed)
+    }
+
+    /// The count [`Stager::staged`] reads, for `/status`.
+    pub fn counter(&self) -> Arc<AtomicUsize> {
+        self.staged.clone()
     }
 
     /// Stops the thread (within one socket's staging) and hands over what it staged.
@@ -154,7 +160,12 @@ struct Mark {
 
 impl Mark {
     fn of(plan: &RestorePlan) -> Mark {
-        Mark { snd_una: plan.snd_una, rcv_nxt: plan.rcv_nxt, snd_wnd: plan.window.snd_wnd, rcv_wnd: plan.window.rcv_wnd }
+        Mark {
+            snd_una: plan.snd_una,
+            rcv_nxt: plan.rcv_nxt,
+            snd_wnd: plan.window.snd_wnd,
+            rcv_wnd: plan.window.rcv_wnd,
+        }
     }
 }
 

@@ -34,7 +34,7 @@
 //! that cannot be restored are logged with the failing step and left to the client's retransmission
 //! (which meets no socket once the hold is gone, and is reset: honest, and counted).
 
-use crate::resume::{Prepared, Restored};
+use crate::resume::{Pending, Prepared, Restored};
 use crate::staging::StagedSockets;
 use primary::claim::VipClaim;
 use primary::gate::rules::{Iptables, RuleSpec, Rules, RulesError, tag};
@@ -54,7 +54,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tcp_replay::plan::{NoSource, QueueSource};
 use tcp_replay::repair::{self, INJECT_MARK, Staged};
 use tcp_replay::segment::{Checksums, Segment, SegmentBuilder, TcpFlags, TcpOptions, Timestamps};
-use tcp_replay::{RestorePlan, Seq};
+use tcp_replay::{Dir, RestorePlan, Seq};
 use tracing::{debug, error, info, warn};
 
 /// The iptables binary the hold runs (the one `primary::gate` uses).
@@ -450,7 +450,7 @@ impl<'t> Batch<'t> {
             let key = plan.conn;
             let restore = plan.restore.as_ref().expect("only plans with a restore are to do");
             match result {
-                Ok((stream, prepared, was_staged)) => {
+                Ok((RestoredSocket { stream, staged: was_staged, pending }, prepared)) => {
                     report.staged += was_staged as usize;
                     let (unacked, unread) = (restore.send_queue.len(), restore.recv_queue.len());
                     // Thousands of idle keep-alive connections would flood the log at takeover time.
@@ -461,7 +461,7 @@ impl<'t> Batch<'t> {
                         info!(conn = %key.client, state = ?restore.state, unacked, unread,
                             path = plan.decision.kind(), "connection restored");
                     }
-                    report.restored.push(Restored { stream, plan, prepared });
+                    report.restored.push(Restored { stream, plan, prepared, pending });
                 }
                 Err(e) => {
                     error!(conn = %key.client, error = %e, "restoring the connection failed");
@@ -670,12 +670,21 @@ const PER_THREAD_MIN: usize = 32;
 fn restore_parallel(
     todo: &[(ConnResume, &Conn)],
     staged: &StagedSockets,
-) -> Vec<Result<(std::net::TcpStream, Prepared, bool), String>> {
+) -> Vec<Result<(RestoredSocket, Prepared), String>> {
     in_parallel("restore", todo, |(plan, conn)| {
         let restore = plan.restore.as_ref().expect("only plans with a restore are to do");
         let restored = restore_one(restore, conn, staged.take(&plan.conn));
-        restored.map(|(stream, was_staged)| (stream, Prepared::of(plan, conn), was_staged))
+        restored.map(|socket| (socket, Prepared::of(plan, conn)))
     })
+}
+
+/// A connection's socket, as [`restore_one`] made it.
+struct RestoredSocket {
+    stream: std::net::TcpStream,
+    /// It was staged ([`crate::staging`]) and only left repair mode.
+    staged: bool,
+    /// Its unsent bytes, for its task to write.
+    pending: Option<Pending>,
 }
 
 /// `f` of each item, in order, split across up to [`RESTORE_THREADS`] threads (fewer for short lists or a
@@ -712,13 +721,16 @@ fn in_parallel<T: Sync, R: Send>(what: &str, items: &[T], f: impl Fn(&T) -> R + 
 }
 
 /// The socket of `plan`, made in place from `conn`: `staged` out of repair mode if it fits the plan, else
-/// rebuilt, its queues written from the entry's tracker. Whether it was the staged one.
-fn restore_one(plan: &RestorePlan, conn: &Conn, staged: Option<Staged>) -> Result<(std::net::TcpStream, bool), String> {
+/// rebuilt, its queues written from the entry's tracker, except for unsent bytes, copied for its task to
+/// write (copying them into the socket here was most of a takeover's restore with busy connections).
+fn restore_one(plan: &RestorePlan, conn: &Conn, staged: Option<Staged>) -> Result<RestoredSocket, String> {
     if let Some(staged) = staged {
         if staged.fits(plan) {
             match staged.finish() {
-                Ok(stream) => return Ok((stream, true)),
-                Err(e) => warn!(conn = %plan.remote, error = %e, "a staged socket failed to leave repair mode; rebuilding it"),
+                Ok(stream) => return Ok(RestoredSocket { stream, staged: true, pending: None }),
+                Err(e) => {
+                    warn!(conn = %plan.remote, error = %e, "a staged socket failed to leave repair mode; rebuilding it")
+                }
             }
         } else {
             // It holds the four-tuple the rebuild needs: closed first, silently (repair mode).
@@ -730,9 +742,17 @@ fn restore_one(plan: &RestorePlan, conn: &Conn, staged: Option<Staged>) -> Resul
         Some(t) => t.tracker(),
         None => &NoSource,
     };
-    let stream = repair::restore_nonblocking_from(plan, source).map_err(|e| e.to_string())?;
+    let unsent = match plan.unsent.is_empty() {
+        true => None,
+        false => {
+            let pieces = plan.unsent.pieces(Dir::ToClient, source);
+            Some(pieces.ok_or("the unsent bytes are no longer in the table")?.concat())
+        }
+    };
+    let (stream, left) = repair::restore_nonblocking_leaving_unsent(plan, source).map_err(|e| e.to_string())?;
     let _ = stream.set_nodelay(true);
-    Ok((stream, false))
+    let pending = left.zip(unsent).map(|(left, bytes)| Pending { bytes, left });
+    Ok(RestoredSocket { stream, staged: false, pending })
 }
 
 #[cfg(test)]

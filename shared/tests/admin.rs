@@ -384,6 +384,7 @@ fn failover(reason: &str) -> FailoverRecord {
         total: Duration::from_millis(160),
         connections_restored: 65,
         connections_lost: 1,
+        connections_staged: 60,
     }
 }
 
@@ -440,6 +441,7 @@ fn status_json_has_every_field_with_its_type() -> Result<()> {
     assert_eq!(f["restore_ms"].as_f64(), Some(0.29));
     assert_eq!(f["total_ms"].as_f64(), Some(160.0));
     assert_eq!((f["connections_restored"].as_u64(), f["connections_lost"].as_u64()), (Some(65), Some(1)));
+    assert_eq!(f["connections_staged"].as_u64(), Some(60));
     let limits = j["limits"].as_object().context("limits is an object")?;
     let names: Vec<&str> = limits.keys().map(String::as_str).collect();
     assert_eq!(

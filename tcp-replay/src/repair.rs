@@ -735,7 +735,7 @@ const INJECT_DEADLINE: Duration = Duration::from_secs(2);
 /// (or its ACK of ours) was received. On error the half-built socket is closed
 /// in repair mode, which sends nothing.
 pub fn restore(plan: &RestorePlan) -> Result<TcpStream, RepairError> {
-    rebuild(plan, Type::STREAM, &NoSource)
+    rebuild(plan, Type::STREAM, &NoSource, Unsent::Write).map(|(stream, _)| stream)
 }
 
 /// [`restore`], returning a non-blocking stream (for an event loop). The socket is created
@@ -749,14 +749,61 @@ pub fn restore_nonblocking(plan: &RestorePlan) -> Result<TcpStream, RepairError>
 /// `source`, the tracker the plan was made from.
 pub fn restore_nonblocking_from(plan: &RestorePlan, source: &dyn QueueSource) -> Result<TcpStream, RepairError> {
     // In repair mode connect() completes at once, so it does not return EINPROGRESS here.
-    rebuild(plan, Type::STREAM.nonblocking(), source)
+    rebuild(plan, Type::STREAM.nonblocking(), source, Unsent::Write).map(|(stream, _)| stream)
 }
 
-fn rebuild(plan: &RestorePlan, ty: Type, source: &dyn QueueSource) -> Result<TcpStream, RepairError> {
+/// [`restore_nonblocking_from`], except that the plan's unsent bytes, when no FIN of ours follows them, are
+/// left for the caller to write, before anything else, as an application write after the restore: a
+/// takeover of many busy connections spends most of its restore copying such bytes into sockets, which
+/// their clients (slow readers, mostly, or they would not have so many) can wait a few milliseconds for.
+/// The socket's buffer is sized for them meanwhile; [`UnsentLeft::written`] hands it back to the kernel's
+/// autotuning once they are written. `None` when nothing was left (none unsent, or a FIN follows them).
+pub fn restore_nonblocking_leaving_unsent(
+    plan: &RestorePlan,
+    source: &dyn QueueSource,
+) -> Result<(TcpStream, Option<UnsentLeft>), RepairError> {
+    rebuild(plan, Type::STREAM.nonblocking(), source, Unsent::Leave)
+}
+
+/// The unsent bytes [`restore_nonblocking_leaving_unsent`] left to the caller.
+#[derive(Debug)]
+#[must_use = "the socket's buffer stays forced to the size of the bytes left until `written`"]
+pub struct UnsentLeft {
+    forced_buffers: bool,
+}
+
+impl UnsentLeft {
+    /// The bytes left are written into `sock`: its buffer sizes go back to the kernel's autotuning.
+    pub fn written(self, sock: &impl AsFd) -> Result<(), RepairError> {
+        if self.forced_buffers { release_buffers(sock.as_fd()) } else { Ok(()) }
+    }
+}
+
+/// What a restore does with the plan's unsent bytes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Unsent {
+    Write,
+    /// Leave them to the caller when no FIN of ours follows them.
+    Leave,
+}
+
+fn rebuild(
+    plan: &RestorePlan,
+    ty: Type,
+    source: &dyn QueueSource,
+    unsent: Unsent,
+) -> Result<(TcpStream, Option<UnsentLeft>), RepairError> {
     // Found before the socket is made: a plan whose bytes are not all there restores nothing.
-    let unsent = queue_bytes("unsent bytes", &plan.unsent, Dir::ToClient, source)?;
+    let bytes = queue_bytes("unsent bytes", &plan.unsent, Dir::ToClient, source)?;
     let built = build_in_repair(plan, ty, source, Bind::Local)?;
-    leave_repair(built, plan, unsent)
+    let leave = unsent == Unsent::Leave && !plan.unsent.is_empty() && built.shape.our_fin == OurFin::None;
+    if leave {
+        let forced_buffers = built.unlock;
+        let stream = leave_repair(InRepair { unlock: false, ..built }, plan, [&[], &[]])?;
+        Ok((stream, Some(UnsentLeft { forced_buffers })))
+    } else {
+        Ok((leave_repair(built, plan, bytes)?, None))
+    }
 }
 
 /// Where [`build_in_repair`] may bind.
@@ -778,7 +825,12 @@ struct InRepair {
 
 /// The part of a restore done in repair mode: the socket bound, connected, with its options, queues,
 /// window and FINs, in the plan's state, sending nothing yet.
-fn build_in_repair(plan: &RestorePlan, ty: Type, source: &dyn QueueSource, bind: Bind) -> Result<InRepair, RepairError> {
+fn build_in_repair(
+    plan: &RestorePlan,
+    ty: Type,
+    source: &dyn QueueSource,
+    bind: Bind,
+) -> Result<InRepair, RepairError> {
     let shape = shape(plan)?;
     let recv_queue = queue_bytes("receive queue", &plan.recv_queue, Dir::ToServer, source)?;
     let send_queue = queue_bytes("send queue", &plan.send_queue, Dir::ToClient, source)?;
@@ -904,15 +956,19 @@ fn leave_repair(built: InRepair, plan: &RestorePlan, unsent: [&[u8]; 2]) -> Resu
         sock.shutdown(std::net::Shutdown::Write).map_err(sys("shutdown(SHUT_WR)"))?;
     }
     if unlock {
-        // Back to the defaults, then to the kernel's autotuning. Forced sizes would stay: autotuning
-        // only grows a buffer, so a connection restored with a large queue would keep a send buffer
-        // large enough for it forever (and the next takeover's queue, and buffer, larger still).
-        let (snd, rcv) = default_buffer_sizes();
-        setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, &(snd / 2), "SO_SNDBUF")?;
-        setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &(rcv / 2), "SO_RCVBUF")?;
-        setsockopt(fd, libc::SOL_SOCKET, libc::SO_BUF_LOCK, &(0 as c_int), "SO_BUF_LOCK")?;
+        release_buffers(fd)?;
     }
     Ok(sock.into())
+}
+
+/// Sets the buffer sizes back to the defaults, then to the kernel's autotuning. Forced sizes would stay:
+/// autotuning only grows a buffer, so a connection restored with a large queue would keep a send buffer
+/// large enough for it forever (and the next takeover's queue, and buffer, larger still).
+fn release_buffers(fd: BorrowedFd<'_>) -> Result<(), RepairError> {
+    let (snd, rcv) = default_buffer_sizes();
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, &(snd / 2), "SO_SNDBUF")?;
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &(rcv / 2), "SO_RCVBUF")?;
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_BUF_LOCK, &(0 as c_int), "SO_BUF_LOCK")
 }
 
 /// Whether [`restore`] sends nothing for `plan`: the connection is open both ways (no FIN to replay,
@@ -1316,13 +1372,15 @@ mod tests {
     #[test]
     fn only_idle_connections_are_staged() {
         // Refused before any socket is made (so without privilege too).
-        for p in [plan(TcpState::Established), RestorePlan { recv_queue: Queue::default(), ..plan(TcpState::Established) }]
+        for p in
+            [plan(TcpState::Established), RestorePlan { recv_queue: Queue::default(), ..plan(TcpState::Established) }]
         {
             let e = stage(&p).expect_err("bytes queued");
             assert!(matches!(e, RepairError::InvalidPlan(_)), "{e:?}");
             assert!(e.to_string().contains("only an idle connection"), "{e}");
         }
-        let e = stage(&RestorePlan { state: TcpState::CloseWait, fin_received: true, ..idle() }).expect_err("not ESTABLISHED");
+        let e = stage(&RestorePlan { state: TcpState::CloseWait, fin_received: true, ..idle() })
+            .expect_err("not ESTABLISHED");
         assert!(matches!(e, RepairError::InvalidPlan(_)), "{e:?}");
     }
 }

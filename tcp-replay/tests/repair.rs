@@ -1064,3 +1064,58 @@ fn an_idle_connection_staged_before_its_address_is_here_is_taken_over_without_a_
     exchange(&restored, &client, 52, 50_000)?;
     Ok(())
 }
+
+#[test]
+fn unsent_bytes_left_to_the_caller_arrive_once_it_writes_them() -> Result<()> {
+    // A takeover leaves a busy connection's unsent bytes to the connection's task instead of copying
+    // them into the socket during the restore: the socket is restored with its buffer sized for them,
+    // the bytes in flight in its repair queue, and the caller writes the rest.
+    let net = Net::new()?;
+    let Loaded { client, server, from_client, from_server } = loaded(&net, 30_000)?;
+    net.hold_server_input(true)?;
+    let plan = repair::checkpoint_and_hold(&server)?;
+    drop(server);
+    net.wait_server_socket_gone()?;
+    net.drop_client_output(false)?;
+    assert!(!plan.unsent.is_empty() && !plan.send_queue.is_empty(), "bytes both in flight and unsent");
+
+    let p = plan.clone();
+    let (restored, left) =
+        net.within(&net.server, move || repair::restore_nonblocking_leaving_unsent(&p, &repair_source()))??;
+    let left = left.context("unsent bytes of an ESTABLISHED connection are left")?;
+    restored.set_nonblocking(false)?;
+    let forced = socket2::SockRef::from(&restored).send_buffer_size()?;
+    assert!(forced >= plan.send_queue.len() + plan.unsent.len(), "the buffer holds what is to come ({forced})");
+    // Nothing unsent is in the socket yet.
+    assert_eq!(outq(&restored)? as usize, plan.send_queue.len());
+    net.hold_server_input(false)?;
+    (&restored).write_all(plan.unsent.bytes().context("a checkpoint's queues are bytes")?)?;
+    left.written(&restored)?;
+    let released = socket2::SockRef::from(&restored).send_buffer_size()?;
+    assert!(released < forced, "the buffer size went back to autotuning ({released} after {forced})");
+    for s in [&client, &restored] {
+        s.set_read_timeout(Some(DEADLINE))?;
+    }
+    assert_eq!(read_exactly(&client, from_server.len())?, from_server, "every byte once, in order");
+    assert_eq!(read_exactly(&restored, from_client.len())?, from_client);
+    exchange(&client, &restored, 60, 100_000)?;
+
+    // With a FIN behind them they cannot be left: the restore writes them, then the FIN.
+    let net = Net::new()?;
+    let (_client, server) = net.pair()?;
+    let mut plan = repair::checkpoint_and_hold(&server)?;
+    plan.unsent = b"tail".to_vec().into();
+    plan.state = TcpState::FinWait1;
+    drop(server);
+    net.wait_server_socket_gone()?;
+    net.within(&net.server, move || -> Result<()> {
+        let (_s, left) = repair::restore_nonblocking_leaving_unsent(&plan, &repair_source())?;
+        ensure!(left.is_none(), "unsent bytes before a FIN were left to the caller");
+        Ok(())
+    })??;
+    Ok(())
+}
+
+fn repair_source() -> tcp_replay::plan::NoSource {
+    tcp_replay::plan::NoSource
+}

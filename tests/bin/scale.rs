@@ -1090,7 +1090,10 @@ fn scale(cli: &Cli) -> Result<bool> {
         num("restore_ms") * 1e3 / restored.max(1) as f64
     );
     println!("  total     {:>9.1} ms", num("total_ms"));
-    println!("  connections restored {restored}, lost {}", f["connections_lost"]);
+    println!(
+        "  connections restored {restored}, lost {}; {} of them staged on the standby ahead of the takeover",
+        f["connections_lost"], f["connections_staged"]
+    );
     if let Some(s) = &new_primary_status {
         println!("  new primary's connections now: {}", s["connections"]);
     }

@@ -154,7 +154,7 @@ fn run_conn(
 }
 
 /// One GET of `f<i>.bin` on a keep-alive connection; `buf` carries bytes read past a response.
-fn get(s: &mut TcpStream, buf: &mut Vec<u8>, i: usize, len: u64) -> Result<()> {
+pub fn get(s: &mut TcpStream, buf: &mut Vec<u8>, i: usize, len: u64) -> Result<()> {
     write!(s, "GET /f{i}.bin HTTP/1.1\r\nHost: {VIP}\r\n\r\n").context("writing the request")?;
     let head_end = loop {
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {

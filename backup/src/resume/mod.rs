@@ -71,6 +71,15 @@ pub struct Restored {
     pub plan: ConnResume,
     /// What resuming takes from the table's entry, read at takeover.
     pub prepared: Prepared,
+    /// Bytes the old primary wrote that never left its kernel, left by the restore for the executor to
+    /// write before anything else ([`tcp_replay::repair::restore_nonblocking_leaving_unsent`]).
+    pub pending: Option<Pending>,
+}
+
+/// The unsent bytes of a restored connection, which its task writes first.
+pub struct Pending {
+    pub bytes: Vec<u8>,
+    pub left: tcp_replay::repair::UnsentLeft,
 }
 
 /// What resuming a connection takes from its table entry. Read from the entry at takeover, so the
@@ -96,7 +105,7 @@ impl Prepared {
 impl Restored {
     pub fn new(stream: std::net::TcpStream, plan: ConnResume, conn: &Conn) -> Restored {
         let prepared = Prepared::of(&plan, conn);
-        Restored { stream, plan, prepared }
+        Restored { stream, plan, prepared, pending: None }
     }
 }
 
@@ -216,7 +225,7 @@ async fn resume<L: ReplyLog + Unpin>(
     observer: Arc<dyn ExchangeObserver>,
     shutdown: ShutdownSignal,
 ) -> ResumeOutcome {
-    let Restored { stream, plan, prepared } = restored;
+    let Restored { stream, plan, prepared, pending } = restored;
     let peer = SocketAddr::V4(plan.conn.client);
     let limits = proxy.limits().clone();
     // A restored connection is never refused, but takes its place among `max_connections`.
@@ -232,7 +241,7 @@ async fn resume<L: ReplyLog + Unpin>(
         closed: None,
         served: None,
     };
-    let stream = match TcpStream::from_std(stream) {
+    let mut stream = match TcpStream::from_std(stream) {
         Ok(stream) => stream,
         Err(e) => {
             error!(error = %e, "cannot register the restored socket with the runtime; closing it");
@@ -241,6 +250,25 @@ async fn resume<L: ReplyLog + Unpin>(
             return outcome;
         }
     };
+    if let Some(Pending { bytes, left }) = pending {
+        // The socket's buffer was sized for them: this returns at once unless the client went away.
+        let written = tokio::time::timeout(limits.send_timeout, stream.write_all(&bytes)).await;
+        if let Err(e) = left.written(&stream) {
+            warn!(error = %e, "cannot hand the restored socket's buffer sizes back to the kernel");
+        }
+        let failed = match written {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some(format!("timed out after {:?}", limits.send_timeout)),
+        };
+        if let Some(e) = failed {
+            warn!(error = %e, bytes = bytes.len(), "the bytes the old primary wrote could not be written; closing");
+            outcome.error = Some(format!("writing the old primary's unsent bytes: {e}"));
+            outcome.closed = Some("failed");
+            drop(Graceful::new(stream));
+            return outcome;
+        }
+    }
     let steps = match prepared.steps {
         Ok(steps) => steps,
         Err(e) => {

@@ -8,6 +8,7 @@ use crate::protocol::Role;
 use crate::replica::{ReplicaTable, TableSummary};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -86,6 +87,9 @@ pub struct FailoverRecord {
     pub connections_restored: u64,
     /// Connections the replica held that could not be rebuilt.
     pub connections_lost: u64,
+    /// Of the restored, how many had their sockets staged by the standby ahead of the takeover (only
+    /// taken out of repair mode; the others were rebuilt whole).
+    pub connections_staged: u64,
 }
 
 impl FailoverRecord {
@@ -160,6 +164,10 @@ pub struct ReplicaStatus {
     /// A digest of every connection's TCP state (sequence numbers, acknowledgements, windows, flags), as
     /// 16 hex digits: the same on both nodes when their tables agree, unchanged while no state moves.
     pub digest: String,
+    /// On a standby, its idle connections' sockets staged for a takeover (rebuilt ahead, in repair mode);
+    /// `null` on a primary.
+    #[serde(default)]
+    pub staged_sockets: Option<u64>,
 }
 
 /// `alarm` in `/status`: raised by the backup's first stand-down, updated by each one after, cleared when
@@ -241,6 +249,9 @@ pub struct FailoverStatus {
     pub total_ms: f64,
     pub connections_restored: u64,
     pub connections_lost: u64,
+    /// Of the restored, how many had sockets staged ahead of the takeover.
+    #[serde(default)]
+    pub connections_staged: u64,
 }
 
 impl From<&FailoverRecord> for FailoverStatus {
@@ -257,6 +268,7 @@ impl From<&FailoverRecord> for FailoverStatus {
             total_ms: ms(r.total),
             connections_restored: r.connections_restored,
             connections_lost: r.connections_lost,
+            connections_staged: r.connections_staged,
         }
     }
 }
@@ -292,6 +304,8 @@ struct Inner {
     switchover: Mutex<Option<tokio::sync::mpsc::UnboundedSender<SwitchoverReply>>>,
     /// The table `/status` summarises.
     replica: Mutex<Option<Arc<Mutex<ReplicaTable>>>>,
+    /// A standby's count of the sockets it staged for a takeover.
+    staged: Mutex<Option<Arc<AtomicUsize>>>,
 }
 
 /// Where a node answers a planned-switchover request of the admin endpoint: an HTTP status and a JSON
@@ -353,6 +367,7 @@ impl AdminState {
                 }),
                 switchover: Mutex::new(None),
                 replica: Mutex::new(None),
+                staged: Mutex::new(None),
             }),
         }
     }
@@ -365,6 +380,16 @@ impl AdminState {
     /// The replica table `/status` summarises (`None`: none now).
     pub fn set_replica(&self, table: Option<Arc<Mutex<ReplicaTable>>>) {
         *self.inner.replica.lock().unwrap_or_else(PoisonError::into_inner) = table;
+    }
+
+    /// Where a standby counts the sockets it staged for a takeover (`None`: it stages none now).
+    pub fn set_staged(&self, count: Option<Arc<AtomicUsize>>) {
+        *self.inner.staged.lock().unwrap_or_else(PoisonError::into_inner) = count;
+    }
+
+    fn staged(&self) -> Option<u64> {
+        let count = self.inner.staged.lock().unwrap_or_else(PoisonError::into_inner);
+        count.as_ref().map(|c| c.load(std::sync::atomic::Ordering::Relaxed) as u64)
     }
 
     /// The summary of the table set with [`AdminState::set_replica`], if any.
@@ -486,6 +511,7 @@ impl AdminState {
     pub fn status(&self, now: Instant) -> NodeStatus {
         // Before the dynamic lock: the two locks are never held together.
         let replica = self.replica();
+        let staged = self.staged();
         let m = &self.inner.metrics;
         let c = m.connections();
         let r = m.replication();
@@ -548,6 +574,7 @@ impl AdminState {
                 bytes: r.bytes,
                 largest_connection_bytes: r.largest_connection_bytes,
                 digest: format!("{:016x}", r.digest),
+                staged_sockets: staged,
             }),
         }
     }
@@ -634,6 +661,13 @@ impl AdminState {
                 "understudy_replica_largest_connection_bytes",
                 "The most bytes one connection holds in this node's replica table.",
                 Value::Uint(r.largest_connection_bytes),
+            );
+        }
+        if let Some(staged) = self.staged() {
+            e.gauge(
+                "understudy_standby_staged_sockets",
+                "Idle connections whose sockets this standby rebuilt ahead of a takeover.",
+                Value::Uint(staged),
             );
         }
 
@@ -883,6 +917,7 @@ mod tests {
                 total: Duration::from_millis(10),
                 connections_restored: 1,
                 connections_lost: 0,
+                connections_staged: 0,
             });
         }
         let st = s.status(now);
@@ -910,6 +945,7 @@ mod tests {
             total: Duration::from_millis(4),
             connections_restored: 7,
             connections_lost: 0,
+            connections_staged: 5,
         });
         let st = s.status(now);
         assert_eq!((st.role, st.epoch, st.failovers.len()), (Role::Primary, 2, 1));
