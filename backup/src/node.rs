@@ -578,9 +578,11 @@ async fn take_over(
     phases.mark("lease");
     // Above every epoch this node has heard of: the primary's at the handshake, and any in its stream.
     let primary_epoch = replica.peer().epoch;
-    let mut table = replica.stop().await;
+    // The stager first: it would take the table the replica hands over for an emptied one, and drop
+    // every socket it staged.
     let staged = Arc::new(stager.map(Stager::stop).unwrap_or_default());
     admin_state.set_staged(None);
+    let mut table = replica.stop().await;
     phases.mark("replica_stop");
     let epoch = table.epoch().max(primary_epoch) + 1;
     if !synced {
