@@ -12,7 +12,7 @@
 
 use anyhow::{Context, Result, bail, ensure};
 use backup::resume::{
-    ContinuationEncoder, EncodeError, InFlight, PrefixCheck, Restored, ResumeOutcome, Steps, resume_connection,
+    ContinuationEncoder, EncodeError, InFlight, Pending, PrefixCheck, Restored, ResumeOutcome, Steps, resume_connection,
 };
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
@@ -38,6 +38,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
+use tcp_replay::repair::UnsentLeft;
 use tcp_replay::segment::SegmentBuilder;
 use tcp_replay::{Dir, Seq, TcpFlags, TcpOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -394,6 +395,11 @@ impl Node {
     /// Restores `plan` onto the server end of a fresh loopback connection whose client end has
     /// already written the plan's receive queue, and runs the executor on it.
     async fn resume(&self, plan: ConnResume, conn: Conn) -> Result<Session> {
+        self.resume_with_pending(plan, conn, None).await
+    }
+
+    /// [`Node::resume`], with `pending` bytes left by the restore for the executor to write first.
+    async fn resume_with_pending(&self, plan: ConnResume, conn: Conn, pending: Option<Vec<u8>>) -> Result<Session> {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
@@ -405,7 +411,8 @@ impl Node {
         client.write_all(&queue.context("a plan holding its bytes (plan_conn)")?).await?;
         let (log, observer) = (RecordingLog::default(), Arc::new(Recorder::default()));
         let (proxy, l, o) = (self.proxy.clone(), log.clone(), observer.clone());
-        let restored = Restored::new(server.into_std()?, plan, &conn);
+        let mut restored = Restored::new(server.into_std()?, plan, &conn);
+        restored.pending = pending.map(|bytes| Pending { bytes, left: UnsentLeft::default() });
         let task =
             tokio::spawn(async move { resume_connection(&proxy, restored, l, o, ShutdownSignal::never()).await });
         Ok(Session { client, got: Vec::new(), task, log, observer })
@@ -970,6 +977,28 @@ async fn get_without_reply_is_resent_and_answered() -> Result<()> {
     assert_eq!(origin.seen().len(), 1);
     let e = node.request(&s.key, 1).await?;
     assert_eq!((e["resume"].as_str(), e["status"].as_u64()), (Some("resend"), Some(200)));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_the_old_primary_never_sent_go_out_first_then_the_connection_serves_on() -> Result<()> {
+    // A takeover leaves a busy connection's unsent bytes (written by the old primary, never transmitted) to
+    // the connection's task: they must reach the client before anything the new primary writes.
+    let origin = Origin::start().await?;
+    let node = Node::new(upstream(origin.addr));
+    let mut s = Script::open();
+    s.answered(0, "/a", b"a");
+    let (plan, conn) = s.plan(&with_key());
+    ensure!(matches!(plan.decision, Decision::Idle), "{:?}", plan.decision);
+    let tail = pattern(9, 300_000);
+    let mut session = node.resume_with_pending(plan, conn, Some(tail.clone())).await?;
+    ensure!(session.read_until(|g| g.len() >= tail.len()).await?, "closed before the unsent bytes");
+    ensure!(session.got == tail, "the unsent bytes arrived altered or followed by others");
+    session.client.write_all(b"GET /plain/5000 HTTP/1.1\r\nHost: o\r\n\r\n").await?;
+    let n = tail.len();
+    ensure!(session.read_until(|g| complete_responses(&g[n..], &["GET"]) == 1).await?);
+    let r = decode(&session.got[n..], &["GET"])?;
+    assert_eq!((r[0].status, r[0].body == pattern(3, 5000)), (200, true));
     Ok(())
 }
 

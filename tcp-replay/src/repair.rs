@@ -765,8 +765,9 @@ pub fn restore_nonblocking_leaving_unsent(
     rebuild(plan, Type::STREAM.nonblocking(), source, Unsent::Leave)
 }
 
-/// The unsent bytes [`restore_nonblocking_leaving_unsent`] left to the caller.
-#[derive(Debug)]
+/// The unsent bytes [`restore_nonblocking_leaving_unsent`] left to the caller. The default has nothing to
+/// hand back (no buffer size was forced for them).
+#[derive(Debug, Default)]
 #[must_use = "the socket's buffer stays forced to the size of the bytes left until `written`"]
 pub struct UnsentLeft {
     forced_buffers: bool,
