@@ -54,6 +54,11 @@ impl StagedSockets {
         self.len() == 0
     }
 
+    /// Whether a socket is staged for `key` and fits `plan` ([`Staged::fits`]).
+    pub fn fits(&self, key: &ConnKey, plan: &RestorePlan) -> bool {
+        lock(&self.sockets).get(key).is_some_and(|s| s.fits(plan))
+    }
+
     /// Takes the socket staged for `key`. Whoever restores a connection takes its staged socket first:
     /// one that does not fit must be dropped before the connection is rebuilt (they share the four-tuple).
     pub fn take(&self, key: &ConnKey) -> Option<Staged> {

@@ -536,12 +536,19 @@ impl Early {
                         None
                     }
                 };
+                // Staged sockets need no address: they leave repair mode now, while the takeover claims and
+                // announces it (nothing is sent before their tasks write, after the takeover).
+                let (early_report, silent) = finish_staged(&t, silent, &st);
                 let batch = Batch::new(&t, silent, &Answers::default());
                 // Without the address a restore cannot bind; `false` or the sender gone: the takeover gave up.
                 if address_rx.recv() != Ok(true) {
+                    early_report.discard();
                     return;
                 }
                 let mut report = batch.restore(&st);
+                let took = report.took + early_report.took;
+                report.merge(early_report);
+                report.took = took;
                 match worker.map(|w| w.join()) {
                     Some(Ok(more)) => {
                         // Restored after the others, not beside them: the times add up.
@@ -643,6 +650,49 @@ impl RestoreReport {
             }
         }
     }
+}
+
+/// Takes the sockets `staged` for `plans` out of repair mode where they fit, which needs no address on this
+/// host yet; the plans left (no staged socket that fits, or one that failed to leave repair mode) are
+/// returned, to be rebuilt once the address is here.
+fn finish_staged(
+    table: &ReplicaTable,
+    plans: Vec<ConnResume>,
+    staged: &StagedSockets,
+) -> (RestoreReport, Vec<ConnResume>) {
+    let started = Instant::now();
+    let mut report = RestoreReport::default();
+    if staged.is_empty() {
+        return (report, plans);
+    }
+    let (ready, mut rest): (Vec<ConnResume>, Vec<ConnResume>) = plans.into_iter().partition(|p| {
+        !p.unconfirmed_handshake
+            && table.conn(&p.conn).is_some()
+            && p.restore.as_ref().is_some_and(|r| staged.fits(&p.conn, r))
+    });
+    let finished = in_parallel("restore", &ready, |p| staged.take(&p.conn).map(|s| s.finish()));
+    for (plan, finished) in ready.into_iter().zip(finished) {
+        match (finished, table.conn(&plan.conn)) {
+            (Some(Ok(stream)), Some(conn)) => {
+                let prepared = Prepared::of(&plan, conn);
+                report.staged += 1;
+                report.restored.push(Restored { stream, plan, prepared, pending: None });
+            }
+            (finished, _) => {
+                match finished {
+                    Some(Err(e)) => {
+                        warn!(conn = %plan.conn.client, error = %e, "a staged socket failed to leave repair mode; rebuilding it")
+                    }
+                    // Its entry went (it cannot while the takeover holds the table): closed without a segment.
+                    Some(Ok(stream)) => drop(repair::vanish(&stream)),
+                    None => {}
+                }
+                rest.push(plan);
+            }
+        }
+    }
+    report.took = started.elapsed();
+    (report, rest)
 }
 
 /// Rebuilds the restorable connections of `plans` (see [`Batch`]), with the sockets `staged` for them

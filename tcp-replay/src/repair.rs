@@ -1031,8 +1031,9 @@ impl Staged {
     }
 
     /// Takes the socket out of repair mode, without a window probe, as [`restore`] would have left it.
-    /// Its address must be on this host by now: it no longer routes from elsewhere. On error the socket
-    /// is closed, silently unless the error came after it left repair mode.
+    /// It sends nothing by itself (no window probe, no timer armed), but its address must be on this host
+    /// before anything is written to it: it no longer routes from elsewhere. On error the socket is
+    /// closed, silently unless the error came after it left repair mode.
     pub fn finish(self) -> Result<TcpStream, RepairError> {
         let fd = self.sock.as_fd();
         set_transparent(fd, false)?;
