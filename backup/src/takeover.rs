@@ -30,7 +30,9 @@
 //! must be announced first, or the answers go to the dead primary's MAC.
 //!
 //! **Restore.** Each connection the planner can restore is rebuilt with `TCP_REPAIR` from the tracker's
-//! plan; the VIP must already be on an interface (repair-mode bind needs a local address). Connections
+//! plan; the VIP must already be on an interface (repair-mode bind needs a local address). An idle
+//! connection whose socket the standby staged ([`crate::staging`]) and that still fits its plan only
+//! leaves repair mode, which sends nothing and so is done before the address is here. Connections
 //! that cannot be restored are logged with the failing step and left to the client's retransmission
 //! (which meets no socket once the hold is gone, and is reset: honest, and counted).
 
