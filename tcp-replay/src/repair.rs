@@ -19,6 +19,10 @@
 //!   consistent while nothing arrives (the product holds inbound segments), and
 //!   a held socket should be [`vanish`]ed promptly.
 //! * Closing or disconnecting a socket in repair mode emits neither FIN nor RST.
+//! * With `IP_TRANSPARENT`, a socket binds and, in repair mode, connects from an
+//!   address this host does not have ([`stage`]); leaving repair mode sends
+//!   nothing with `TCP_REPAIR_OFF_NO_WP`, so that may happen before the address
+//!   arrives, as long as nothing is written until it has.
 //! * `TCP_MAXSEG` read in repair mode returns `mss_clamp`: the MSS the peer
 //!   advertised in its SYN (limited by a `TCP_MAXSEG` set on the socket).
 //! * The low bit of a `TCP_TIMESTAMP` value flags microsecond timestamps (since
