@@ -116,12 +116,7 @@ impl Stager {
         }
     }
 
-    /// Sockets staged now.
-    pub fn staged(&self) -> usize {
-        self.staged.load(Ordering::Relaxed)
-    }
-
-    /// The count [`Stager::staged`] reads, for `/status`.
+    /// How many sockets are staged now, for `/status`.
     pub fn counter(&self) -> Arc<AtomicUsize> {
         self.staged.clone()
     }
@@ -242,14 +237,12 @@ impl Staging {
                 let Some(plan) = table.conn(key).and_then(|c| stageable(c, now)) else { continue };
                 let mark = Mark::of(&plan);
                 let fits = self.sockets.get(key).map(|s| s.fits(&plan));
-                match verdict(fits, mark, self.marks.get(key).copied()) {
-                    Verdict::Keep => {}
-                    Verdict::Stage => to_stage.push(plan),
-                    Verdict::Wait => {}
-                }
                 if fits == Some(false) {
                     self.sockets.remove(key);
                     dropped += 1;
+                }
+                if verdict(fits, mark, self.marks.get(key).copied()) == Verdict::Stage {
+                    to_stage.push(plan);
                 }
                 marks.insert(*key, mark);
             }

@@ -1046,14 +1046,12 @@ fn an_idle_connection_staged_before_its_address_is_here_is_taken_over_without_a_
     let mut moved = plan.clone();
     moved.rcv_nxt = moved.rcv_nxt + 18;
     assert!(!staged.fits(&moved), "a staged socket fits only the connection as it was");
-    thread::sleep(Duration::from_millis(30));
     assert_eq!(state(&client)?, TcpState::Established);
 
     // The takeover: the socket leaves repair mode (which sends nothing, so it need not wait for the
     // address), then the address arrives.
     let restored = staged.finish()?;
     restored.set_nonblocking(false)?; // staged for an event loop
-    thread::sleep(Duration::from_millis(30));
     run(&["ip", "-n", &net.server, "addr", "add", &format!("{SERVER_IP}/32"), "dev", &net.server_if])?;
     assert_eq!(server_output(&net)?, 0, "a staged socket sent something");
     // A listener can bind the port beside it (SO_REUSEADDR, as after a restore; a checkpoint drops it).
