@@ -837,6 +837,7 @@ fn proxy_config(config: &NodeConfig) -> ProxyConfig {
             body_min_rate: l.body_min_rate,
             reply_window: l.reply_window(),
             client_send_buffer: Some(l.client_send_buffer()),
+            client_unsent_bytes: Some(l.client_unsent_bytes()),
             ..Limits::default()
         },
     }

@@ -131,6 +131,7 @@ fn minimal_flags_get_documented_defaults() {
     assert_eq!((l.header_read_timeout, l.idle_timeout), (Duration::from_secs(10), Duration::from_secs(60)));
     assert_eq!((l.body_read_timeout, l.body_min_rate), (Duration::from_secs(20), 500));
     assert_eq!((l.replica_bytes_per_connection, l.reply_window(), l.client_send_buffer()), (1 << 20, 1 << 19, 1 << 18));
+    assert_eq!(l.client_unsent_bytes(), 1 << 17);
     assert_eq!((config.queues.inbound, config.queues.outbound), (7701, 7702));
     let r = &config.replication;
     assert_eq!((r.max_frame_bytes, r.ack_max_records, r.ack_max_delay), (4 << 20, 64, Duration::ZERO));

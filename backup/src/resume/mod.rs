@@ -280,7 +280,7 @@ async fn resume<L: ReplyLog + Unpin>(
         }
     };
     outcome.queued = steps.queued.clone();
-    primary::proxy::set_send_buffer(&stream, limits.client_send_buffer, peer);
+    primary::proxy::shape_client_socket(&stream, &limits, peer);
     let io = LoggedIo::with_offset(Graceful::new(stream), log, steps.reply_offset).with_window(limits.reply_window);
     let mut client = ClientIo::new(io, plan.recv_start);
     if plan.decision.exchange().is_some() || !steps.queued.is_empty() {

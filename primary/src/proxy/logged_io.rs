@@ -6,8 +6,10 @@
 //! backup holds it. Bytes reach the socket exactly once, in order, at the offsets that were
 //! logged. Reads pass straight through: inbound bytes are protected by the gate, below TCP.
 //!
-//! Back-pressure: at most `window` bytes may be appended but not yet written to the socket;
-//! beyond that `poll_write` returns `Pending` until the log accepts and the socket drains.
+//! Back-pressure: at most `window` bytes may be appended but not yet written to the socket,
+//! and only [`AHEAD_OF_A_FULL_SOCKET`] while the socket takes no more (a slow reader): logging
+//! further ahead of it would only grow both nodes' state, not the client's rate. Beyond that
+//! `poll_write` returns `Pending` until the log accepts and the socket drains.
 //! `poll_flush` and `poll_shutdown` complete only when every accepted byte was logged and
 //! written. Bytes taken by `poll_write` (it returned `Ok(n)`) are owned by the wrapper, so
 //! the `AsyncWrite` contract holds: `Pending` always means "nothing taken".
@@ -56,6 +58,9 @@ impl ReplyLog for NoLog {
 pub const DEFAULT_WINDOW: usize = 1 << 20;
 /// Largest single append: a larger `poll_write` is taken in several pieces.
 const MAX_APPEND: usize = 64 * 1024;
+/// Bound on bytes appended but not yet written while the socket refuses more (its last write was
+/// `Pending`): enough to refill it at once when it drains, while the next appends are acknowledged.
+pub const AHEAD_OF_A_FULL_SOCKET: usize = MAX_APPEND;
 
 type AckFuture<E> = Pin<Box<dyn Future<Output = Result<(), E>> + Send>>;
 
@@ -79,6 +84,8 @@ pub struct LoggedIo<T, L: ReplyLog> {
     /// Bytes in `queue` not yet written to the socket.
     queued: usize,
     window: usize,
+    /// The socket's last write was `Pending`: it takes no more for now.
+    socket_full: bool,
     /// A refused append or a socket error: every later call fails the same way.
     failed: Option<(io::ErrorKind, String)>,
 }
@@ -100,6 +107,7 @@ impl<T, L: ReplyLog> LoggedIo<T, L> {
             queue: VecDeque::new(),
             queued: 0,
             window: DEFAULT_WINDOW,
+            socket_full: false,
             failed: None,
         }
     }
@@ -161,7 +169,9 @@ impl<T: AsyncWrite + Unpin, L: ReplyLog> LoggedIo<T, L> {
                 }
             }
             while head.written < head.bytes.len() {
-                match ready!(Pin::new(&mut self.inner).poll_write(cx, &head.bytes[head.written..])) {
+                let written = Pin::new(&mut self.inner).poll_write(cx, &head.bytes[head.written..]);
+                self.socket_full = written.is_pending();
+                match ready!(written) {
                     Ok(0) => return Poll::Ready(Err(self.fail(io::ErrorKind::WriteZero.into()))),
                     Ok(n) => {
                         head.written += n;
@@ -202,7 +212,8 @@ impl<T: AsyncWrite + Unpin, L: ReplyLog> LoggedIo<T, L> {
             return Poll::Ready(Ok(MAX_APPEND));
         }
         // poll_drain returned Pending here, so the waker is registered.
-        match self.window.saturating_sub(self.queued) {
+        let bound = if self.socket_full { self.window.min(AHEAD_OF_A_FULL_SOCKET) } else { self.window };
+        match bound.saturating_sub(self.queued) {
             0 => Poll::Pending,
             room => Poll::Ready(Ok(room.min(MAX_APPEND))),
         }
@@ -436,6 +447,57 @@ mod tests {
         let mut buf = [0u8; 16];
         let read = tokio::time::timeout(std::time::Duration::from_millis(50), client.read(&mut buf)).await;
         assert!(read.is_err(), "nothing may reach the socket");
+    }
+
+    #[tokio::test]
+    async fn a_socket_that_takes_no_more_is_logged_ahead_of_by_little_and_then_gets_everything() {
+        let (mut client, server) = tokio::io::duplex(8192);
+        let log = HeldLog::default();
+        let window = 256 * 1024;
+        let mut io = LoggedIo::new(server, log.clone()).with_window(window);
+        let data = pattern(2 << 20);
+        // Every append is acknowledged as it comes: the socket alone holds the bytes back.
+        let releaser = {
+            let log = log.clone();
+            tokio::spawn(async move {
+                loop {
+                    while log.release_one() {}
+                    tokio::task::yield_now().await;
+                }
+            })
+        };
+        // The client reads 400 kB and stops until told to read the rest.
+        let (first_tx, first_rx) = oneshot::channel();
+        let (go_tx, go_rx) = oneshot::channel::<()>();
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; 400 * 1024];
+            client.read_exact(&mut got).await.unwrap();
+            first_tx.send(()).unwrap();
+            go_rx.await.unwrap();
+            client.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        tokio::select! {
+            _ = io.write_all(&data) => panic!("all of it written though the client read only part"),
+            _ = first_rx => {}
+        }
+        // It stopped reading: the socket fills and the wrapper logs little ahead of it, whatever the window.
+        let taken = io.offset() as usize;
+        let stalled = tokio::time::timeout(std::time::Duration::from_millis(100), io.write_all(&data[taken..])).await;
+        assert!(stalled.is_err(), "write_all must stall while the client does not read");
+        let ahead = io.offset() - io.written();
+        assert!(
+            ahead <= (AHEAD_OF_A_FULL_SOCKET + MAX_APPEND) as u64,
+            "{ahead} bytes logged ahead of a socket that takes no more (window {window})"
+        );
+        // Once the client reads on, everything arrives, in order.
+        go_tx.send(()).unwrap();
+        let taken = io.offset() as usize;
+        io.write_all(&data[taken..]).await.unwrap();
+        io.shutdown().await.unwrap();
+        drop(io);
+        assert_eq!(reader.await.unwrap(), data);
+        releaser.abort();
     }
 
     #[tokio::test]

@@ -46,7 +46,7 @@ pub use logged_io::{LoggedIo, NoLog, ReplyLog};
 pub use request_log::{RequestLog, RequestLogEntry, RequestLogError};
 pub use server::{
     ConnectionEnd, ConnectionSummary, ExchangeOverride, Replay, ReplayError, ResumeFrom, ResumedExchange,
-    ShutdownSignal, ShutdownTrigger, set_send_buffer,
+    ShutdownSignal, ShutdownTrigger, shape_client_socket,
 };
 pub use static_files::{StaticFiles, StaticRootError};
 pub use upstream::{LoggedKey, RangeFrom, Refetch, RefetchError, Refetched};
@@ -95,6 +95,9 @@ pub struct Limits {
     pub reply_window: usize,
     /// `SO_SNDBUF` of client sockets (the kernel doubles it); `None` leaves the kernel's autotuning.
     pub client_send_buffer: Option<usize>,
+    /// `TCP_NOTSENT_LOWAT` of client sockets: bytes the kernel holds for a client beyond those in flight;
+    /// `None` leaves the kernel's default (no bound below the send buffer).
+    pub client_unsent_bytes: Option<u32>,
     /// Client connections served at once, restored ones included; beyond it: 503 and close.
     pub max_connections: usize,
     /// Waiting on a request body this long must have brought `body_min_rate` bytes per second;
@@ -119,6 +122,7 @@ impl Default for Limits {
             drain_timeout: Duration::from_secs(10),
             reply_window: logged_io::DEFAULT_WINDOW,
             client_send_buffer: None,
+            client_unsent_bytes: None,
             max_connections: 10_000,
             body_read_timeout: Duration::from_secs(20),
             body_min_rate: 500,

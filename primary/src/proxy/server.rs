@@ -835,7 +835,7 @@ impl Proxy {
                     Ok((stream, peer)) => {
                         // Replies are already batched by hyper; Nagle would only add latency.
                         let _ = stream.set_nodelay(true);
-                        set_send_buffer(&stream, self.inner.limits.client_send_buffer, peer);
+                        shape_client_socket(&stream, &self.inner.limits, peer);
                         let slot = self.try_slot();
                         let local = match stream.local_addr() {
                             Ok(local) => local,
@@ -957,12 +957,21 @@ impl Proxy {
     }
 }
 
-/// Caps the socket's send buffer, and so the reply bytes its replica holds written but unacknowledged.
-pub fn set_send_buffer(stream: &tokio::net::TcpStream, bytes: Option<usize>, peer: SocketAddr) {
-    if let Some(bytes) = bytes
-        && let Err(e) = socket2::SockRef::from(stream).set_send_buffer_size(bytes)
+/// Caps what the kernel holds for a client: its send buffer (`SO_SNDBUF`), and so the reply bytes the
+/// replica holds written but unacknowledged, and of those the bytes not yet sent (`TCP_NOTSENT_LOWAT`: the
+/// socket takes more only below it). A slow reader's socket then holds little more than what is in flight;
+/// the rest of its response waits upstream instead of in both nodes' memory.
+pub fn shape_client_socket(stream: &tokio::net::TcpStream, limits: &Limits, peer: SocketAddr) {
+    let sock = socket2::SockRef::from(stream);
+    if let Some(bytes) = limits.client_send_buffer
+        && let Err(e) = sock.set_send_buffer_size(bytes)
     {
         tracing::warn!(conn = %peer, bytes, error = %e, "cannot cap the client socket's send buffer");
+    }
+    if let Some(bytes) = limits.client_unsent_bytes
+        && let Err(e) = sock.set_tcp_notsent_lowat(bytes)
+    {
+        tracing::warn!(conn = %peer, bytes, error = %e, "cannot cap the client socket's unsent bytes");
     }
 }
 

@@ -121,6 +121,12 @@ pub struct NodeStatus {
     pub peer: PeerState,
     /// The peer's node name, when there is one.
     pub peer_node: Option<String>,
+    /// When `peer` last changed (RFC 3339, UTC, and Unix milliseconds): since when the pair is protected,
+    /// syncing, or alone; `null` while it never changed.
+    #[serde(default)]
+    pub peer_since: Option<String>,
+    #[serde(default)]
+    pub peer_since_unix_ms: Option<u64>,
     /// Is the pair protected right now: would a failure of either node lose no connection
     /// that can be protected? True exactly when the peer is `connected`.
     pub protected: bool,
@@ -318,6 +324,8 @@ struct Dynamic {
     epoch: u64,
     peer: PeerState,
     peer_node: Option<String>,
+    /// When `peer` last changed.
+    peer_since: Option<SystemTime>,
     failovers_total: u64,
     failovers: VecDeque<FailoverRecord>,
     alarm: Option<StandDownAlarm>,
@@ -360,6 +368,7 @@ impl AdminState {
                     epoch,
                     peer: PeerState::None,
                     peer_node: None,
+                    peer_since: None,
                     failovers_total: 0,
                     failovers: VecDeque::new(),
                     alarm: None,
@@ -433,6 +442,9 @@ impl AdminState {
     /// clears `peer_lost`.
     pub fn set_peer(&self, peer: PeerState, node: Option<&str>) {
         let mut d = self.dynamic();
+        if d.peer != peer {
+            d.peer_since = Some(SystemTime::now());
+        }
         d.peer = peer;
         d.peer_node = if peer == PeerState::None { None } else { node.map(str::to_owned) };
         if peer != PeerState::None {
@@ -527,6 +539,8 @@ impl AdminState {
             epoch: d.epoch,
             peer: d.peer,
             peer_node: d.peer_node.clone(),
+            peer_since: d.peer_since.map(|at| wall(at).0),
+            peer_since_unix_ms: d.peer_since.map(|at| wall(at).1),
             protected: d.peer == PeerState::Connected,
             uptime_ms: u64::try_from(now.saturating_duration_since(self.inner.started).as_millis()).unwrap_or(u64::MAX),
             connections: ConnectionsStatus {
@@ -900,6 +914,27 @@ mod tests {
         assert!(s.render_metrics(now).contains("\nunderstudy_protected 1\n"));
         s.set_peer(PeerState::None, Some("ignored"));
         assert_eq!(s.status(now).peer_node, None);
+    }
+
+    #[test]
+    fn peer_since_moves_only_when_the_peer_state_changes() {
+        let now = Instant::now();
+        let s = state(now);
+        assert_eq!(s.status(now).peer_since_unix_ms, None);
+        let before = wall(SystemTime::now()).1;
+        s.set_peer(PeerState::Syncing, Some("n2"));
+        let syncing = s.status(now).peer_since_unix_ms.expect("set by the change");
+        assert!(syncing >= before);
+        // Repeating the same state (as a primary does at every change of its commit core) keeps the time.
+        let mut d = s.dynamic();
+        d.peer_since = Some(UNIX_EPOCH + Duration::from_millis(syncing - 1));
+        drop(d);
+        s.set_peer(PeerState::Syncing, Some("n2"));
+        assert_eq!(s.status(now).peer_since_unix_ms, Some(syncing - 1));
+        s.set_peer(PeerState::Connected, Some("n2"));
+        let st = s.status(now);
+        assert!(st.peer_since_unix_ms.expect("changed") >= syncing);
+        assert!(st.peer_since.expect("changed").ends_with('Z'));
     }
 
     #[test]
