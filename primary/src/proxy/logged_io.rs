@@ -6,10 +6,11 @@
 //! backup holds it. Bytes reach the socket exactly once, in order, at the offsets that were
 //! logged. Reads pass straight through: inbound bytes are protected by the gate, below TCP.
 //!
-//! Back-pressure: at most `window` bytes may be appended but not yet written to the socket,
-//! and only [`AHEAD_OF_A_FULL_SOCKET`] while the socket takes no more (a slow reader): logging
-//! further ahead of it would only grow both nodes' state, not the client's rate. Beyond that
-//! `poll_write` returns `Pending` until the log accepts and the socket drains.
+//! Back-pressure: at most `window` bytes may be appended but not yet written to the socket; only
+//! [`AHEAD_OF_A_FULL_SOCKET`] while the socket takes no more (a slow reader), and no more than that
+//! plus what the socket has taken so far (a new connection's socket has yet to show it drains).
+//! Logging further ahead of a socket would only grow both nodes' state, not the client's rate.
+//! Beyond that `poll_write` returns `Pending` until the log accepts and the socket drains.
 //! `poll_flush` and `poll_shutdown` complete only when every accepted byte was logged and
 //! written. Bytes taken by `poll_write` (it returned `Ok(n)`) are owned by the wrapper, so
 //! the `AsyncWrite` contract holds: `Pending` always means "nothing taken".
@@ -59,7 +60,8 @@ pub const DEFAULT_WINDOW: usize = 1 << 20;
 /// Largest single append: a larger `poll_write` is taken in several pieces.
 const MAX_APPEND: usize = 64 * 1024;
 /// Bound on bytes appended but not yet written while the socket refuses more (its last write was
-/// `Pending`): enough to refill it at once when it drains, while the next appends are acknowledged.
+/// `Pending`), and the first step of a new connection's window: enough to refill the socket at once
+/// when it drains, while the next appends are acknowledged.
 pub const AHEAD_OF_A_FULL_SOCKET: usize = MAX_APPEND;
 
 type AckFuture<E> = Pin<Box<dyn Future<Output = Result<(), E>> + Send>>;
@@ -80,6 +82,8 @@ pub struct LoggedIo<T, L: ReplyLog> {
     next_offset: u64,
     /// Bytes written to the socket so far (= offset of the oldest unwritten byte).
     written: u64,
+    /// `written` when the wrapper was made.
+    start: u64,
     queue: VecDeque<Entry<L::Error>>,
     /// Bytes in `queue` not yet written to the socket.
     queued: usize,
@@ -104,6 +108,7 @@ impl<T, L: ReplyLog> LoggedIo<T, L> {
             log,
             next_offset: offset,
             written: offset,
+            start: offset,
             queue: VecDeque::new(),
             queued: 0,
             window: DEFAULT_WINDOW,
@@ -200,6 +205,15 @@ impl<T: AsyncWrite + Unpin, L: ReplyLog> LoggedIo<T, L> {
         Ok(n)
     }
 
+    /// Bytes that may be appended but not yet written now (see the module's documentation).
+    fn ahead_bound(&self) -> usize {
+        if self.socket_full {
+            return self.window.min(AHEAD_OF_A_FULL_SOCKET);
+        }
+        let proven = usize::try_from(self.written - self.start).unwrap_or(usize::MAX);
+        self.window.min(AHEAD_OF_A_FULL_SOCKET.saturating_add(proven))
+    }
+
     /// How many more bytes may be taken now; 0 means `Pending` (the waker is registered).
     fn poll_room(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         if let Some(e) = self.error() {
@@ -212,8 +226,7 @@ impl<T: AsyncWrite + Unpin, L: ReplyLog> LoggedIo<T, L> {
             return Poll::Ready(Ok(MAX_APPEND));
         }
         // poll_drain returned Pending here, so the waker is registered.
-        let bound = if self.socket_full { self.window.min(AHEAD_OF_A_FULL_SOCKET) } else { self.window };
-        match bound.saturating_sub(self.queued) {
+        match self.ahead_bound().saturating_sub(self.queued) {
             0 => Poll::Pending,
             room => Poll::Ready(Ok(room.min(MAX_APPEND))),
         }
@@ -466,10 +479,12 @@ mod tests {
                 }
             })
         };
-        // The client reads 400 kB and stops until told to read the rest.
+        // The client reads nothing at first; then 400 kB, and stops until told to read the rest.
+        let (start_tx, start_rx) = oneshot::channel::<()>();
         let (first_tx, first_rx) = oneshot::channel();
         let (go_tx, go_rx) = oneshot::channel::<()>();
         let reader = tokio::spawn(async move {
+            start_rx.await.unwrap();
             let mut got = vec![0u8; 400 * 1024];
             client.read_exact(&mut got).await.unwrap();
             first_tx.send(()).unwrap();
@@ -477,13 +492,24 @@ mod tests {
             client.read_to_end(&mut got).await.unwrap();
             got
         });
+        let stall = std::time::Duration::from_millis(100);
+        // A new connection is not logged a window ahead of a socket that has yet to take anything.
+        assert!(tokio::time::timeout(stall, io.write_all(&data)).await.is_err(), "nothing read, all written");
+        let ahead = io.offset() - io.written();
+        assert_eq!(io.written(), 8192, "the socket took what it holds");
+        assert!(
+            ahead <= (AHEAD_OF_A_FULL_SOCKET + MAX_APPEND) as u64 + 8192,
+            "{ahead} bytes logged ahead of a new connection's socket that took 8192 (window {window})"
+        );
+        start_tx.send(()).unwrap();
+        let taken = io.offset() as usize;
         tokio::select! {
-            _ = io.write_all(&data) => panic!("all of it written though the client read only part"),
+            _ = io.write_all(&data[taken..]) => panic!("all of it written though the client read only part"),
             _ = first_rx => {}
         }
         // It stopped reading: the socket fills and the wrapper logs little ahead of it, whatever the window.
         let taken = io.offset() as usize;
-        let stalled = tokio::time::timeout(std::time::Duration::from_millis(100), io.write_all(&data[taken..])).await;
+        let stalled = tokio::time::timeout(stall, io.write_all(&data[taken..])).await;
         assert!(stalled.is_err(), "write_all must stall while the client does not read");
         let ahead = io.offset() - io.written();
         assert!(
