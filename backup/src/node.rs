@@ -52,6 +52,7 @@ use shared::replica::Decision;
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -677,7 +678,7 @@ async fn take_over(
         // spawned: thousands of them take a while, and the spawning must not share the CPU with them.
         let prompts = if prompt { takeover_prompts(&restored) } else { Vec::new() };
         phases.mark("prompts");
-        let tasks = resume_all(serving, restored, record_admin.clone());
+        let tasks = resume_all(serving, restored, record_admin.clone(), record.fenced_at());
         phases.mark("tasks");
         record.restored(Instant::now(), restored_count);
         record_admin.took_over(shared::admin::FailoverRecord {
@@ -703,43 +704,84 @@ async fn take_over(
             %phases,
             "took over: serving as primary"
         );
-        prompt_clients(vip, prompts, record_admin);
+        // The clients' retransmission timers may have run since the old primary was last heard from.
+        prompt_clients(vip, prompts, record.last_heard(), record_admin);
         tasks
     };
     primary::node::serve_after_takeover(config.clone(), taken, resume, shutdown).await.map_err(BackupError::Serving)
 }
 
 /// Starts the resume executor on every restored connection.
-fn resume_all(serving: &Serving, restored: Vec<Restored>, admin_state: AdminState) -> Vec<JoinHandle<()>> {
+fn resume_all(
+    serving: &Serving,
+    restored: Vec<Restored>,
+    admin_state: AdminState,
+    fenced_at: Instant,
+) -> Vec<JoinHandle<()>> {
     // Busy connections (a request or a reply in flight) are spawned last. A runtime thread that spawns
     // thousands of tasks keeps the newest in its own queue and moves the oldest to the shared one, which
     // its threads look at only now and then: spawned first, a busy connection's first poll waited behind
-    // thousands of idle ones (0.6 s at 10 000).
-    let (mut busy, idle): (Vec<Restored>, Vec<Restored>) = restored.into_iter().partition(|r| {
+    // thousands of idle ones (0.6 s at 10 000). The idle ones are spawned as they come (they are most of
+    // them: sorting them into a vector of their own would copy them all once more).
+    let mut tasks = Vec::with_capacity(restored.len());
+    let mut busy = Vec::new();
+    let started = Arc::new(TasksStarted { left: AtomicUsize::new(restored.len()), fenced_at });
+    for r in restored {
         let p = &r.plan;
-        p.decision.exchange().is_some()
+        let is_busy = p.decision.exchange().is_some()
             || !p.queued.is_empty()
-            || p.restore.as_ref().is_some_and(|t| !t.send_queue.is_empty() || !t.recv_queue.is_empty())
-    });
-    let mut ordered = idle;
-    ordered.append(&mut busy);
-    ordered
-        .into_iter()
-        .map(|r| {
-            let hooks = serving.hooks.clone();
-            let proxy = serving.proxy.clone();
-            let signal: ShutdownSignal = serving.shutdown.clone();
-            let admin_state = admin_state.clone();
-            // The connection's hooks and span are made by the task's first poll, on a worker thread: with
-            // ten thousand connections they would take tens of milliseconds of the takeover here.
-            tokio::spawn(async move {
-                let key = r.plan.conn;
-                let (log, observer) = hooks.open(SocketAddr::V4(key.client), SocketAddr::V4(key.server));
-                let span = tracing::info_span!("conn", conn = %key.client, resumed = true);
-                resume_one(proxy, r, log, observer, signal, admin_state).instrument(span).await
-            })
+            || p.restore.as_ref().is_some_and(|t| !t.send_queue.is_empty() || !t.recv_queue.is_empty());
+        if is_busy {
+            busy.push(r);
+        } else {
+            tasks.push(spawn_resume(serving, r, &admin_state, &started));
+        }
+    }
+    tasks.extend(busy.into_iter().map(|r| spawn_resume(serving, r, &admin_state, &started)));
+    tasks
+}
+
+/// Counts the restored connections whose task has not started yet, and says when the last one did: the
+/// takeover's restore time ends once every task is spawned; its connection is served once it runs.
+struct TasksStarted {
+    left: AtomicUsize,
+    fenced_at: Instant,
+}
+
+impl TasksStarted {
+    fn started(&self) {
+        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            info!(since_fence = ?self.fenced_at.elapsed(), "every restored connection's task has started");
+        }
+    }
+}
+
+/// Spawns the task that serves one restored connection.
+fn spawn_resume(
+    serving: &Serving,
+    r: Restored,
+    admin_state: &AdminState,
+    started: &Arc<TasksStarted>,
+) -> JoinHandle<()> {
+    let started = started.clone();
+    let hooks = serving.hooks.clone();
+    let proxy = serving.proxy.clone();
+    let signal: ShutdownSignal = serving.shutdown.clone();
+    let admin_state = admin_state.clone();
+    // The connection's hooks and span are made by the task's first poll, on a worker thread: with ten
+    // thousand connections they would take tens of milliseconds of the takeover here. The task's state is
+    // boxed by that poll too: a task is allocated at the size of its future's largest state (1.6 kB
+    // unboxed), fresh pages the spawning thread would fault in, ten thousand times over.
+    tokio::spawn(async move {
+        started.started();
+        Box::pin(async move {
+            let key = r.plan.conn;
+            let (log, observer) = hooks.open(SocketAddr::V4(key.client), SocketAddr::V4(key.server));
+            let span = tracing::info_span!("conn", conn = %key.client, resumed = true);
+            resume_one(proxy, r, log, observer, signal, admin_state).instrument(span).await
         })
-        .collect()
+        .await
+    })
 }
 
 /// Serves one restored connection to its end and counts how it resumed.
@@ -784,16 +826,17 @@ fn takeover_prompts(restored: &[Restored]) -> Vec<Prompt> {
 
 /// Prompts the restored clients to retransmit what they sent during the outage (see [`prompt`]), off the
 /// runtime's workers: thousands of connections take a while and serving must not wait for it.
-fn prompt_clients(vip: Ipv4Addr, prompts: Vec<Prompt>, admin_state: AdminState) {
+fn prompt_clients(vip: Ipv4Addr, prompts: Vec<Prompt>, silent_since: Instant, admin_state: AdminState) {
     if prompts.is_empty() {
         return;
     }
     tokio::task::spawn_blocking(move || {
         let started = Instant::now();
-        match prompt::send(vip, &prompts) {
+        let burst = prompt::burst_for(started.saturating_duration_since(silent_since));
+        match prompt::send(vip, &prompts, burst) {
             Ok(report) => {
                 admin_state.metrics().retransmit_prompts.add(report.prompted);
-                info!(prompted = report.prompted, took = ?started.elapsed(), "clients prompted to retransmit");
+                info!(prompted = report.prompted, burst, took = ?started.elapsed(), "clients prompted to retransmit");
                 if report.failed > 0 {
                     warn!(
                         failed = report.failed,

@@ -17,6 +17,7 @@
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::Duration;
 
 use pnet_packet::MutablePacket;
 use pnet_packet::icmp::destination_unreachable::{IcmpCodes, MutableDestinationUnreachablePacket};
@@ -27,9 +28,25 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tcp_replay::TcpState;
 use tcp_replay::plan::RestorePlan;
 
-/// Messages per connection: each undoes one backoff step, so this many cover an outage of up to
+/// Most messages per connection: each undoes one backoff step, so this many cover an outage of up to
 /// 200 ms × (2^6 − 1) = 12.6 s at the minimum retransmission timeout.
 pub const BURST: usize = 6;
+
+/// Linux's smallest retransmission timeout (`TCP_RTO_MIN`): no client backs off faster.
+const RTO_MIN: Duration = Duration::from_millis(200);
+
+/// Messages per connection after an outage of `outage` (from the old primary's last sign of life to the
+/// prompts): one per backoff step a client can have taken meanwhile (its timeouts come at 200 ms × (2^k − 1)
+/// at the fastest), and one more, at most [`BURST`]. A takeover of 10 000 connections sends 20 000 after a
+/// usual outage of a few hundred milliseconds instead of 60 000, on the CPU its restored connections'
+/// first requests need.
+pub fn burst_for(outage: Duration) -> usize {
+    let mut steps = 0;
+    while steps < BURST - 1 && RTO_MIN * ((1u32 << (steps + 1)) - 1) <= outage {
+        steps += 1;
+    }
+    steps + 1
+}
 
 /// ICMP header (8) + quoted IPv4 header (20) + the first 8 bytes of the quoted TCP header.
 pub const MESSAGE_LEN: usize = 8 + 20 + 8;
@@ -99,9 +116,10 @@ pub struct PromptReport {
     pub last_error: Option<String>,
 }
 
-/// Sends every prompt's burst from `source` (the VIP) through a raw ICMP socket. Blocking: run it off
+/// Sends every prompt's burst (`burst` messages, see [`burst_for`]) from `source` (the VIP) through a raw
+/// ICMP socket. Blocking: run it off
 /// the runtime's worker threads. Fails only when the socket cannot be made (no `CAP_NET_RAW`).
-pub fn send(source: Ipv4Addr, prompts: &[Prompt]) -> io::Result<PromptReport> {
+pub fn send(source: Ipv4Addr, prompts: &[Prompt], burst: usize) -> io::Result<PromptReport> {
     let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?;
     socket.bind(&SockAddr::from(SocketAddrV4::new(source, 0)))?;
     let mut report = PromptReport::default();
@@ -109,7 +127,7 @@ pub fn send(source: Ipv4Addr, prompts: &[Prompt]) -> io::Result<PromptReport> {
         let message = p.message();
         let to = SockAddr::from(SocketAddrV4::new(*p.client.ip(), 0));
         let mut error = None;
-        for _ in 0..BURST {
+        for _ in 0..burst {
             if let Err(e) = socket.send_to(&message, &to) {
                 error = Some(format!("{}: {e}", p.client));
             }
@@ -153,6 +171,20 @@ mod tests {
         assert_eq!(u16::from_be_bytes([tcp[0], tcp[1]]), 40000);
         assert_eq!(u16::from_be_bytes([tcp[2], tcp[3]]), 80);
         assert_eq!(u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]), 0xfedc_ba98);
+    }
+
+    #[test]
+    fn the_burst_undoes_every_backoff_step_the_outage_allowed_and_one_more() {
+        let ms = Duration::from_millis;
+        // Timeouts at 200, 600, 1400, 3000, 6200 ms (RTO doubling from 200 ms).
+        assert_eq!(burst_for(ms(0)), 1);
+        assert_eq!(burst_for(ms(199)), 1);
+        assert_eq!(burst_for(ms(200)), 2);
+        assert_eq!(burst_for(ms(599)), 2);
+        assert_eq!(burst_for(ms(600)), 3);
+        assert_eq!(burst_for(ms(1400)), 4);
+        assert_eq!(burst_for(ms(6200)), BURST);
+        assert_eq!(burst_for(Duration::from_secs(3600)), BURST);
     }
 
     #[test]

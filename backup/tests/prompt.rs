@@ -12,7 +12,7 @@ use backup::prompt::{self, Prompt};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use understudy_tests::harness::{Testbed, is_root, testbed_id, wait_until};
 use understudy_tests::netns::Netns;
 
@@ -77,6 +77,7 @@ fn a_prompted_client_resends_at_once_while_an_unprompted_one_waits_for_its_timer
     // The outage: the server hears nothing of what the clients send.
     let drop_rule = ["-p", "tcp", "--dport", "8123", "-j", "DROP"];
     bed.exec("server", &[&["iptables", "-I", "INPUT"][..], &drop_rule[..]].concat())?;
+    let outage_began = Instant::now();
     let lost_a = vec![b'a'; 1000];
     let lost_b = vec![b'b'; 1000];
     client_a.write_all(&lost_a)?;
@@ -101,7 +102,8 @@ fn a_prompted_client_resends_at_once_while_an_unprompted_one_waits_for_its_timer
     bed.exec("server", &[&["iptables", "-D", "INPUT"][..], &drop_rule[..]].concat())?;
     let report = {
         let _in = Netns::enter(&bed.ns("server"))?;
-        prompt::send(SERVER, &[p])?
+        // As many messages as the outage allowed backoff steps (and one more): enough to undo them all.
+        prompt::send(SERVER, &[p], prompt::burst_for(outage_began.elapsed()))?
     };
     assert_eq!(report, prompt::PromptReport { prompted: 1, ..Default::default() });
 

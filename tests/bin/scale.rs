@@ -596,6 +596,14 @@ fn log_count(dir: &std::path::Path, stem: &str, needle: &str) -> usize {
         .count()
 }
 
+/// When the new primary's last restored connection's task first ran, after the fence, as its log says it.
+fn tasks_started(dir: &std::path::Path, stem: &str) -> Option<String> {
+    let log = fs::read_to_string(dir.join(format!("{stem}.log"))).ok()?;
+    let line = log.lines().rfind(|l| l.contains("every restored connection's task has started"))?;
+    let at = line.find("since_fence=")? + "since_fence=".len();
+    Some(line[at..].split_whitespace().next()?.to_owned())
+}
+
 fn describe_snapshot(s: &(u64, u64, String)) -> String {
     format!("{} connections, ≈ {:.1} MB, built in {}", s.0, s.1 as f64 / MB, s.2)
 }
@@ -1104,6 +1112,10 @@ fn scale(cli: &Cli) -> Result<bool> {
         num("restore_ms") * 1e3 / restored.max(1) as f64
     );
     println!("  total     {:>9.1} ms", num("total_ms"));
+    match tasks_started(&dir, &spare_stem) {
+        Some(t) => println!("  every restored connection's task running {t} after the fence (new primary's log)"),
+        None => println!("  (no \"task has started\" line in the new primary's log)"),
+    }
     println!(
         "  connections restored {restored}, lost {}; {} of them staged on the standby ahead of the takeover",
         f["connections_lost"], f["connections_staged"]
