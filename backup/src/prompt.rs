@@ -117,8 +117,8 @@ pub struct PromptReport {
 }
 
 /// Sends every prompt's burst (`burst` messages, see [`burst_for`]) from `source` (the VIP) through a raw
-/// ICMP socket. Blocking: run it off
-/// the runtime's worker threads. Fails only when the socket cannot be made (no `CAP_NET_RAW`).
+/// ICMP socket. Blocking: run it off the runtime's worker threads. Fails only when the socket cannot be
+/// made (no `CAP_NET_RAW`).
 pub fn send(source: Ipv4Addr, prompts: &[Prompt], burst: usize) -> io::Result<PromptReport> {
     let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?;
     socket.bind(&SockAddr::from(SocketAddrV4::new(source, 0)))?;
