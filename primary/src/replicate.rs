@@ -707,6 +707,8 @@ struct CommitPoint {
     upto: u64,
     /// Set when nothing beyond `upto` will ever be committed, and why.
     refused: Option<ReplyRefused>,
+    /// A planned switchover froze the sender: what is logged now is for the backup to carry on.
+    handing_over: bool,
 }
 
 enum Item {
@@ -815,7 +817,7 @@ impl Replicator {
         let core = OutputCommit::new(config.lease, config.identity.epoch, 0)
             .map_err(|e| StartError::Config { field: "lease", problem: e.to_string() })?;
         let (items_tx, items_rx) = mpsc::unbounded_channel();
-        let (commit_tx, commit_rx) = watch::channel(CommitPoint { upto: 0, refused: None });
+        let (commit_tx, commit_rx) = watch::channel(CommitPoint { upto: 0, refused: None, handing_over: false });
         let status = SenderStatus {
             peer: PeerState::None,
             peer_node: None,
@@ -1158,6 +1160,10 @@ impl ReplyLog for ReplicaLog {
             }
         };
         self.handle.committed(seq)
+    }
+
+    fn handing_over(&self) -> bool {
+        self.handle.shared.commit.borrow().handing_over
     }
 }
 
@@ -1625,6 +1631,8 @@ impl Driver {
             return Err(HandoverError::OldBackup { node, version, needs: HANDOVER_VERSION });
         }
         self.core.freeze();
+        // Wakes every reply log waiting on a commit: the proxy may now log in-flight responses in full.
+        self.commit_tx.send_modify(|c| c.handing_over = true);
         if let Some(gate) = &self.gate {
             gate.grant_output(now);
             if let Err(e) = gate.revoke_output() {

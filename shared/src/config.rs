@@ -697,10 +697,10 @@ pub struct LimitsConfig {
     /// Reply bytes the replica holds at most per connection: half for bytes logged but not yet written to
     /// the client's socket, half for bytes written and not yet acknowledged by the client (the socket's
     /// send buffer, `SO_SNDBUF`, which then no longer autotunes). Of the latter, about an eighth of this
-    /// waits unsent in the socket at most (`TCP_NOTSENT_LOWAT`), and while the socket takes no more, the
-    /// proxy logs at most 64 KiB ahead of it: a client that reads slowly or stops reading holds about half
-    /// of this bound or less, the rest of its response waits upstream, and the proxy stops reading from the
-    /// upstream. Bytes, 65536..=268435456. Default 1048576.
+    /// waits unsent in the socket at most (`TCP_NOTSENT_LOWAT`); the log runs a whole window ahead of a
+    /// fast client's socket only, of a slow one 64 KiB plus what it took in its last second: a client that
+    /// reads slowly or stops reading holds about half of this bound or less, the rest of its response waits
+    /// upstream, and the proxy stops reading from the upstream. Bytes, 65536..=268435456. Default 1048576.
     pub replica_bytes_per_connection: usize,
 }
 

@@ -6,10 +6,13 @@
 //! backup holds it. Bytes reach the socket exactly once, in order, at the offsets that were
 //! logged. Reads pass straight through: inbound bytes are protected by the gate, below TCP.
 //!
-//! Back-pressure: at most `window` bytes may be appended but not yet written to the socket; only
-//! [`AHEAD_OF_A_FULL_SOCKET`] while the socket takes no more (a slow reader), and no more than that
-//! plus what the socket has taken so far (a new connection's socket has yet to show it drains).
-//! Logging further ahead of a socket would only grow both nodes' state, not the client's rate.
+//! Back-pressure: at most `window` bytes may be appended but not yet written to the socket, and no
+//! more than [`AHEAD_OF_A_SLOW_SOCKET`] plus what the socket took in its last second (its drain
+//! rate): a fast client gets the whole window, so a response of up to a window is read from the
+//! upstream and logged at once; a slow reader (a download read at 50 kB/s) is logged little ahead of
+//! it, which would only grow both nodes' state, not its rate. A log handing over to its backup
+//! ([`ReplyLog::handing_over`]) gets the whole window, and its flushes complete at once: what it
+//! takes then is what the backup can carry on without asking the upstream again.
 //! Beyond that `poll_write` returns `Pending` until the log accepts and the socket drains.
 //! `poll_flush` and `poll_shutdown` complete only when every accepted byte was logged and
 //! written. Bytes taken by `poll_write` (it returned `Ok(n)`) are owned by the wrapper, so
@@ -21,7 +24,9 @@ use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
 
 /// Where reply bytes go before the client may see them.
 pub trait ReplyLog: Send + Sync + 'static {
@@ -40,6 +45,13 @@ pub trait ReplyLog: Send + Sync + 'static {
     /// The future resolves once the bytes are safe (the backup acknowledged them). It owns
     /// what it needs (`'static`) because it outlives the `poll_write` call that created it.
     fn append(&self, offset: u64, bytes: Bytes) -> impl Future<Output = Result<(), Self::Error>> + Send + 'static;
+
+    /// Whether the log holds what is appended for a backup about to carry the connection on (a planned
+    /// switchover): the wrapper then takes up to its whole window whatever the socket does, so that a
+    /// response in flight is logged in full instead of fetched again from the upstream.
+    fn handing_over(&self) -> bool {
+        false
+    }
 }
 
 /// The unprotected mode: no backup, bytes go straight to the socket.
@@ -59,10 +71,40 @@ impl ReplyLog for NoLog {
 pub const DEFAULT_WINDOW: usize = 1 << 20;
 /// Largest single append: a larger `poll_write` is taken in several pieces.
 const MAX_APPEND: usize = 64 * 1024;
-/// Bound on bytes appended but not yet written while the socket refuses more (its last write was
-/// `Pending`), and the first step of a new connection's window: enough to refill the socket at once
-/// when it drains, while the next appends are acknowledged.
-pub const AHEAD_OF_A_FULL_SOCKET: usize = MAX_APPEND;
+/// Bytes appended but not yet written that any socket may have on top of its last second's drain:
+/// enough to refill it at once when it drains, while the next appends are acknowledged.
+pub const AHEAD_OF_A_SLOW_SOCKET: usize = MAX_APPEND;
+
+/// Bytes a socket took per one-second bucket: its drain rate, without a timer.
+#[derive(Debug, Default)]
+struct Drained {
+    since: Option<Instant>,
+    current: usize,
+    previous: usize,
+}
+
+impl Drained {
+    fn roll(&mut self, now: Instant) {
+        let since = *self.since.get_or_insert(now);
+        let elapsed = now.saturating_duration_since(since);
+        if elapsed >= Duration::from_secs(1) {
+            self.previous = if elapsed >= Duration::from_secs(2) { 0 } else { self.current };
+            self.current = 0;
+            self.since = Some(now);
+        }
+    }
+
+    fn add(&mut self, now: Instant, n: usize) {
+        self.roll(now);
+        self.current += n;
+    }
+
+    /// What the socket took in about the last second.
+    fn per_second(&mut self, now: Instant) -> usize {
+        self.roll(now);
+        self.current.max(self.previous)
+    }
+}
 
 type AckFuture<E> = Pin<Box<dyn Future<Output = Result<(), E>> + Send>>;
 
@@ -82,14 +124,12 @@ pub struct LoggedIo<T, L: ReplyLog> {
     next_offset: u64,
     /// Bytes written to the socket so far (= offset of the oldest unwritten byte).
     written: u64,
-    /// `written` when the wrapper was made.
-    start: u64,
+    /// What the socket took in the current and the previous second.
+    drained: Drained,
     queue: VecDeque<Entry<L::Error>>,
     /// Bytes in `queue` not yet written to the socket.
     queued: usize,
     window: usize,
-    /// The socket's last write was `Pending`: it takes no more for now.
-    socket_full: bool,
     /// A refused append or a socket error: every later call fails the same way.
     failed: Option<(io::ErrorKind, String)>,
 }
@@ -108,11 +148,10 @@ impl<T, L: ReplyLog> LoggedIo<T, L> {
             log,
             next_offset: offset,
             written: offset,
-            start: offset,
+            drained: Drained::default(),
             queue: VecDeque::new(),
             queued: 0,
             window: DEFAULT_WINDOW,
-            socket_full: false,
             failed: None,
         }
     }
@@ -174,11 +213,10 @@ impl<T: AsyncWrite + Unpin, L: ReplyLog> LoggedIo<T, L> {
                 }
             }
             while head.written < head.bytes.len() {
-                let written = Pin::new(&mut self.inner).poll_write(cx, &head.bytes[head.written..]);
-                self.socket_full = written.is_pending();
-                match ready!(written) {
+                match ready!(Pin::new(&mut self.inner).poll_write(cx, &head.bytes[head.written..])) {
                     Ok(0) => return Poll::Ready(Err(self.fail(io::ErrorKind::WriteZero.into()))),
                     Ok(n) => {
+                        self.drained.add(Instant::now(), n);
                         head.written += n;
                         self.written += n as u64;
                         self.queued -= n;
@@ -206,12 +244,12 @@ impl<T: AsyncWrite + Unpin, L: ReplyLog> LoggedIo<T, L> {
     }
 
     /// Bytes that may be appended but not yet written now (see the module's documentation).
-    fn ahead_bound(&self) -> usize {
-        if self.socket_full {
-            return self.window.min(AHEAD_OF_A_FULL_SOCKET);
+    fn ahead_bound(&mut self) -> usize {
+        if self.log.handing_over() {
+            return self.window;
         }
-        let proven = usize::try_from(self.written - self.start).unwrap_or(usize::MAX);
-        self.window.min(AHEAD_OF_A_FULL_SOCKET.saturating_add(proven))
+        let rate = self.drained.per_second(Instant::now());
+        self.window.min(AHEAD_OF_A_SLOW_SOCKET.saturating_add(rate))
     }
 
     /// How many more bytes may be taken now; 0 means `Pending` (the waker is registered).
@@ -295,6 +333,11 @@ impl<T: AsyncWrite + Unpin, L: ReplyLog + Unpin> AsyncWrite for LoggedIo<T, L> {
         if let Some(e) = this.error() {
             return Poll::Ready(Err(e));
         }
+        if this.log.handing_over() {
+            // Nothing reaches the socket from here on, and the backup carries on from what is logged: a
+            // flush waited on would hold the rest of the response in the upstream.
+            return Poll::Ready(Ok(()));
+        }
         ready!(this.poll_drain(cx))?;
         Pin::new(&mut this.inner).poll_flush(cx)
     }
@@ -330,6 +373,7 @@ mod tests {
         released: u64,
         waiting: VecDeque<(u64, oneshot::Sender<Result<(), Refused>>)>,
         refuse_from: Option<u64>,
+        handing_over: bool,
     }
 
     #[derive(Debug, thiserror::Error, Clone)]
@@ -347,6 +391,9 @@ mod tests {
             let end = offset + bytes.len() as u64;
             h.waiting.push_back((end, tx));
             async move { rx.await.unwrap_or(Err(Refused)) }
+        }
+        fn handing_over(&self) -> bool {
+            self.0.lock().unwrap().handing_over
         }
     }
 
@@ -462,68 +509,88 @@ mod tests {
         assert!(read.is_err(), "nothing may reach the socket");
     }
 
-    #[tokio::test]
-    async fn a_socket_that_takes_no_more_is_logged_ahead_of_by_little_and_then_gets_everything() {
+    /// A log that holds every append at once.
+    #[derive(Clone, Default)]
+    struct InstantLog(Arc<Mutex<Vec<u8>>>);
+
+    impl ReplyLog for InstantLog {
+        type Error = Refused;
+        fn append(&self, _offset: u64, bytes: Bytes) -> impl Future<Output = Result<(), Refused>> + Send + 'static {
+            self.0.lock().unwrap().extend_from_slice(&bytes);
+            std::future::ready(Ok(()))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_reader_is_logged_little_ahead_of_and_then_gets_everything() {
         let (mut client, server) = tokio::io::duplex(8192);
-        let log = HeldLog::default();
+        let log = InstantLog::default();
         let window = 256 * 1024;
         let mut io = LoggedIo::new(server, log.clone()).with_window(window);
         let data = pattern(2 << 20);
-        // Every append is acknowledged as it comes: the socket alone holds the bytes back.
-        let releaser = {
-            let log = log.clone();
-            tokio::spawn(async move {
-                loop {
-                    while log.release_one() {}
-                    tokio::task::yield_now().await;
-                }
-            })
-        };
-        // The client reads nothing at first; then 400 kB, and stops until told to read the rest.
-        let (start_tx, start_rx) = oneshot::channel::<()>();
-        let (first_tx, first_rx) = oneshot::channel();
+        let stall = std::time::Duration::from_millis(100);
+        // A new connection's socket that took 8192 bytes and nothing more: logged little ahead of it.
+        assert!(tokio::time::timeout(stall, io.write_all(&data)).await.is_err(), "nothing read, all written");
+        assert_eq!(io.written(), 8192, "the socket took what it holds");
+        let ahead = io.offset() - io.written();
+        assert!(
+            ahead <= (AHEAD_OF_A_SLOW_SOCKET + MAX_APPEND) as u64 + 8192,
+            "{ahead} bytes logged ahead of a new connection's socket that took 8192 (window {window})"
+        );
+        // The client reads 16 KiB every half second (32 kB/s) until it has 400 KiB, then stops.
+        let (slow_tx, slow_rx) = oneshot::channel();
         let (go_tx, go_rx) = oneshot::channel::<()>();
         let reader = tokio::spawn(async move {
-            start_rx.await.unwrap();
-            let mut got = vec![0u8; 400 * 1024];
-            client.read_exact(&mut got).await.unwrap();
-            first_tx.send(()).unwrap();
+            let mut got = Vec::new();
+            let mut chunk = vec![0u8; 16 * 1024];
+            while got.len() < 400 * 1024 {
+                client.read_exact(&mut chunk).await.unwrap();
+                got.extend_from_slice(&chunk);
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            slow_tx.send(()).unwrap();
             go_rx.await.unwrap();
             client.read_to_end(&mut got).await.unwrap();
             got
         });
-        let stall = std::time::Duration::from_millis(100);
-        // A new connection is not logged a window ahead of a socket that has yet to take anything.
-        assert!(tokio::time::timeout(stall, io.write_all(&data)).await.is_err(), "nothing read, all written");
-        let ahead = io.offset() - io.written();
-        assert_eq!(io.written(), 8192, "the socket took what it holds");
-        assert!(
-            ahead <= (AHEAD_OF_A_FULL_SOCKET + MAX_APPEND) as u64 + 8192,
-            "{ahead} bytes logged ahead of a new connection's socket that took 8192 (window {window})"
-        );
-        start_tx.send(()).unwrap();
         let taken = io.offset() as usize;
         tokio::select! {
             _ = io.write_all(&data[taken..]) => panic!("all of it written though the client read only part"),
-            _ = first_rx => {}
+            _ = slow_rx => {}
         }
-        // It stopped reading: the socket fills and the wrapper logs little ahead of it, whatever the window.
-        let taken = io.offset() as usize;
-        let stalled = tokio::time::timeout(stall, io.write_all(&data[taken..])).await;
-        assert!(stalled.is_err(), "write_all must stall while the client does not read");
         let ahead = io.offset() - io.written();
         assert!(
-            ahead <= (AHEAD_OF_A_FULL_SOCKET + MAX_APPEND) as u64,
-            "{ahead} bytes logged ahead of a socket that takes no more (window {window})"
+            ahead <= (AHEAD_OF_A_SLOW_SOCKET + 2 * 16 * 1024 + MAX_APPEND) as u64,
+            "{ahead} bytes logged ahead of a socket drained at 32 kB/s (window {window})"
         );
-        // Once the client reads on, everything arrives, in order.
+        // Once the client reads on, everything arrives, in order, and the log holds every byte once.
         go_tx.send(()).unwrap();
         let taken = io.offset() as usize;
         io.write_all(&data[taken..]).await.unwrap();
         io.shutdown().await.unwrap();
         drop(io);
         assert_eq!(reader.await.unwrap(), data);
-        releaser.abort();
+        assert_eq!(*log.0.lock().unwrap(), data);
+    }
+
+    #[tokio::test]
+    async fn a_log_handing_over_takes_a_whole_response_and_its_flush_completes_with_nothing_sent() {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let log = HeldLog::default();
+        log.0.lock().unwrap().handing_over = true;
+        // A new connection (its socket took nothing yet) whose log holds every append for its backup.
+        let mut io = LoggedIo::new(server, log.clone()).with_window(512 * 1024);
+        let data = pattern(400_000);
+        let written = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            io.write_all(&data).await?;
+            io.flush().await
+        });
+        written.await.expect("the whole response is taken and flushed").unwrap();
+        assert_eq!(log.0.lock().unwrap().appended, data, "every byte logged for the backup");
+        assert_eq!(io.written(), 0);
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(std::time::Duration::from_millis(50), client.read(&mut buf)).await;
+        assert!(read.is_err(), "nothing may reach the socket");
     }
 
     #[tokio::test]
