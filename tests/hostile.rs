@@ -233,7 +233,7 @@ fn client_that_stops_reading_keeps_its_replica_within_the_bound_and_the_origin_w
     println!("{}", pair.tb.exec(pair.primary_host, &["ss", "-tnmi", "sport = :80"])?);
     // Up to three 64 KiB buffers in flight (a reply-log append, hyper's on each side), plus the socket's
     // unsent bytes (an eighth of the bound, and one write beyond it) and what the log ran ahead of the
-    // socket while it filled (64 KiB and what it took): about half the bound, never the whole.
+    // socket in the second it filled (64 KiB and what it took): about half the bound, never the whole.
     let slack = 192 * 1024;
     assert!(settled <= MIB / 2 + slack, "the backup holds {settled} bytes for a stalled connection");
     assert!(primary_largest <= MIB / 2 + slack, "the primary holds {primary_largest} bytes for it");
