@@ -14,8 +14,8 @@
 //! ([`ReplyLog::handing_over`]) gets the whole window, and its flushes complete at once: what it
 //! takes then is what the backup can carry on without asking the upstream again.
 //! Beyond that `poll_write` returns `Pending` until the log accepts and the socket drains.
-//! `poll_flush` and `poll_shutdown` complete only when every accepted byte was logged and
-//! written. Bytes taken by `poll_write` (it returned `Ok(n)`) are owned by the wrapper, so
+//! `poll_flush` (but while handing over) and `poll_shutdown` complete only when every accepted
+//! byte was logged and written. Bytes taken by `poll_write` (it returned `Ok(n)`) are owned by the wrapper, so
 //! the `AsyncWrite` contract holds: `Pending` always means "nothing taken".
 
 use bytes::{Bytes, BytesMut};
@@ -47,8 +47,9 @@ pub trait ReplyLog: Send + Sync + 'static {
     fn append(&self, offset: u64, bytes: Bytes) -> impl Future<Output = Result<(), Self::Error>> + Send + 'static;
 
     /// Whether the log holds what is appended for a backup about to carry the connection on (a planned
-    /// switchover): the wrapper then takes up to its whole window whatever the socket does, so that a
-    /// response in flight is logged in full instead of fetched again from the upstream.
+    /// switchover): the wrapper then takes up to its whole window whatever the socket does, and its
+    /// flushes complete at once (no byte will reach the socket from this node), so that a response in
+    /// flight is logged in full instead of fetched again from the upstream.
     fn handing_over(&self) -> bool {
         false
     }
