@@ -9,7 +9,7 @@
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use std::time::{Duration, Instant};
-use understudy_tests::harness::{Capture, Proc, count_matching, packets_after, unique_id};
+use understudy_tests::harness::{Capture, Proc, count_matching, packets_after, unique_id, wait_until};
 use understudy_tests::load::{self, Load};
 use understudy_tests::pair::{Pair, PairOptions, VIP};
 use understudy_tests::pattern;
@@ -313,6 +313,11 @@ fn planned_switchovers_under_load_lose_nothing_and_execute_nothing_twice() -> Re
     let capture = Capture::start(&pair.tb, "client", "eth0", "tcp port 80", 96, &pcap)?;
     let load = Load::start(&pair, 64, &SIZES, Duration::from_millis(20))?;
     let downloads = [start_download(&pair, "dl0", "4M")?, start_download(&pair, "dl1", "4M")?];
+    // Both downloads under way before the first switchover: each must be among the connections handed over.
+    wait_until("both downloads to receive bytes", Duration::from_secs(30), || {
+        let received = |name: &str| std::fs::metadata(pair.dir.0.join(format!("{name}.out"))).map_or(0, |m| m.len());
+        Ok((received("dl0") > 0 && received("dl1") > 0).then_some(()))
+    })?;
     let mut epoch = 1;
     for round in 1..=2 {
         load.wait_progress(200, Duration::from_secs(60))?;
