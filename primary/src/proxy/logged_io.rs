@@ -74,7 +74,7 @@ pub const DEFAULT_WINDOW: usize = 1 << 20;
 const MAX_APPEND: usize = 64 * 1024;
 /// Bytes appended but not yet written that any socket may have on top of its last second's drain:
 /// enough to refill it at once when it drains, while the next appends are acknowledged.
-pub const AHEAD_OF_A_SLOW_SOCKET: usize = MAX_APPEND;
+const AHEAD_OF_A_SLOW_SOCKET: usize = MAX_APPEND;
 
 /// Bytes a socket took per one-second bucket: its drain rate, without a timer.
 #[derive(Debug, Default)]
